@@ -1,0 +1,71 @@
+"""What every stage script shares: params loading, metrics and plot files, the MLflow run, and turning
+a user error into one clear message and a non-zero exit instead of a traceback."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+from gptcore.checkpoint import atomic_write_text
+from gptcore.params import Params, ParamsError, load_params, repo_root
+from gptcore.tracking import stage_run
+
+
+class StageError(RuntimeError):
+    """A failure the user can act on; its message is the whole report."""
+
+
+# Errors whose message already says what is wrong and where: print it, not a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, StageError, FileNotFoundError)
+
+
+def register_user_error(*types: type[BaseException]) -> None:
+    global USER_ERRORS
+    USER_ERRORS = USER_ERRORS + types
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    return load_params(path if path.is_absolute() else repo_root() / path)
+
+
+def tracked(stage: str, params: Params, sections: list[str]):
+    return stage_run(stage, params, sections + ["mlflow"])
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; null says "no figure"
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_metrics(stage: str, metrics: dict, root: Path | None = None) -> Path:
+    path = (root or repo_root()) / "metrics" / f"{stage}.json"
+    return atomic_write_text(path, json.dumps(_jsonable(metrics), indent=2, sort_keys=False) + "\n")
+
+
+def write_plot(path: Path, rows: list[dict]) -> Path:
+    """A CSV that `dvc plots show` renders (one row per step)."""
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def main(fn: Callable[[], int]) -> int:
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

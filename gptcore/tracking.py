@@ -1,0 +1,135 @@
+"""MLflow logging shared by every stage: one run per stage execution, tagged so it can be traced back.
+
+The store defaults to `sqlite:///<repo root>/mlflow.db`, the root taken from DVC_ROOT when DVC runs the
+stage, so `dvc exp run --temp/--queue` runs (which execute in a copy of the repo) land in the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from gptcore.params import Params, repo_root
+
+
+def tracking_uri(params: Params, root: Path | None = None) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if params.mlflow.tracking_uri:
+        return params.mlflow.tracking_uri
+    return f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The commit the code ran at (with '-dirty' when the work tree differs), or 'unknown' outside git."""
+    cwd = root or repo_root()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def flatten(prefix: str, value) -> dict[str, object]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: value}
+
+
+class StageRun:
+    """The MLflow run of one stage execution. Stages log through this object, not mlflow directly, so a
+    machine without MLflow (the GPU box has none) can run them with GPTCORE_MLFLOW=off, which says so
+    and keeps the records in a JSON file instead of dropping them."""
+
+    def __init__(self, run=None, offline_path: Path | None = None):
+        self._run = run
+        self.offline_path = offline_path
+        self.records: dict = {"params": {}, "metrics": [], "tags": {}, "artifacts": []}
+
+    @property
+    def run_id(self) -> str:
+        return self._run.info.run_id if self._run else "offline"
+
+    def log_params(self, params: dict):
+        if self._run:
+            import mlflow
+            mlflow.log_params(params)
+        self.records["params"].update(params)
+
+    def log_metrics(self, metrics: dict, step: int | None = None):
+        numeric = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if self._run:
+            import mlflow
+            mlflow.log_metrics(numeric, step=step)
+        self.records["metrics"].append({"step": step, **numeric})
+
+    def set_tags(self, tags: dict):
+        if self._run:
+            import mlflow
+            mlflow.set_tags(tags)
+        self.records["tags"].update(tags)
+
+    def log_artifact(self, path: str | Path):
+        if self._run:
+            import mlflow
+            mlflow.log_artifact(str(path))
+        self.records["artifacts"].append(str(path))
+
+    def log_text(self, text: str, name: str):
+        if self._run:
+            import mlflow
+            mlflow.log_text(text, name)
+        self.records["artifacts"].append(name)
+
+
+def mlflow_enabled() -> bool:
+    value = os.environ.get("GPTCORE_MLFLOW", "on").lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"GPTCORE_MLFLOW must be 'on' or 'off', got {value!r}")
+    return value == "on"
+
+
+@contextmanager
+def stage_run(stage: str, params: Params, sections: list[str], run_name: str | None = None) -> Iterator[StageRun]:
+    """Start an MLflow run for `stage`, logging the params of `sections` and the provenance tags."""
+    root = repo_root()
+    tags = {"dvc.stage": stage, "git.commit": git_commit(root)}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    logged = {}
+    for section in sections:
+        logged.update(flatten(section, getattr(params, section).model_dump()))
+    name = run_name or (f"{stage}:{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else stage)
+
+    if not mlflow_enabled():
+        path = root / "mlflow-offline" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        print(f"MLflow logging is off (GPTCORE_MLFLOW=off): {stage} records go to {path}")
+        run = StageRun(offline_path=path)
+        run.set_tags(tags)
+        run.log_params(logged)
+        yield run
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"run_name": name, **run.records}, indent=1))
+        return
+
+    import mlflow  # imported here: it takes seconds, and only stages need it
+
+    mlflow.set_tracking_uri(tracking_uri(params, root))
+    mlflow.set_experiment(params.mlflow.experiment)
+    with mlflow.start_run(run_name=name, tags=tags) as active:
+        run = StageRun(active)
+        run.log_params(logged)
+        yield run

@@ -1,0 +1,305 @@
+"""The training loop: AdamW, warmup + cosine learning rate, gradient accumulation, mixed precision,
+periodic evaluation, best-val and resumable checkpoints, and data-parallel training under torchrun.
+
+Batches are drawn so that a run gives the same result on any number of processes: every iteration all
+processes draw the offsets of every micro-batch of the global batch from one generator seeded alike,
+and each process trains on its share. One process with `gradient_accumulation_steps: 2` and two
+processes with one micro-step each therefore see the same data and compute the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from gptcore import data as gdata
+from gptcore.checkpoint import load_checkpoint, save_checkpoint
+from gptcore.cutile_model import build_model, require_cutile
+from gptcore.model import GPT, GPTConfig
+from gptcore.params import Params, ParamsError
+
+BEST_CHECKPOINT = "ckpt.pt"  # the lowest validation loss seen: what the later stages use
+LAST_CHECKPOINT = "last.pt"  # the latest evaluation point, with RNG states: what `resume` continues
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a torchrun launch (rank 0 of 1 when run plainly)."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        if "RANK" not in os.environ:
+            return cls()
+        return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+
+
+def resolve_device(name: str, d: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ParamsError(f"train.device: {name!r} asked for, but this machine has no CUDA GPU")
+        if d.world_size > 1:
+            return torch.device("cuda", d.local_rank)
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def learning_rate(it: int, p) -> float:
+    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters (nanoGPT)."""
+    if not p.decay_lr:
+        return p.learning_rate
+    if it < p.warmup_iters:
+        return p.learning_rate * (it + 1) / (p.warmup_iters + 1)
+    if it > p.lr_decay_iters:
+        return p.min_lr
+    ratio = (it - p.warmup_iters) / max(1, p.lr_decay_iters - p.warmup_iters)
+    return p.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (p.learning_rate - p.min_lr)
+
+
+def model_config(params: Params, vocab_size: int) -> GPTConfig:
+    m = params.model
+    return GPTConfig(block_size=m.block_size, vocab_size=vocab_size, n_layer=m.n_layer, n_head=m.n_head,
+                     n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
+
+
+@dataclass
+class TrainResult:
+    best_val_loss: float
+    best_iter: int
+    iterations: int
+    tokens_per_sec: float
+    ms_per_iter: float
+    device: str
+    dtype: str
+    world_size: int
+    n_params: int
+    history: list[dict] = field(default_factory=list)
+    checkpoint: str = ""
+
+
+class Trainer:
+    def __init__(self, params: Params, root: Path, dist_info: Dist | None = None):
+        self.params = params
+        self.p = params.train
+        self.root = root
+        self.d = dist_info or Dist.from_env()
+        self.device = resolve_device(self.p.device, self.d)
+        if self.p.backend == "cutile":
+            require_cutile(self.device)
+        self.dtype = resolve_dtype(self.p.dtype, self.device)
+        if self.dtype != torch.float32 and self.device.type != "cuda":
+            raise ParamsError(f"train.dtype: {self.p.dtype} autocast needs a CUDA device, training runs on "
+                              f"{self.device}; use dtype auto or float32")
+
+        data_dir = root / params.data.out_dir
+        self.vocab = gdata.CharVocab.load(data_dir / "meta.json")
+        self.train_data = gdata.load_split(data_dir, "train")
+        self.val_data = gdata.load_split(data_dir, "val")
+        self.data_sha256 = gdata.data_sha256(data_dir)
+        for split, arr in (("train", self.train_data), ("val", self.val_data)):
+            if len(arr) <= params.model.block_size:
+                raise ParamsError(f"model.block_size: {params.model.block_size} is not shorter than the {split} "
+                                  f"split ({len(arr)} tokens); lower block_size or use a larger corpus")
+        world = self.d.world_size
+        if self.p.gradient_accumulation_steps % world:
+            raise ParamsError(f"train.gradient_accumulation_steps: {self.p.gradient_accumulation_steps} must be a "
+                              f"multiple of the number of processes ({world}): it counts micro-batches of the "
+                              "global batch")
+        self.micro_steps = self.p.gradient_accumulation_steps // world
+        self.tokens_per_iter = self.p.gradient_accumulation_steps * self.p.batch_size * params.model.block_size
+        self.out_dir = root / self.p.out_dir
+
+    # ---- pieces -------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def draw_batches(self, data: np.ndarray, count: int, generator: torch.Generator):
+        """`count` micro-batches' offsets from one generator: (count, batch_size)."""
+        T = self.params.model.block_size
+        return torch.randint(len(data) - T, (count, self.p.batch_size), generator=generator)
+
+    def to_batch(self, data: np.ndarray, offsets: torch.Tensor):
+        return gdata.batch_at(data, offsets, self.params.model.block_size, self.device)
+
+    @torch.no_grad()
+    def evaluate(self, model: GPT, it: int) -> dict[str, float]:
+        """Mean loss over eval_iters batches per split, drawn from a generator seeded by the iteration so
+        every process, and a resumed run, evaluates on the same batches."""
+        model.eval()
+        out = {}
+        for split, data in (("train", self.train_data), ("val", self.val_data)):
+            g = torch.Generator().manual_seed(self.p.seed * 1_000_003 + it)
+            offsets = self.draw_batches(data, self.p.eval_iters, g)
+            losses = []
+            for row in offsets:
+                x, y = self.to_batch(data, row)
+                with self.autocast():
+                    _, loss = model(x, y)
+                losses.append(loss.item())
+            out[split] = float(np.mean(losses))
+        model.train()
+        return out
+
+    def checkpoint(self, raw: GPT, optimizer, scaler, it: int, best_val: float, best_iter: int,
+                   history: list[dict], generator: torch.Generator) -> dict:
+        return {
+            "model_args": raw.config.to_dict(),
+            "model": raw.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "iter_num": it,
+            "best_val_loss": best_val,
+            "best_iter": best_iter,
+            "history": history,
+            "params": self.params.model_dump(),
+            "data_sha256": self.data_sha256,
+            "rng": {
+                "data": generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.empty(0),
+            },
+        }
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None, on_eval=None) -> TrainResult:
+        """Train to max_iters (or stop after `stop_after` iterations, as an interruption would).
+
+        `on_eval(it, losses, lr)` is called on the master process after each evaluation.
+        """
+        p, d = self.p, self.d
+        torch.manual_seed(p.seed)  # same initial weights on every process
+        config = model_config(self.params, self.vocab.vocab_size)
+        raw = build_model(config, p.backend).to(self.device)
+        optimizer = raw.configure_optimizers(p.weight_decay, p.learning_rate, (p.beta1, p.beta2), self.device.type)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        generator = torch.Generator().manual_seed(p.seed)
+        start, best_val, best_iter, history = 0, float("inf"), -1, []
+
+        if p.resume:
+            ck = load_checkpoint(self.out_dir / LAST_CHECKPOINT, map_location=self.device)
+            if ck["model_args"] != config.to_dict():
+                raise ParamsError(f"train.resume: {self.out_dir / LAST_CHECKPOINT} was trained with model "
+                                  f"{ck['model_args']}, params ask for {config.to_dict()}")
+            raw.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scaler.load_state_dict(ck["scaler"])
+            start, best_val, best_iter, history = ck["iter_num"], ck["best_val_loss"], ck["best_iter"], ck["history"]
+            generator.set_state(ck["rng"]["data"])
+            torch.set_rng_state(ck["rng"]["torch"])
+            if self.device.type == "cuda" and ck["rng"]["cuda"].numel():
+                torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
+        # Dropout masks differ per process, as in any data-parallel run; seeds offset by rank.
+        if d.rank and not p.resume:
+            torch.manual_seed(p.seed + d.rank)
+
+        model = torch.compile(raw) if p.compile else raw
+        if d.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(model, device_ids=[d.local_rank] if self.device.type == "cuda" else None)
+
+        step_ms: list[float] = []
+        end = p.max_iters if stop_after is None else min(p.max_iters, start + stop_after)
+        bar = tqdm(total=p.max_iters, initial=start, disable=not d.master, desc="train", unit="it",
+                   dynamic_ncols=True, mininterval=1.0)
+        for it in range(start, end + 1):
+            lr = learning_rate(it, p)
+            resumed_here = p.resume and it == start
+            if (it % p.eval_interval == 0 or it == p.max_iters) and not resumed_here:
+                losses = self.evaluate(raw, it)
+                history.append({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+                if losses["val"] < best_val:
+                    best_val, best_iter = losses["val"], it
+                    if d.master:
+                        save_checkpoint(self.checkpoint(raw, optimizer, scaler, it, best_val, best_iter, history,
+                                                        generator), self.out_dir / BEST_CHECKPOINT)
+                if d.master:
+                    save_checkpoint(self.checkpoint(raw, optimizer, scaler, it, best_val, best_iter, history,
+                                                    generator), self.out_dir / LAST_CHECKPOINT)
+                    bar.write(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}, lr {lr:.2e}")
+                    if on_eval:
+                        on_eval(it, losses, lr)
+            if it == end:
+                break
+
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            offsets = self.draw_batches(self.train_data, p.gradient_accumulation_steps, generator)
+            mine = offsets[d.rank * self.micro_steps:(d.rank + 1) * self.micro_steps]
+            loss_sum = torch.zeros((), device=self.device)
+            for micro, row in enumerate(mine):
+                x, y = self.to_batch(self.train_data, row)
+                sync = micro == self.micro_steps - 1
+                ctx = model.no_sync() if d.world_size > 1 and not sync else contextlib.nullcontext()
+                with ctx, self.autocast():
+                    _, loss = model(x, y)
+                    loss = loss / self.micro_steps
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if p.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), p.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if d.world_size > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            loss_value = loss_sum.item()  # also waits for the GPU, so the step time is real
+            step_ms.append((time.perf_counter() - t0) * 1000)
+            bar.update(1)
+            if it % p.log_interval == 0 and d.master:
+                steady = statistics.median(step_ms[-p.log_interval:])
+                bar.set_postfix(loss=f"{loss_value:.4f}", ms_iter=f"{steady:.1f}",
+                                tok_s=f"{self.tokens_per_iter / steady * 1000:,.0f}")
+        bar.close()
+
+        # Steady-state speed: skip the first steps (compilation, allocator warm-up) when there are enough.
+        steady = step_ms[5:] if len(step_ms) > 10 else step_ms
+        ms = statistics.median(steady) if steady else float("nan")
+        return TrainResult(
+            best_val_loss=best_val, best_iter=best_iter, iterations=end, ms_per_iter=ms,
+            tokens_per_sec=self.tokens_per_iter / ms * 1000 if steady else float("nan"),
+            device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            dtype=str(self.dtype).removeprefix("torch."), world_size=d.world_size,
+            n_params=raw.num_params(), history=history, checkpoint=str(self.out_dir / BEST_CHECKPOINT))
+
+
+def init_distributed(d: Dist) -> None:
+    if d.world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(d.local_rank)
+        dist.init_process_group(backend=backend)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

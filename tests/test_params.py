@@ -1,0 +1,77 @@
+"""params.yaml validation: every problem stops the stage with a message naming the key."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gptcore.params import ParamsError, load_params, parse_params
+from gptcore.presets import apply_preset, available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def defaults() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repo_params_are_valid():
+    p = load_params(ROOT / "params.yaml")
+    assert p.model.n_embd % p.model.n_head == 0
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "learning_rate", -1e-3, r"train\.learning_rate: Input should be greater than 0"),
+    ("train", "batch_size", "big", r"train\.batch_size: Input should be a valid integer"),
+    ("train", "backend", "jax", r"train\.backend: Input should be 'torch' or 'cutile'"),
+    ("train", "lerning_rate", 1e-3, r"train\.lerning_rate: unknown key"),
+    ("model", "n_embd", 130, r"model: .*n_embd \(130\) must be divisible by n_head \(4\)"),
+    ("data", "val_fraction", 1.5, r"data\.val_fraction: Input should be less than 1"),
+])
+def test_bad_values_name_the_key(section, key, value, message):
+    raw = defaults()
+    raw[section][key] = value
+    with pytest.raises(ParamsError, match=message):
+        parse_params(raw)
+
+
+def test_unknown_section_and_min_lr_above_lr():
+    raw = defaults()
+    raw["trian"] = {}
+    with pytest.raises(ParamsError, match=r"trian: unknown key"):
+        parse_params(raw)
+    raw = defaults()
+    raw["train"]["min_lr"] = 1.0
+    with pytest.raises(ParamsError, match=r"min_lr \(1.0\) must not exceed learning_rate"):
+        parse_params(raw)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["shakespeare_char", "gpt2_small", "tiny_cpu"])
+def test_presets_apply_and_keep_comments(tmp_path, name):
+    assert name in available()
+    target = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", target)
+    apply_preset(name, target)
+    p = load_params(target)
+    text = target.read_text()
+    assert "# GPU presets" in text  # comments survive
+    if name == "shakespeare_char":
+        assert (p.model.n_layer, p.model.n_head, p.model.n_embd, p.model.block_size) == (6, 6, 384, 256)
+        assert (p.train.batch_size, p.train.max_iters, p.train.warmup_iters) == (64, 5000, 100)
+        assert (p.model.dropout, p.train.learning_rate, p.train.min_lr, p.train.beta2) == (0.2, 1e-3, 1e-4, 0.99)
+        assert (p.train.eval_interval, p.train.eval_iters) == (250, 200)
+    if name == "gpt2_small":
+        assert (p.model.n_layer, p.model.n_head, p.model.n_embd, p.model.block_size) == (12, 12, 768, 1024)
+    if name == "tiny_cpu":
+        assert p.model == load_params(ROOT / "params.yaml").model
+
+
+def test_unknown_preset(tmp_path):
+    with pytest.raises(ParamsError, match="unknown preset 'huge'"):
+        apply_preset("huge", ROOT / "params.yaml")

@@ -1,0 +1,107 @@
+"""Training: the loss falls, resume ends where an uninterrupted run ends, torchrun agrees with one process."""
+
+import sys
+
+import pytest
+import torch
+
+from gptcore import data
+from gptcore.checkpoint import load_checkpoint
+from gptcore.params import ParamsError
+from gptcore.train import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, learning_rate
+from pipeline_helpers import ROOT, run, tiny_params, write_corpus
+
+
+@pytest.fixture
+def root(tmp_path):
+    write_corpus(tmp_path / "corpus.txt")
+    data.prepare("corpus.txt", tmp_path / "data", 0.1, root=tmp_path)
+    return tmp_path
+
+
+def test_loss_falls_and_best_checkpoint_is_kept(root):
+    result = Trainer(tiny_params(), root).run()
+    first, last = result.history[0], result.history[-1]
+    assert last["train_loss"] < first["train_loss"] - 0.5, result.history
+    assert result.best_val_loss == min(h["val_loss"] for h in result.history)
+    ck = load_checkpoint(root / "out" / BEST_CHECKPOINT)
+    assert ck["best_val_loss"] == pytest.approx(result.best_val_loss)
+    assert ck["iter_num"] == result.best_iter
+    assert ck["data_sha256"] == data.data_sha256(root / "data")
+    assert ck["params"]["train"]["max_iters"] == 30
+    assert set(ck) >= {"model_args", "model", "optimizer", "iter_num", "best_val_loss", "params"}
+    assert not list((root / "out").glob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_resume_ends_on_the_same_weights(root):
+    params = tiny_params(model={"dropout": 0.1})  # dropout: the RNG state must be restored too
+    Trainer(params, root).run()
+    uninterrupted = load_checkpoint(root / "out" / LAST_CHECKPOINT)
+
+    other = root / "other"
+    other.mkdir()
+    (other / "data").symlink_to(root / "data")
+    Trainer(params, other).run(stop_after=20)  # "killed" after the evaluation at iteration 20
+    assert load_checkpoint(other / "out" / LAST_CHECKPOINT)["iter_num"] == 20
+    resumed = params.model_copy(update={"train": params.train.model_copy(update={"resume": True})})
+    Trainer(resumed, other).run()
+    final = load_checkpoint(other / "out" / LAST_CHECKPOINT)
+    assert final["iter_num"] == uninterrupted["iter_num"] == 30
+    for name, tensor in uninterrupted["model"].items():
+        torch.testing.assert_close(final["model"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert [h["iter"] for h in final["history"]] == [h["iter"] for h in uninterrupted["history"]]
+
+
+def test_learning_rate_schedule():
+    p = tiny_params().train
+    lrs = [learning_rate(i, p) for i in range(40)]
+    assert lrs[0] < lrs[4] < p.learning_rate  # warmup
+    assert lrs[5] == pytest.approx(p.learning_rate)
+    assert all(a >= b for a, b in zip(lrs[5:30], lrs[6:31]))  # cosine decay
+    assert lrs[35] == p.min_lr
+
+
+def test_block_size_longer_than_val_split_is_refused(root):
+    params = tiny_params(model={"block_size": 4096})
+    with pytest.raises(ParamsError, match=r"model.block_size: 4096 is not shorter than the val split"):
+        Trainer(params, root)
+
+
+def test_cutile_backend_without_gpu_is_a_clear_error(root):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the cuTile backend can run")
+    with pytest.raises(RuntimeError, match="backend 'cutile' cannot run"):
+        Trainer(tiny_params(train={"backend": "cutile", "device": "cpu"}), root).run()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_agree_with_one(root, tmp_path_factory):
+    """torchrun with 2 processes, each one micro-batch, matches 1 process accumulating 2 micro-batches."""
+    import yaml
+    from pipeline_helpers import tiny_params_dict
+
+    raw = tiny_params_dict(train={"gradient_accumulation_steps": 2, "max_iters": 10, "device": "cpu"})
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    one = root / "one"
+    one.mkdir()
+    (one / "data").symlink_to(root / "data")
+    (one / "params.yaml").write_text(yaml.safe_dump(raw))
+    Trainer(tiny_params(train={"gradient_accumulation_steps": 2, "max_iters": 10, "device": "cpu"}), one).run()
+
+    two = root / "two"
+    two.mkdir()
+    (two / "data").symlink_to(root / "data")
+    (two / "params.yaml").write_text(yaml.safe_dump(raw))
+    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "stages" / "train.py")]
+    env = {"DVC_ROOT": str(two), "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{two}/mlflow.db",
+           "OMP_NUM_THREADS": "1"}
+    import os
+    run(env_cmd, two, env={**os.environ, **env}, timeout=600)
+    a = load_checkpoint(one / "out" / LAST_CHECKPOINT)["model"]
+    b = load_checkpoint(two / "out" / LAST_CHECKPOINT)["model"]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    import json
+    metrics = json.loads((two / "metrics" / "train.json").read_text())
+    assert metrics["world_size"] == 2
