@@ -36,10 +36,10 @@ def test_dvc_repro_runs_the_pipeline(project):
 
 def test_second_repro_does_nothing(project):
     proj, _ = project
-    out = run([sys.executable, "-m", "dvc", "repro"], proj)
-    assert "Running stage" not in out.stdout, out.stdout
-    status = run([sys.executable, "-m", "dvc", "status"], proj)
-    assert "up to date" in status.stdout
+    out = run([sys.executable, "-m", "dvc", "repro"], proj, timeout=900)
+    # bench measures the machine, so it is `always_changed`; every other stage is cached.
+    rerun = [line for line in out.stdout.splitlines() if line.startswith("Running stage")]
+    assert rerun == ["Running stage 'bench':"], out.stdout
 
 
 def test_params_error_stops_the_stage_with_the_key(project, tmp_path):

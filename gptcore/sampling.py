@@ -1,0 +1,247 @@
+"""Text generation: incremental decoding with a key/value cache, for the reference and the cuTile model.
+
+The reference (`GPT.generate`, nanoGPT's loop) runs the whole context through the model for every new
+token. `Decoder` runs the prompt once (prefill) and then each new token alone against the cached keys and
+values of the tokens before it. The model has learned absolute positions (`wpe`), so the context cannot
+grow past `block_size`: like the reference, the context then becomes the last `block_size` tokens. Every
+token of that window sits one position earlier than before, so the cached keys are stale; the cache is
+rebuilt from the window, which is a full-block forward, exactly the computation the reference does.
+
+Sampling (`sample_tokens`) draws the same numbers from the same generator as the reference's
+`sample_next`, so with the same seed cached and uncached generation give the same tokens, at any length.
+
+CUDA graphs: at batch 1 a small model spends its time launching ~100 small kernels per token, not
+computing. A step at a given window position always has the same shapes (the cache lives in static,
+preallocated buffers; the step reads and writes fixed slices of them), so the first time a position is
+reached its step runs eagerly (which also compiles kernels and picks algorithms) and is then captured as
+a CUDA graph; later generations replay it: one launch per token. The step includes the sampling and the
+write of the new token into the window, so a replay needs nothing from the host. If capture fails (for
+example a kernel launcher that the CUDA runtime refuses to record), decoding goes on eagerly and
+`Decoder.graph_error` says why.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from gptcore.cutile_model import CuTileGPT
+from gptcore.model import GPT, gpt_from_checkpoint
+from gptcore.params import ParamsError
+
+TokenCallback = Callable[[list[int]], None]  # the new token of each batch row, as soon as it exists
+
+
+def resolve_device(name: str, key: str) -> torch.device:
+    """`auto` -> CUDA when present, else CPU; a CUDA device asked for on a machine without one is an error
+    that names the parameter `key`."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ParamsError(f"{key}: {name!r} asked for, but this machine has no CUDA GPU")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ParamsError(f"{key}: {name!r} is not a device ({e})") from None
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run here; the message says why (never a silent fallback to the other one)."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it, else fp16; fp32 on CPU (as the train stage resolves it)."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def cutile_unavailable_reason(device: torch.device) -> str | None:
+    """Why the cuTile model cannot run on `device`, or None when it can."""
+    if device.type != "cuda":
+        return f"cuTile needs a CUDA GPU; this run is on {device.type}"
+    try:
+        from gptcore import kernels
+        return kernels.cutile_available()
+    except Exception as e:  # noqa: BLE001 - an import problem is a reason too
+        return f"gptcore.kernels cannot be used: {type(e).__name__}: {e}"
+
+
+def load_for_inference(checkpoint: dict, backend: str, device: torch.device, dtype: torch.dtype) -> GPT:
+    """The checkpoint's model on `backend`, on `device`, weights cast to `dtype`, in eval mode.
+
+    Cast rather than autocast: decoding runs a few small kernels per layer, and autocast would add a cast
+    of every weight to every step. Dropout is set to 0 (eval mode ignores it; the cuTile attention would
+    warn that it applies none)."""
+    if backend == "cutile":
+        reason = cutile_unavailable_reason(device)
+        if reason is None and dtype not in (torch.bfloat16, torch.float16):
+            reason = f"the cuTile attention kernel runs in bfloat16/float16, not {str(dtype).removeprefix('torch.')}"
+        if reason:
+            raise BackendUnavailable(f"backend 'cutile' cannot run: {reason}")
+    elif backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}: expected torch or cutile")
+    ck = {**checkpoint, "model_args": {**checkpoint["model_args"], "dropout": 0.0}}
+    model = gpt_from_checkpoint(ck, CuTileGPT if backend == "cutile" else GPT)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from (B, V) logits: greedy at temperature 0, else top-k / top-p sampling.
+
+    The same draws as `gptcore.model.sample_next`, written so that a CUDA graph can capture it:
+    `torch.multinomial(probs, 1)` is implemented in ATen as argmax(probs / E) with E ~ Exp(1) drawn from
+    the generator (the "exponential race"); writing that out consumes the generator identically and
+    avoids multinomial's validity checks. Slices, not index lists, so nothing is copied from the host.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, -1:], -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs_sorted = torch.softmax(sorted_logits, dim=-1)
+        drop = probs_sorted.cumsum(dim=-1) - probs_sorted > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    probs = torch.softmax(logits, dim=-1)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def generate_uncached(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                      top_k: int | None = None, top_p: float | None = None,
+                      generator: torch.Generator | None = None, on_token: TokenCallback | None = None) -> torch.Tensor:
+    """The reference loop: the whole (cropped) context through the model for every new token."""
+    block = model.config.block_size
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -block:])
+        nxt = sample_tokens(logits[:, -1, :], temperature, top_k, top_p, generator)
+        idx = torch.cat((idx, nxt), dim=1)
+        if on_token is not None:
+            on_token(nxt[:, 0].tolist())
+    return idx
+
+
+class Decoder:
+    """Incremental generation for one model and batch size, with the KV cache in static buffers.
+
+    State between steps: `window` holds the last `n` tokens of the context (n <= block_size), and the
+    cache holds the keys/values of the first `cached` of them. A step runs window[:, cached:n] through
+    the model (the whole prompt at first, then one token, or the whole window after it slid), samples
+    the next token and appends it to the window, sliding the window by one when it is full.
+    """
+
+    def __init__(self, model: GPT, batch: int = 1, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, cuda_graph: bool = False):
+        self.model = model
+        self.batch = batch
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.generator = generator
+        self.block = model.config.block_size
+        self.device = model.lm_head.weight.device
+        self.cache = model.new_kv_cache(batch)
+        self.window = torch.zeros(batch, self.block, dtype=torch.long, device=self.device)
+        self.n = 0
+        self.cached = 0
+        self.graph_error: str | None = None
+        self.use_graph = cuda_graph
+        if cuda_graph and self.device.type != "cuda":
+            self.use_graph = False
+            self.graph_error = f"CUDA graphs need a CUDA device, the model is on {self.device}"
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._stream = torch.cuda.Stream(self.device) if self.use_graph else None
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def _step(self, start: int, n: int) -> None:
+        """Run window[:, start:n] against a cache holding positions [0, start), sample the next token and
+        append it to the window. Fixed shapes, no host synchronisation: capturable in a CUDA graph."""
+        for layer in self.cache:
+            layer.length = start  # python state only: the slices the forward reads and writes
+        logits, _ = self.model(self.window[:, start:n], kv_cache=self.cache)
+        nxt = sample_tokens(logits[:, -1, :], self.temperature, self.top_k, self.top_p, self.generator)
+        if n < self.block:
+            self.window[:, n:n + 1].copy_(nxt)
+        else:  # the window is full: slide it by one, as the reference's crop does
+            self.window.copy_(torch.cat((self.window[:, 1:], nxt), dim=1))
+
+    def _capture(self, start: int, n: int) -> None:
+        """Record the step (start, n) as a CUDA graph. Capturing runs nothing, so no state changes."""
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            # A generator the graph does not know about cannot be used inside it; registered, every replay
+            # draws fresh numbers from it exactly as an eager step would.
+            graph.register_generator_state(self.generator)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                self._step(start, n)
+            except BaseException:
+                try:  # end the capture so the stream is usable again; the step's error is the one to report
+                    graph.capture_end()
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
+            graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        if self._pool is None:
+            self._pool = graph.pool()  # every step shares one memory pool: they never run concurrently
+        self.graphs[(start, n)] = graph
+
+    def _run(self, start: int, n: int) -> None:
+        graph = self.graphs.get((start, n))
+        if graph is not None:
+            graph.replay()
+            return
+        if not self.use_graph:
+            self._step(start, n)
+            return
+        # First time at this step: run it eagerly on the capture stream (the warm-up capturing needs:
+        # kernels compiled, cuBLAS / cuDNN / SDPA set up for that stream), then record it for next time.
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            self._step(start, n)
+        current.wait_stream(self._stream)
+        try:
+            self._capture(start, n)
+        except Exception as e:  # noqa: BLE001 - any failure to capture is reported, decoding goes on
+            self.use_graph = False
+            self.graph_error = f"CUDA graph capture failed at step ({start}, {n}): {type(e).__name__}: {e}"
+            self.graphs.clear()
+
+    # ---- generation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, on_token: TokenCallback | None = None) -> torch.Tensor:
+        """`idx` (batch, T) followed by `max_new_tokens` sampled tokens, like GPT.generate."""
+        if idx.dim() != 2 or idx.size(0) != self.batch:
+            raise ValueError(f"expected token ids of shape ({self.batch}, T), got {tuple(idx.shape)}")
+        if idx.size(1) == 0:
+            raise ValueError("generation needs at least one prompt token")
+        context = idx[:, -self.block:]
+        self.n = context.size(1)
+        self.cached = 0
+        self.window[:, :self.n].copy_(context)
+        new = []
+        for _ in range(max_new_tokens):
+            self._run(self.cached, self.n)
+            if self.n < self.block:  # the token went to window[:, n]; everything before it is cached
+                self.cached = self.n
+                self.n += 1
+            else:  # the window slid: the cached keys are at the wrong positions now
+                self.cached = 0
+            token = self.window[:, self.n - 1:self.n]
+            new.append(token.clone())
+            if on_token is not None:
+                on_token(token[:, 0].tolist())
+        return torch.cat([idx] + new, dim=1)

@@ -1,0 +1,146 @@
+"""What the verification levels share: the candidate seam, the result record, the error measures.
+
+The candidate is the pair of ops under test, LayerNorm and causal attention. By default they are the
+cuTile kernels and the candidate model is `CuTileGPT` itself; a test passes PyTorch's ops (with noise
+added, say) instead and runs every level on the CPU through the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gptcore.model import GPT, CausalSelfAttention, LayerNorm, causal_attention_reference
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---- the candidate -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Candidate:
+    """The ops under test: `layer_norm(x, weight, bias, eps)` and causal `attention(q, k, v)` on
+    (B, H, T, D) tensors. Everything else (embeddings, matmuls, GELU) is PyTorch's in both models, so any
+    difference the levels find comes from these two ops."""
+    name: str
+    layer_norm: Callable
+    attention: Callable
+    model_cls: type[GPT] | None = None  # the model built on these ops; None: one is made from them
+    unavailable: str | None = None  # why the candidate cannot run here; its levels are skipped with it
+
+    def model_class(self) -> type[GPT]:
+        if self.model_cls is not None:
+            return self.model_cls
+        ops = self
+
+        class CandidateLayerNorm(LayerNorm):
+            def forward(self, x):
+                return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+        class CandidateAttention(CausalSelfAttention):
+            def attend(self, q, k, v):
+                return ops.attention(q, k, v)
+
+        class CandidateGPT(GPT):
+            layer_norm_cls = CandidateLayerNorm
+            attention_cls = CandidateAttention
+
+        return CandidateGPT
+
+
+def cutile_candidate(device: torch.device) -> Candidate:
+    """The real thing: the cuTile kernels, and CuTileGPT, the very class training and sampling use (so the
+    levels verify that model, not a replica of it). Unavailable, with the reason, without a CUDA GPU."""
+    from gptcore import kernels
+    from gptcore.cutile_model import CuTileGPT
+
+    reason = kernels.cutile_available()
+    if reason is None and device.type != "cuda":
+        reason = f"the cuTile kernels run on a CUDA device; verification runs on {device}"
+    return Candidate("cutile", kernels.layer_norm, kernels.causal_attention, CuTileGPT, reason)
+
+
+def torch_layer_norm(x, weight, bias, eps=1e-5):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def torch_attention(q, k, v):
+    """The hand-written causal attention in fp32 math. Autocast is switched off inside, as it does not
+    reach into a cuTile kernel either (under fp16 autocast its score matmul would come out fp16, where the
+    -1e20 mask floor overflows)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return causal_attention_reference(q, k, v)
+
+
+def torch_candidate(name: str = "torch") -> Candidate:
+    """PyTorch's functional ops as the candidate (the hand-written attention, not SDPA, so it is a second
+    implementation): the base of the CPU test doubles."""
+    return Candidate(name, torch_layer_norm, torch_attention)
+
+
+# ---- results -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    """One level or check. `figures` are the headline numbers (metrics), `tolerance` the bounds applied,
+    `rows` the report's table (one dict per row, keys = `columns`)."""
+    name: str  # "L1" ... "L5", "compile"
+    title: str
+    status: str = PASS
+    reason: str = ""
+    figures: dict = field(default_factory=dict)
+    tolerance: dict = field(default_factory=dict)
+    columns: list[str] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def fail(self, reason: str) -> None:
+        self.status = FAIL
+        self.reason = f"{self.reason}; {reason}" if self.reason else reason
+
+
+def within(value: float, bound: float) -> bool:
+    """value <= bound, and False for NaN: a NaN figure never passes."""
+    return value <= bound
+
+
+def at_least(value: float, bound: float) -> bool:
+    return value >= bound
+
+
+# ---- error measures ----------------------------------------------------------------------------------------
+
+def scaled_max(ref: torch.Tensor, cand: torch.Tensor) -> float:
+    """max|cand - ref| / max(1, max|ref|): relative for large values, absolute for small ones (an all-zero
+    reference gradient must come out as ~0 and not be divided by 0). NaN anywhere gives NaN."""
+    ref, cand = ref.double(), cand.double()
+    diff = (cand - ref).abs().max().item()
+    return diff / max(1.0, ref.abs().max().item())
+
+
+def scaled_mean(ref: torch.Tensor, cand: torch.Tensor) -> float:
+    ref, cand = ref.double(), cand.double()
+    return (cand - ref).abs().mean().item() / max(1.0, ref.abs().mean().item())
+
+
+def abs_diff(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float]:
+    """(max, mean) of |cand - ref|, in float64."""
+    d = (cand.double() - ref.double()).abs()
+    return d.max().item(), d.mean().item()
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The mixed precision training runs in: fp32 weights, matmuls and attention in `dtype`."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,131 @@
+"""The ahead-of-time compile gate: the cuTile kernels compiled to cubins, without a GPU.
+
+It runs on any machine with `cuda-tile[tileiras]` installed, so a CPU-only run of the verify stage (and
+CI) still proves the kernels compile, while the levels that need a GPU are skipped.
+
+Scope `model` compiles the signatures the levels run this checkpoint with: the three attention kernels at
+its head dim in `verify.model_dtype` (forward, and the two backward kernels L5 and training need), the
+attention forward in `verify.decode_dtype` (L4), the LayerNorm forward and backward at its width in
+float32 (autocast hands LayerNorm the fp32 residual stream) and in `verify.model_dtype`. About half a
+minute on 2 CPU cores. Scope `all` runs every signature of `gptcore.kernels.compile` (minutes there).
+
+Passing results are cached under ~/.cache/gptcore/compile-gate (or $GPTCORE_CACHE_DIR), keyed by the
+kernel sources, the compiler packages' versions and the job list: rerunning verify after a tolerance
+change does not recompile unchanged kernels. The report says when a result came from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from gptcore.checkpoint import atomic_write_text
+from gptcore.model import GPTConfig
+from gptcore.verify.common import FAIL, PASS, SKIPPED, Result
+
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
+TITLE = "ahead-of-time compile gate"
+COLUMNS = ["arch", "kernel", "signature", "seconds", "status"]
+
+
+def cache_dir() -> Path:
+    if os.environ.get("GPTCORE_CACHE_DIR"):
+        return Path(os.environ["GPTCORE_CACHE_DIR"]) / "compile-gate"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptcore" / "compile-gate"
+
+
+def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: list[str]):
+    """The CompileJobs of the signatures the levels run this model with (labels in the format of
+    gptcore.kernels.compile): attention forward and backward in model_dtype, forward in decode_dtype;
+    LayerNorm forward and backward in float32 (autocast) and in model_dtype (a model cast to it)."""
+    from gptcore.kernels.compile import CompileJob
+
+    head_dim = config.n_embd // config.n_head
+    # compile.py has LayerNorm signatures with weight and bias, or neither; a bias=False model's LayerNorm
+    # (weight, no bias) is closest to the affine one.
+    wanted = [("attention.fwd", model_dtype), ("attention.bwd_dq", model_dtype), ("attention.bwd_dkdv", model_dtype),
+              ("attention.fwd", decode_dtype)]
+    wanted += [(kernel, dtype) for dtype in ("float32", model_dtype) for kernel in ("layernorm.fwd", "layernorm.bwd")]
+    jobs = []
+    for arch in archs:
+        for kernel, dtype in dict.fromkeys(wanted):  # dedupe, keep the order
+            if kernel.startswith("attention.") and dtype == "float32":
+                continue  # no fp32 attention kernel: the levels would report that themselves
+            size = f"D={head_dim}" if kernel.startswith("attention.") else f"N={config.n_embd} weight+bias"
+            jobs.append(CompileJob(kernel, f"{dtype} {size}", arch))
+    return jobs
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def cache_key(labels: list[str]) -> str:
+    """Changes with any kernel source, the compiler packages' versions or the job list."""
+    h = hashlib.sha256()
+    for path in sorted(KERNELS_DIR.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for dist in ("cuda-tile", "nvidia-cuda-tileiras", "nvidia-cuda-nvcc", "nvidia-nvvm"):
+        h.update(f"{dist}={_version(dist)}\0".encode())
+    h.update(json.dumps(labels).encode())
+    return h.hexdigest()[:32]
+
+
+def error_summary(traceback_text: str, limit: int = 300) -> str:
+    """The exception line of a traceback and the compiler's message after it, on one line (the very last
+    line of a cuda.tile compiler error is often just "Unknown location")."""
+    lines = traceback_text.strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line[:1].isalpha() and ("Error" in line or "Exception" in line)]
+    tail = lines[starts[-1]:] if starts else lines[-1:]
+    return " ".join(line.strip() for line in tail if line.strip() != "Unknown location")[:limit]
+
+
+def run(config: GPTConfig, archs: list[str], scope: str, model_dtype: str, decode_dtype: str,
+        workers: int | None = None) -> Result:
+    result = Result("compile", f"{TITLE} ({scope} signatures)", columns=COLUMNS)
+    if not archs:
+        result.status, result.reason = SKIPPED, "switched off (verify.compile_archs is empty)"
+        return result
+    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.tile") is None:
+        result.fail("cuda.tile is not installed (pip install 'cuda-tile[tileiras]'): the kernels cannot be compiled")
+        return result
+    from gptcore.kernels.compile import compile_one, jobs as all_jobs
+
+    t0 = time.perf_counter()
+    todo = model_jobs(config, model_dtype, decode_dtype, archs) if scope == "model" else all_jobs(archs)
+    labels = [f"{j.arch} {j.kernel} {j.label}" for j in todo]
+    cached = cache_dir() / f"{cache_key(labels)}.json"
+    from_cache = cached.is_file()
+    if from_cache:
+        rows = json.loads(cached.read_text())["rows"]
+        result.notes.append(f"Compiled earlier with the same kernel sources and cuda.tile version "
+                            f"(cache {cached}); not recompiled.")
+    else:
+        workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+        # spawn, not fork: this process has torch loaded, and forking it with threads running can hang
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(compile_one, todo))
+        rows = [{"arch": r.arch, "kernel": r.kernel, "signature": r.label, "seconds": round(r.seconds, 1),
+                 "status": PASS if r.ok else f"{FAIL}: {error_summary(r.error)}"}
+                for r in results]
+        if all(r["status"] == PASS for r in rows):  # only passes are cached: a failure is looked at anew
+            atomic_write_text(cached, json.dumps({"labels": labels, "rows": rows, "created": time.strftime("%F %T")}))
+    result.rows = rows
+    failed = [r for r in rows if r["status"] != PASS]
+    result.figures = {"jobs": len(rows), "failed": len(failed), "archs": ",".join(archs), "scope": scope,
+                      "cached": from_cache, "seconds": round(time.perf_counter() - t0, 1)}
+    if failed:
+        f = failed[0]
+        result.fail(f"{len(failed)} of {len(rows)} kernels failed to compile; first: {f['arch']} {f['kernel']} "
+                    f"{f['signature']}: {f['status'].removeprefix('fail: ')}")
+    return result

@@ -1,0 +1,186 @@
+"""L1: each kernel against the PyTorch functional reference, forward and gradients.
+
+The reference runs in float64 on the same (low-precision) inputs, so the error measured is the
+candidate's own. Cases, per dtype of `verify.dtypes`:
+- attention: every length of `verify.seq_lens` plus the block size, at the model's (heads, head dim) and
+  at head dim 64 for each of `verify.widths`; scores scaled to ~1e4 (the softmax saturates: one key takes
+  each row); T = 1 (a single visible key); one query against a full cache (decoding; forward only, as the
+  kernels' backward needs Tq == Tk).
+- LayerNorm: the same lengths at each width with random weights (not 1) and biases (not 0); the
+  checkpoint's own LayerNorm weights; inputs with a mean of 20 (variance cancellation). Also in float32:
+  under autocast the model's LayerNorms see the fp32 residual stream.
+The "torch err" column is PyTorch's own op in the same dtype against the same reference: what rounding
+alone costs, for scale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gptcore.model import MASK_FLOOR, GPTConfig
+from gptcore.verify.common import DTYPES, PASS, Candidate, Result, scaled_max, torch_layer_norm, within
+
+BATCH = 2
+EPS = 1e-5
+TITLE = "kernels vs the PyTorch functional reference (float64)"
+COLUMNS = ["kernel", "dtype", "shape", "T", "case", "fwd err", "grad err", "worst grad", "torch err", "status"]
+
+
+def attention_reference(q, k, v):
+    """Causal attention in float64, bottom-right aligned when Tq < Tk (a query block after a cached prefix)."""
+    q, k, v = q.double(), k.double(), v.double()
+    tq, tk = q.size(-2), k.size(-2)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+    cols = torch.arange(tk, device=q.device)[None, :]
+    return torch.softmax(scores.masked_fill(cols > rows, MASK_FLOOR), dim=-1) @ v
+
+
+def layer_norm_reference(x, weight, bias):
+    bias = bias.double() if bias is not None else None
+    return F.layer_norm(x.double(), (x.shape[-1],), weight.double(), bias, EPS)
+
+
+def sdpa(q, k, v):
+    """PyTorch's fused attention; its causal mask is top-left aligned, so a single query (decoding against a
+    cache) runs unmasked, which is the same thing: the last position sees every key."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(-2) == k.size(-2) and q.size(-2) > 1)
+
+
+def compare(ref_fn: Callable, cand_fn: Callable, inputs: dict, backward: bool) -> tuple[float, float, str]:
+    """Both functions take a dict of named tensors. The candidate gets the inputs as they are, the reference
+    float64 copies; with `backward`, both get the same upstream gradient.
+    Returns (fwd err, worst input-gradient err, its name)."""
+    leaves = {n: t.detach().clone().requires_grad_(backward) for n, t in inputs.items()}
+    ref_leaves = {n: t.detach().double().requires_grad_(backward) for n, t in inputs.items()}
+    with torch.set_grad_enabled(backward):
+        out, ref = cand_fn(leaves), ref_fn(ref_leaves)
+    fwd = scaled_max(ref, out)
+    if not backward:
+        return fwd, float("nan"), ""
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(out.numel())).to(out.device, out.dtype)
+    out.backward(dy)
+    ref.backward(dy.double())
+    errs = {f"d{n}": scaled_max(ref_leaves[n].grad, leaves[n].grad) if leaves[n].grad is not None else math.nan
+            for n in inputs}
+    worst = max(errs, key=lambda n: math.inf if math.isnan(errs[n]) else errs[n])
+    return fwd, errs[worst], worst
+
+
+def attention_cases(config: GPTConfig, seq_lens: list[int], widths: list[int]) -> list[tuple[int, int, int, str]]:
+    """(heads, head dim, T, case) to run in each dtype."""
+    shapes = [(config.n_head, config.n_embd // config.n_head)] + [(w // 64, 64) for w in widths if w % 64 == 0]
+    cases = []
+    for h, d in dict.fromkeys(shapes):  # dedupe, keep the order
+        cases += [(h, d, t, "single key" if t == 1 else "causal") for t in seq_lens]
+        cases += [(h, d, config.block_size, "scores ~1e4"), (h, d, config.block_size, "decode: 1 query")]
+    return cases
+
+
+def layer_norm_cases(config: GPTConfig, state_dict: dict, seq_lens: list[int], widths: list[int]):
+    """(width, T, case, weight, bias, x mean) to run in each dtype; weight None: random weight and bias."""
+    cases = [(n, t, "random weights", None, None, 1.0) for n in widths for t in seq_lens]
+    for name in sorted(k for k in state_dict if k.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))):
+        module = name.removesuffix(".weight")
+        cases.append((config.n_embd, config.block_size, module.removeprefix("transformer."),
+                      state_dict[name], state_dict.get(module + ".bias"), 1.0))
+    cases.append((config.n_embd, config.block_size, "random weights, x mean 20", None, None, 20.0))
+    return cases
+
+
+def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.device) -> Result:
+    result = Result("L1", TITLE, columns=COLUMNS)
+    seq_lens = sorted(set(vp.seq_lens) | {config.block_size})
+    widths = sorted(set(vp.widths) | {config.n_embd})
+    gen = torch.Generator().manual_seed(vp.seed)
+
+    def randn(*shape, scale=1.0, mean=0.0):  # drawn on the CPU: the same inputs on every device
+        return (torch.randn(*shape, generator=gen) * scale + mean).to(device)
+
+    def attention(t):
+        return cand.attention(t["q"], t["k"], t["v"])
+
+    def attention_ref(t):
+        return attention_reference(t["q"], t["k"], t["v"])
+
+    def layer_norm(t):
+        return cand.layer_norm(t["x"], t["weight"], t.get("bias"), EPS)
+
+    def layer_norm_ref(t):
+        return layer_norm_reference(t["x"], t["weight"], t.get("bias"))
+
+    for dname in vp.dtypes:
+        dtype, tol = DTYPES[dname], getattr(vp.tolerances, dname)
+        for h, d, t, case in attention_cases(config, seq_lens, widths):
+            scale = 100.0 if case == "scores ~1e4" else 1.0  # q.k / sqrt(D) then has a std of scale**2
+            tq = 1 if case.startswith("decode") else t
+            inputs = {"q": randn(BATCH, h, tq, d, scale=scale).to(dtype),
+                      "k": randn(BATCH, h, t, d, scale=scale).to(dtype),
+                      "v": randn(BATCH, h, t, d).to(dtype)}
+            row = {"kernel": "attention", "dtype": dname, "shape": f"H={h} D={d}",
+                   "T": t if tq == t else f"1 of {t}", "case": case}
+            result.rows.append(measure(
+                row, lambda: compare(attention_ref, attention, inputs, backward=tq == t),
+                lambda: scaled_max(attention_ref(inputs), sdpa(inputs["q"], inputs["k"], inputs["v"])), tol))
+
+    for dname in ["float32"] + list(vp.dtypes):
+        dtype, tol = DTYPES[dname], getattr(vp.tolerances, dname)
+        for n, t, case, weight, bias, mean in layer_norm_cases(config, state_dict, seq_lens, widths):
+            inputs = {"x": randn(BATCH, t, n, scale=2.0, mean=mean).to(dtype)}
+            if weight is None:  # random affine parameters: a weight of 1 or a bias of 0 would hide mistakes
+                inputs["weight"] = randn(n, scale=0.5, mean=1.0).to(dtype)
+                if config.bias:
+                    inputs["bias"] = randn(n, scale=0.5).to(dtype)
+            else:
+                inputs["weight"] = weight.to(device, dtype)
+                if bias is not None:
+                    inputs["bias"] = bias.to(device, dtype)
+            row = {"kernel": "layer_norm", "dtype": dname, "shape": f"N={n}", "T": t, "case": case}
+            result.rows.append(measure(
+                row, lambda: compare(layer_norm_ref, layer_norm, inputs, backward=True),
+                lambda: scaled_max(layer_norm_ref(inputs), torch_layer_norm(inputs["x"], inputs["weight"],
+                                                                            inputs.get("bias"), EPS)), tol))
+
+    result.tolerance = {f"{d}.{k}": getattr(getattr(vp.tolerances, d), k)
+                        for d in ["float32"] + list(vp.dtypes) for k in ("kernel_fwd", "kernel_grad")}
+    for kernel in ("attention", "layer_norm"):
+        rows = [r for r in result.rows if r["kernel"] == kernel]
+        failed = [r for r in rows if r["status"] != PASS]
+        result.figures.update({
+            f"{kernel}.cases": len(rows), f"{kernel}.failed": len(failed),
+            f"{kernel}.fwd_err_max": max((r["fwd err"] for r in rows if isinstance(r["fwd err"], float)),
+                                         default=math.nan),
+            f"{kernel}.grad_err_max": max((r["grad err"] for r in rows if isinstance(r["grad err"], float)
+                                           and not math.isnan(r["grad err"])), default=math.nan),
+        })
+        if failed:
+            first = failed[0]
+            result.fail(f"{kernel}: {len(failed)} of {len(rows)} cases out of tolerance; first: {first['dtype']} "
+                        f"{first['shape']} T={first['T']} {first['case']}: {first['status']}")
+    return result
+
+
+def measure(row: dict, compare_fn, baseline_fn, tol) -> dict:
+    """The row with its figures and status: `compare_fn` measures the candidate, `baseline_fn` PyTorch's own
+    op in the same dtype. A candidate that raises fails its case, with the message."""
+    try:
+        fwd, grad, worst = compare_fn()
+    except Exception as e:  # noqa: BLE001 - any error of the kernel is a finding to report, not a crash
+        message = str(e).splitlines()[0] if str(e) else ""
+        return {**row, "fwd err": "-", "grad err": "-", "worst grad": "", "torch err": "-",
+                "status": f"fail: {type(e).__name__}: {message}"}
+    try:
+        baseline = baseline_fn()
+    except RuntimeError:  # PyTorch has no such op for that dtype on this device: no baseline, no failure
+        baseline = math.nan
+    bad = []
+    if not within(fwd, tol.kernel_fwd):
+        bad.append(f"fwd {fwd:.3g} > {tol.kernel_fwd:g}")
+    if worst and not within(grad, tol.kernel_grad):
+        bad.append(f"{worst} {grad:.3g} > {tol.kernel_grad:g}")
+    return {**row, "fwd err": fwd, "grad err": grad, "worst grad": worst, "torch err": baseline,
+            "status": "fail: " + ", ".join(bad) if bad else PASS}

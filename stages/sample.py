@@ -1,0 +1,138 @@
+"""Sample stage: generate text from a checkpoint with the reference or the cuTile model, decoding
+incrementally with a KV cache; write the samples (samples/samples.txt), metrics/sample.json and MLflow.
+
+    python stages/sample.py                                          # as `dvc repro` runs it
+    GPTCORE_MLFLOW=off python stages/sample.py --preset shakespeare_char --backend cutile
+    python stages/sample.py --prompt "ROMEO:" --num-samples 2 --max-new-tokens 500 --top-p 0.95
+
+Run by hand in a terminal, the text streams to the console as it is generated.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from gptcore import stage  # noqa: E402
+from gptcore.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, sha256_file  # noqa: E402
+from gptcore.data import CharVocab, DataError  # noqa: E402
+from gptcore.params import ParamsError, parse_assignments, repo_root, with_overrides, with_preset  # noqa: E402
+from gptcore.sampling import (BackendUnavailable, Decoder, load_for_inference, resolve_device,  # noqa: E402
+                              resolve_dtype)
+
+SECTIONS = ["data", "sample"]
+stage.register_user_error(CheckpointError, DataError, BackendUnavailable)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--preset", metavar="NAME",
+                    help="take the sample section of presets/NAME.yaml without editing params.yaml")
+    ap.add_argument("--out", default="samples/samples.txt", help="the samples file (default: %(default)s)")
+    ap.add_argument("--checkpoint", help="sample.checkpoint")
+    ap.add_argument("--backend", choices=["torch", "cutile"], help="sample.backend")
+    ap.add_argument("--device", help="sample.device: auto | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", help="sample.dtype: auto | float32 | bfloat16 | float16")
+    ap.add_argument("--prompt", help="sample.prompt")
+    ap.add_argument("--num-samples", type=int, dest="num_samples", help="sample.num_samples")
+    ap.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help="sample.max_new_tokens")
+    ap.add_argument("--temperature", type=float, help="sample.temperature (0: greedy)")
+    ap.add_argument("--top-k", type=int, dest="top_k", help="sample.top_k")
+    ap.add_argument("--top-p", type=float, dest="top_p", help="sample.top_p")
+    ap.add_argument("--seed", type=int, help="sample.seed")
+    ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
+                    help="decode eagerly (sample.cuda_graph: false)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any sample key, value in YAML (repeatable): --set top_p=null")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    params = stage.load(args.params)
+    if args.preset:
+        params = with_preset(params, args.preset, ["sample"])
+    flags = {k: getattr(args, k) for k in ("checkpoint", "backend", "device", "dtype", "prompt", "num_samples",
+                                           "max_new_tokens", "temperature", "top_k", "top_p", "seed", "cuda_graph")}
+    params = with_overrides(params, "sample", {**{k: v for k, v in flags.items() if v is not None},
+                                               **parse_assignments(args.set, "sample")})
+    s = params.sample
+    root = repo_root()
+    device = resolve_device(s.device, "sample.device")
+    dtype = resolve_dtype(s.dtype, device)
+
+    vocab = CharVocab.load(root / params.data.out_dir / "meta.json")
+    if not s.prompt:
+        raise ParamsError("sample.prompt: must not be empty (the model needs one token to start from; "
+                          "nanoGPT's default is a newline)")
+    try:
+        prompt_ids = vocab.encode(s.prompt)
+    except DataError as e:
+        raise ParamsError(f"sample.prompt {s.prompt!r}: {e}") from None
+    ckpt_path = root / s.checkpoint
+    checkpoint = load_checkpoint(ckpt_path)
+    vocab_size = checkpoint["model_args"].get("vocab_size")
+    if vocab_size != vocab.vocab_size:
+        raise CheckpointError(f"{ckpt_path}: trained with a vocabulary of {vocab_size} tokens, but "
+                              f"{params.data.out_dir}/meta.json has {vocab.vocab_size}: not the same data")
+    model = load_for_inference(checkpoint, s.backend, device, dtype)
+    generator = torch.Generator(device=device).manual_seed(s.seed)
+    decoder = Decoder(model, 1, s.temperature, s.top_k, s.top_p, generator, cuda_graph=s.cuda_graph)
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+
+    stream = sys.stdout.isatty()  # by hand: text as it comes; under DVC or a pipe: each sample whole
+
+    def show(tokens: list[int]):
+        print(vocab.decode(tokens), end="", flush=True)
+
+    with stage.tracked("sample", params, SECTIONS) as run:
+        texts, seconds = [], []
+        for i in range(s.num_samples):
+            header = f"==> sample {i + 1} of {s.num_samples} <=="
+            print(header)
+            if stream:
+                print(s.prompt, end="", flush=True)
+            t0 = time.perf_counter()
+            out = decoder.generate(idx, s.max_new_tokens, on_token=show if stream else None)
+            text = vocab.decode(out[0].tolist())  # reads the tokens back: the GPU work is done
+            seconds.append(time.perf_counter() - t0)
+            print("" if stream else text)
+            texts.append(f"{header}\n{text}\n")
+
+        samples_text = "\n".join(texts)
+        atomic_write_text(root / args.out, samples_text)
+        total = s.num_samples * s.max_new_tokens
+        # The first sample also runs each decode step eagerly once and captures it as a CUDA graph; the
+        # later ones replay the graphs: their speed is the steady state.
+        steady = seconds[1:] or seconds
+        metrics = {
+            "backend": s.backend, "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+            "dtype": str(dtype).removeprefix("torch."), "num_samples": s.num_samples,
+            "max_new_tokens": s.max_new_tokens, "tokens_generated": total,
+            "tokens_per_sec": total / sum(seconds), "ms_per_token": 1000 * sum(seconds) / total,
+            "steady_tokens_per_sec": len(steady) * s.max_new_tokens / sum(steady),
+            "first_sample_sec": seconds[0],
+            "cuda_graph": decoder.use_graph, "cuda_graph_error": decoder.graph_error,
+            "seed": s.seed, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+            "checkpoint": s.checkpoint, "checkpoint_sha256": sha256_file(ckpt_path),
+            "samples_file": args.out, "mlflow_run_id": run.run_id,
+        }
+        stage.write_metrics("sample", metrics, root)
+        run.log_metrics(metrics)
+        run.set_tags({"sample.backend": s.backend, "sample.device": metrics["device"]})
+        run.log_text(samples_text, "samples.txt")
+    print(f"sample: {s.num_samples} samples of {s.max_new_tokens} tokens -> {args.out}; "
+          f"{metrics['steady_tokens_per_sec']:,.0f} tokens/s ({s.backend} on {metrics['device']}"
+          f"{', CUDA graphs' if decoder.use_graph else ''})")
+    if decoder.graph_error and device.type == "cuda":
+        print(f"note: decoding ran without CUDA graphs: {decoder.graph_error}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(stage.main(main))

@@ -1,0 +1,98 @@
+"""Benchmarks on a CPU: the PyTorch rows are measured (positive figures), every row that needs a GPU is
+`skipped` with its reason, and the stage writes bench.json, the plot DVC renders, and no failed rows."""
+
+import json
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from gptcore import bench
+from gptcore.model import GPT, GPTConfig
+from pipeline_helpers import ROOT, env_for, make_project, run
+
+
+def test_timer_reports_median_and_spread_and_loops_short_calls():
+    timer = bench.Timer(torch.device("cpu"), warmup=1, repeats=3, min_repeat_ms=5.0)
+    t = timer(lambda: time.sleep(0.001))
+    assert 1.0 <= t["ms"] < 50 and t["ms_min"] <= t["ms"] <= t["ms_max"]
+    assert t["repeats"] == 3 and t["calls_per_repeat"] >= 2  # 1 ms calls looped to last >= 5 ms
+
+
+def test_rows_on_cpu_measure_pytorch_and_skip_the_gpu_rows():
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=32)
+    checkpoint = {"model_args": config.to_dict(), "model": GPT(config).state_dict()}
+    rec = bench.Recorder(torch.device("cpu"), bench.Timer(torch.device("cpu"), 1, 2, 0.0), log=lambda _: None)
+    bench.kernel_rows(rec, config, ["model"], 2, 1, [torch.float32])
+    bench.train_step_rows(rec, checkpoint, 2, torch.float32, ["torch", "cutile"])
+    bench.inference_rows(rec, checkpoint, torch.float32, ["torch", "cutile"], [1, 2], 4, cuda_graph=True)
+    bench.add_speedups(rec.records)
+    rows = {(r["case"], r["shape"], r["implementation"]): r for r in rec.records}
+
+    for key in [("attention_fwd", "B2xH2xT16xD16", "sdpa-math"), ("attention_fwd_bwd", "B2xH2xT16xD16", "sdpa-flash"),
+                ("layernorm_fwd_bwd", "N32xC32", "torch"), ("train_step", "B2xT16", "torch eager"),
+                ("prefill", "B2xT16", "torch"), ("decode", "B1xP4+12", "torch kv_cache"),
+                ("decode", "B2xP4+12", "torch uncached")]:
+        r = rows[key]
+        assert r["status"] == "ok" and r["ms"] > 0 and r["speedup"] > 0, r
+    assert rows[("attention_fwd", "B2xH2xT16xD16", "sdpa-math")]["tflops"] > 0
+    assert rows[("layernorm_fwd", "N32xC32", "torch")]["gbps"] > 0
+    assert rows[("train_step", "B2xT16", "torch eager")]["tokens_per_sec"] > 0
+    decode = rows[("decode", "B1xP4+12", "torch kv_cache")]
+    assert decode["tokens_per_sec"] > 0 and decode["speedup_vs_uncached"] > 0 and decode["same_tokens_as_uncached"]
+
+    for key in [("attention_fwd", "B2xH2xT16xD16", "cutile"), ("layernorm_fwd", "N32xC32", "cutile"),
+                ("train_step", "B2xT16", "cutile"), ("prefill", "B1xT16", "cutile"),
+                ("decode", "B1xP4+12", "cutile kv_cache+cuda_graph")]:
+        assert rows[key]["status"] == "skipped" and "CUDA GPU" in rows[key]["reason"], rows[key]
+    assert "CUDA only" in rows[("attention_fwd", "B2xH2xT16xD16", "sdpa-cudnn")]["reason"]
+    assert "CUDA graphs need a CUDA device" in rows[("decode", "B1xP4+12", "torch kv_cache+cuda_graph")]["reason"]
+    assert "torch.compile row off" in rows[("train_step", "B2xT16", "torch compile")]["reason"]
+    assert not [r for r in rec.records if r["status"] == "failed"]
+    for r in rec.records:  # every record says where and with what it was measured
+        assert r["device"] and r["torch"] == torch.__version__ and r["cuda_tile"]
+
+
+def test_dvc_stage_reruns_on_every_machine_and_declares_its_outputs():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    b = stages["bench"]
+    assert b["always_changed"] is True
+    assert any("metrics/bench.json" in m for m in b["metrics"])
+    plot = next(p["plots/bench.csv"] for p in b["plots"] if "plots/bench.csv" in p)
+    assert (plot["x"], plot["y"], plot["cache"]) == ("speedup", "benchmark", False)
+    s = stages["sample"]
+    assert "samples/samples.txt" in s["outs"] and any("metrics/sample.json" in m for m in s["metrics"])
+
+
+@pytest.mark.slow
+def test_bench_stage_on_cpu(tmp_path):
+    proj = make_project(tmp_path / "proj", bench={"kernel_shapes": ["model"], "model_batch": 2, "decode_batch_sizes": [1],
+                                                  "warmup": 1, "repeats": 2, "min_repeat_ms": 0.0})
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=32)
+    (proj / "out").mkdir()
+    torch.save({"model_args": config.to_dict(), "model": GPT(config).state_dict()}, proj / "out" / "ckpt.pt")
+    env = {**env_for(proj), "GPTCORE_MLFLOW": "off"}  # the GPU machine has no MLflow: this must work
+    out = run([sys.executable, "stages/bench.py", "--repeats", "3"], proj, env=env)
+    assert "failed" not in out.stderr
+
+    m = json.loads((proj / "metrics" / "bench.json").read_text())
+    assert m["device"] and m["torch"] == torch.__version__ and m["counts"]["failed"] == 0
+    records = m["records"].values()
+    measured = [r for r in records if r["status"] == "ok"]
+    skipped = [r for r in records if r["status"] == "skipped"]
+    assert {r["case"] for r in measured} == {"attention_fwd", "attention_fwd_bwd", "layernorm_fwd",
+                                             "layernorm_fwd_bwd", "train_step", "prefill", "decode"}
+    assert all(r["ms"] > 0 and r["repeats"] == 3 for r in measured)  # --repeats overrode params.yaml
+    cutile = [r for r in records if r["implementation"].startswith("cutile")]
+    assert len(cutile) == 4 + 1 + 1 + 3 and all(r in skipped and r["reason"] for r in cutile)
+    assert m["decode_speedup_vs_uncached_batch1"]["torch kv_cache"] > 0
+
+    plot = (proj / "plots" / "bench.csv").read_text().splitlines()
+    assert plot[0] == "benchmark,speedup,ms" and len(plot) == len(measured) + 1
+    shown = run([sys.executable, "-m", "dvc", "plots", "show", "--json"], proj, check=False, env=env)
+    bars = json.loads(shown.stdout)["data"]["plots/bench.csv"][0]["content"]["data"]["values"]
+    assert len(bars) == len(measured) and all(float(b["speedup"]) > 0 for b in bars)

@@ -1,0 +1,38 @@
+"""The ahead-of-time compile gate runs on a CPU-only machine: every cuTile kernel, for every signature
+the model uses, compiles to a cubin for Hopper (sm_90) and Blackwell (sm_100).
+
+Cold, the attention kernels take most of the time (tileiras, 5-30 s each on 2 cores); cubins land in
+cuTile's disk cache, keyed by the exact bytecode, so a rerun on unchanged kernels takes seconds and a
+changed kernel always recompiles.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_compile_gate_sm90_sm100():
+    pytest.importorskip("cuda.tile", reason="cuda-tile[tileiras] is not installed")
+    from gptcore.kernels.compile import jobs
+
+    proc = subprocess.run([sys.executable, "-m", "gptcore.kernels.compile", "--arch", "sm_90", "sm_100"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    out = proc.stdout
+    assert proc.returncode == 0, f"compile gate failed:\n{out[-4000:]}\n{proc.stderr[-4000:]}"
+    expected = jobs(["sm_90", "sm_100"])
+    ok_lines = [line for line in out.splitlines() if line.startswith("OK ")]
+    assert not [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert len(ok_lines) == len(expected), out
+    for job in expected:  # one OK line per kernel, signature and architecture
+        pattern = rf"^OK\s+{job.arch}\s+{re.escape(job.kernel)}\s+{re.escape(job.label)}\s"
+        assert any(re.match(pattern, line) for line in ok_lines), f"no OK line for {job}"
+    kernels = {job.kernel for job in expected}
+    assert kernels == {"attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv", "layernorm.fwd", "layernorm.bwd"}

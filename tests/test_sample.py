@@ -1,0 +1,160 @@
+"""Generation: the KV-cache decoder gives the reference's tokens (within and beyond the block, sampled and
+greedy), and the sample stage writes the samples, its metrics and clear errors."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from gptcore.data import CharVocab
+from gptcore.model import GPT, GPTConfig, sample_next
+from gptcore.sampling import Decoder, generate_uncached, sample_tokens
+from pipeline_helpers import SPEECHES, env_for, make_project, run
+
+BLOCK = 16
+
+
+def tiny_model(dtype=torch.float32) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=50, n_layer=2, n_head=4, n_embd=64)).eval()
+    with torch.no_grad():
+        # A random model's next-token distribution is almost flat; sharper logits make the test about
+        # the decoding, not about which of two near-equal logits rounding happens to favour.
+        model.transformer.wte.weight.mul_(10)
+    return model.to(dtype)
+
+
+SETTINGS = [  # temperature, top_k, top_p
+    pytest.param(0.0, None, None, id="greedy"),
+    pytest.param(0.8, 200, None, id="top_k"),
+    pytest.param(1.0, 10, 0.9, id="top_k+top_p"),
+]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
+@pytest.mark.parametrize("prompt_len", [3, BLOCK + 4])  # shorter and longer than the block
+def test_cached_decoding_gives_the_uncached_tokens(temperature, top_k, top_p, prompt_len):
+    model = tiny_model()
+    prompt = torch.randint(0, 50, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    new = 2 * BLOCK + 3  # well past the block: the window slides and the cache is rebuilt every step
+    uncached = generate_uncached(model, prompt, new, temperature, top_k, top_p, torch.Generator().manual_seed(7))
+    decoder = Decoder(model, 2, temperature, top_k, top_p, torch.Generator().manual_seed(7))
+    cached = decoder.generate(prompt, new)
+    assert cached.shape == (2, prompt_len + new)
+    assert torch.equal(cached, uncached)
+    # and the same decoder again, same seed: the static buffers carry nothing over between generations
+    decoder.generator.manual_seed(7)
+    assert torch.equal(decoder.generate(prompt, new), uncached)
+    if top_p is None:  # the reference's own loop (nanoGPT's generate, which has no top_p)
+        reference = model.generate(prompt, new, temperature, top_k, torch.Generator().manual_seed(7))
+        assert torch.equal(cached, reference)
+
+
+def test_cached_decoding_within_the_block_in_float64():
+    model = tiny_model(torch.float64)
+    prompt = torch.tensor([[3, 1, 4]])
+    new = BLOCK - 3  # exactly fills the block: no sliding at all
+    uncached = generate_uncached(model, prompt, new, 0.8, 200, None, torch.Generator().manual_seed(1))
+    cached = Decoder(model, 1, 0.8, 200, None, torch.Generator().manual_seed(1)).generate(prompt, new)
+    assert torch.equal(cached, uncached)
+
+
+def test_decoder_runs_one_token_per_step_then_rebuilds_the_window():
+    model = tiny_model()
+    lengths = []  # (tokens fed, cache length before the step) for every forward
+    original = model.forward
+
+    def spy(idx, targets=None, kv_cache=None):
+        lengths.append((idx.size(1), kv_cache[0].length))
+        return original(idx, targets, kv_cache)
+
+    model.forward = spy
+    Decoder(model, 1, 0.0).generate(torch.zeros(1, 4, dtype=torch.long), BLOCK + 2)
+    # 18 new tokens: the prefill of the 4-token prompt gives the 1st; one token per step against the cache
+    # gives the next 12 (positions 4..15, until the block is full); then the window has slid and each of
+    # the last 5 is a full-block rebuild from position 0, as the reference's crop computes it
+    expected = [(4, 0)] + [(1, n) for n in range(4, BLOCK)] + [(BLOCK, 0)] * 5
+    assert lengths == expected
+
+
+def test_sample_tokens_draws_like_sample_next():
+    logits = torch.randn(4, 65, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_k, top_p in [(0.0, None, None), (1.0, None, None), (0.8, 200, None), (0.7, 5, 0.8)]:
+        for seed in range(5):
+            ours = sample_tokens(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+            ref = sample_next(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+            assert torch.equal(ours, ref), (temperature, top_k, top_p, seed)
+
+
+def test_cuda_graph_request_on_cpu_is_reported_not_faked():
+    decoder = Decoder(tiny_model(), 1, 0.0, cuda_graph=True)
+    assert not decoder.use_graph and "CUDA" in decoder.graph_error
+    out = decoder.generate(torch.zeros(1, 1, dtype=torch.long), 5)
+    assert out.shape == (1, 6) and not decoder.graphs
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------
+
+def write_model(project, vocab: CharVocab) -> None:
+    """A tiny untrained checkpoint over the corpus vocabulary (the stage does not care how good it is)."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=BLOCK, vocab_size=vocab.vocab_size, n_layer=1, n_head=2, n_embd=32)
+    (project / "out").mkdir(exist_ok=True)
+    torch.save({"model_args": config.to_dict(), "model": GPT(config).state_dict()}, project / "out" / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    proj = make_project(tmp_path_factory.mktemp("sample"), sample={"num_samples": 3, "max_new_tokens": 40,
+                                                                   "prompt": "MENENIUS:\n"})
+    vocab = CharVocab.from_text(SPEECHES)
+    (proj / "data").mkdir(exist_ok=True)
+    vocab.save(proj / "data" / "meta.json")
+    write_model(proj, vocab)
+    return proj
+
+
+@pytest.mark.slow
+def test_sample_stage_writes_the_samples_and_metrics(project):
+    out = run([sys.executable, "stages/sample.py"], project)  # MLflow on, as under dvc repro
+    text = (project / "samples" / "samples.txt").read_text()
+    headers = [f"==> sample {i} of 3 <==" for i in (1, 2, 3)]
+    assert [line for line in text.splitlines() if line.startswith("==> sample ")] == headers
+    starts = [text.index(h + "\n") for h in headers] + [len(text) + 1]
+    for i, h in enumerate(headers):  # each sample: the prompt, then exactly max_new_tokens characters
+        body = text[starts[i] + len(h) + 1:starts[i + 1] - 1].removesuffix("\n")
+        assert body.startswith("MENENIUS:\n") and len(body) == len("MENENIUS:\n") + 40, repr(body)
+    m = json.loads((project / "metrics" / "sample.json").read_text())
+    assert m["num_samples"] == 3 and m["tokens_generated"] == 120 and m["tokens_per_sec"] > 0
+    assert m["backend"] == "torch" and m["device"] == "cpu" and m["cuda_graph"] is False
+    assert len(m["mlflow_run_id"]) == 32 and (project / "mlflow.db").is_file()
+    assert "==> sample 3 of 3 <==" in out.stdout
+
+
+@pytest.mark.slow
+def test_sample_stage_is_reproducible_and_takes_command_line_overrides(project):
+    env = {**env_for(project), "GPTCORE_MLFLOW": "off"}  # as on the GPU machine, which has no MLflow
+    args = [sys.executable, "stages/sample.py", "--num-samples", "2", "--max-new-tokens", "25", "--top-p", "0.9"]
+    first = run(args + ["--out", "a.txt"], project, env=env)
+    run(args + ["--out", "b.txt"], project, env=env)
+    a, b = (project / "a.txt").read_text(), (project / "b.txt").read_text()
+    assert a == b  # same seed, same text
+    assert a.count("==> sample ") == 2 and "==> sample 2 of 2 <==" in a
+    assert "MLflow logging is off" in first.stdout
+    m = json.loads((project / "metrics" / "sample.json").read_text())
+    assert (m["num_samples"], m["max_new_tokens"], m["top_p"], m["mlflow_run_id"]) == (2, 25, 0.9, "offline")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "MENENIUS: ¿é?"], "characters not in the vocabulary: '¿', 'é' (2 distinct"),
+    (["--backend", "cutile"], "backend 'cutile' cannot run"),
+    (["--top-k", "0"], "sample.top_k: Input should be greater than or equal to 1"),
+    (["--checkpoint", "out/missing.pt"], "checkpoint not found"),
+])
+def test_sample_stage_errors_are_clear(project, args, message):
+    out = run([sys.executable, "stages/sample.py", *args], project, check=False,
+              env={**env_for(project), "GPTCORE_MLFLOW": "off"})
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,191 @@
+"""Verification on the CPU: PyTorch test doubles stand in for the cuTile kernels through the candidate
+seam. A clean double passes every level; noise in one op makes the levels that see that op fail; without
+a GPU the cuTile levels are skipped with the reason and the compile gate is reported."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from gptcore import data
+from gptcore.params import VerifyParams
+from gptcore.train import Trainer
+from gptcore.transplant import check_weights, transplant
+from gptcore.verify import FAIL, PASS, SKIPPED, Candidate, metrics, render, torch_candidate, verify
+from gptcore.verify.common import torch_attention, torch_layer_norm
+from gptcore.verify.gate import model_jobs
+from pipeline_helpers import ROOT, run, tiny_params, write_corpus
+from test_transplant import stage_env, stage_project
+
+# Small enough for the CPU: L1 at the model's shape (2 heads x 32) and at head dim 64 (width 64), lengths
+# 1, 13, 16 (the block) and 40, bf16 kernels (+ fp32 LayerNorm); the model levels in float32, where a
+# clean double agrees with the reference to ~1e-7 and greedy streams cannot flip on rounding.
+FAST = dict(dtypes=["bfloat16"], seq_lens=[1, 13, 40], widths=[64], model_dtype="float32", decode_dtype="float32",
+            batches=1, batch_size=2, num_prompts=3, prompt_len=8, decode_tokens=12, compile_archs=[])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained briefly (confident enough that greedy decoding has clear winners), transplanted."""
+    root = tmp_path_factory.mktemp("verify")
+    write_corpus(root / "corpus.txt")
+    data.prepare("corpus.txt", root / "data", 0.1, root=root)
+    # 1 head x 32 (a head dim the kernels support); 150 steps at a high learning rate (~10 s): the model
+    # then writes context-dependent text, so a broken op changes what greedy decoding picks
+    Trainer(tiny_params(model={"n_head": 1}, train={"max_iters": 150, "lr_decay_iters": 150, "eval_interval": 50,
+                                                    "learning_rate": 1e-2, "min_lr": 1e-3}), root).run()
+    vocab = data.CharVocab.load(root / "data" / "meta.json")
+    transplant(root / "out" / "ckpt.pt", root / "cutile", vocab.vocab_size)
+    weights = check_weights(root / "cutile", vocab.vocab_size)
+    return root, weights, data.load_split(root / "data", "val"), vocab
+
+
+def run_levels(trained, candidate, **overrides):
+    _, weights, val, vocab = trained
+    return verify(weights, val, VerifyParams(**{**FAST, **overrides}), candidate=candidate, device="cpu",
+                  decode=vocab.decode)
+
+
+def by_name(v):
+    return {r.name: r for r in v.results}
+
+
+def test_clean_double_passes_every_level(trained):
+    v = run_levels(trained, torch_candidate())
+    levels = by_name(v)
+    assert {n: levels[n].status for n in ("L1", "L2", "L3", "L4", "L5")} == dict.fromkeys(
+        ("L1", "L2", "L3", "L4", "L5"), PASS), {n: r.reason for n, r in levels.items()}
+    assert levels["compile"].status == SKIPPED and "switched off" in levels["compile"].reason
+    assert v.status == "incomplete"  # a skipped check never makes the whole run a pass
+
+    l1 = levels["L1"].figures
+    assert l1["attention.cases"] == 2 * 6 and l1["layer_norm.failed"] == 0  # 2 shapes x (4 lengths + 2 extremes)
+    assert l1["attention.fwd_err_max"] < 1e-2 and l1["layer_norm.grad_err_max"] < 5e-2
+    assert levels["L2"].figures["stack_max_err"] < 1e-4
+    assert levels["L3"].figures["top1_agreement"] == 1.0 and levels["L3"].figures["kl_mean"] < 1e-6
+    assert levels["L4"].figures == {"prompts": 3, "prompt_tokens": 8, "tokens_per_prompt": 12,
+                                    "identical_prompts": 3, "first_divergence": -1}
+    assert levels["L5"].figures["grad_rel_max"] < 1e-3 and levels["L5"].figures["parameters"] == 16
+
+    m = metrics(v)
+    json.dumps(m, allow_nan=False)  # valid JSON: NaN became null
+    assert m["L3_logits"]["status"] == PASS and m["L3_logits"]["tolerance"]["top1_min"] == 0.999
+    text = render(v)
+    for heading in ("## Summary", "## Checkpoint checks", "## L1: kernels", "## L5: gradients"):
+        assert heading in text
+
+
+def noisy(std: float):
+    def attention(q, k, v):
+        out = torch_attention(q, k, v)
+        return out + std * torch.randn_like(out)
+    return Candidate("noisy attention", torch_layer_norm, attention)
+
+
+def test_noise_in_attention_fails_l1_attention_and_the_model_levels(trained):
+    levels = by_name(run_levels(trained, noisy(0.05)))
+    l1 = levels["L1"]
+    assert l1.status == FAIL and l1.reason.startswith("attention:")
+    assert l1.figures["attention.failed"] == l1.figures["attention.cases"]
+    assert l1.figures["layer_norm.failed"] == 0  # the kernel without noise passes its cases
+    assert all(levels[n].status == FAIL for n in ("L2", "L3", "L5"))
+    assert "block, same input layer 0" in levels["L2"].reason
+
+
+def test_tiny_layer_norm_bias_shift_fails_only_where_the_tolerance_sees_it(trained):
+    """A shift of 1e-3 is below bf16's tolerance (2e-2) but far above float32's (1e-5): the float32
+    LayerNorm cases of L1 fail, its bf16 cases and all attention cases pass; the float32 model levels fail."""
+    shifted = Candidate("shifted layer_norm", lambda x, w, b, eps: torch_layer_norm(x, w, b, eps) + 1e-3,
+                        torch_attention)
+    levels = by_name(run_levels(trained, shifted))
+    l1 = levels["L1"]
+    assert l1.status == FAIL and l1.reason.startswith("layer_norm:")
+    failing = {(r["kernel"], r["dtype"]) for r in l1.rows if r["status"] != PASS}
+    assert failing == {("layer_norm", "float32")}
+    assert levels["L2"].status == FAIL and levels["L3"].status == FAIL
+
+
+def test_kernel_that_raises_fails_its_cases_with_the_message(trained):
+    def refuses(q, k, v):
+        raise TypeError("head dim 32 is not supported")
+    levels = by_name(run_levels(trained, Candidate("refusing", torch_layer_norm, refuses)))
+    assert levels["L1"].status == FAIL
+    assert all(r["status"] == "fail: TypeError: head dim 32 is not supported" for r in levels["L1"].rows
+               if r["kernel"] == "attention")
+    assert levels["L4"].status == FAIL and "head dim 32 is not supported" in levels["L4"].reason
+
+
+def test_decode_divergence_reports_position_and_tokens(trained):
+    """Attention that goes wrong only in contexts of 12 tokens and more: L4 names the first divergent token,
+    and it is one generated after the context reached that length."""
+    def late_bug(q, k, v):
+        out = torch_attention(q, k, v)
+        if q.size(-2) >= 12:
+            out = out.clone()
+            out[..., 11:, :] = -out[..., 11:, :]
+        return out
+    levels = by_name(run_levels(trained, Candidate("late bug", torch_layer_norm, late_bug)))
+    l4 = levels["L4"]
+    assert l4.status == FAIL and l4.figures["identical_prompts"] < 3
+    diverged = [r for r in l4.rows if not r["identical"]]
+    # prompts are 8 tokens: generated token s is chosen from a context of 8 + s tokens, so s >= 4
+    assert all(r["first divergence"] >= 4 for r in diverged)
+    assert l4.figures["first_divergence"] == min(r["first divergence"] for r in diverged)
+    assert "streams differ at token" in l4.reason and "reference" in l4.reason and "candidate" in l4.reason
+    assert diverged[0]["fp32 reference"].startswith("picks ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the cuTile levels can run")
+def test_without_gpu_the_cutile_levels_are_skipped_with_the_reason(trained):
+    _, weights, val, _ = trained
+    v = verify(weights, val, VerifyParams(**FAST))  # the default candidate: the cuTile kernels
+    levels = by_name(v)
+    for name in ("L1", "L2", "L3", "L4", "L5"):
+        assert levels[name].status == SKIPPED and "CUDA" in levels[name].reason, levels[name]
+        assert not levels[name].figures  # nothing measured, nothing claimed
+    assert v.status == "incomplete" and v.candidate == "cutile"
+    assert metrics(v)["L4_decode"] == {"status": SKIPPED, "reason": levels["L4"].reason, "tolerance": {},
+                                       "seconds": 0.0}
+
+
+def test_compile_gate_jobs_cover_the_model_signatures(trained):
+    _, weights, _, _ = trained
+    labels = [(j.kernel, j.label) for j in model_jobs(weights.config, "bfloat16", "float16", ["sm_90"])]
+    assert labels == [("attention.fwd", "bfloat16 D=32"), ("attention.bwd_dq", "bfloat16 D=32"),
+                      ("attention.bwd_dkdv", "bfloat16 D=32"), ("attention.fwd", "float16 D=32"),
+                      ("layernorm.fwd", "float32 N=32 weight+bias"), ("layernorm.bwd", "float32 N=32 weight+bias"),
+                      ("layernorm.fwd", "bfloat16 N=32 weight+bias"), ("layernorm.bwd", "bfloat16 N=32 weight+bias")]
+
+
+@pytest.mark.slow
+def test_verify_stage_on_any_checkpoint_writes_its_report_where_told(trained, tmp_path):
+    """`stages/verify.py --checkpoint` on the train stage's ckpt.pt: the checks run, the compile gate
+    compiles this model's kernels for sm_90 (cached after the first run), the cuTile levels are skipped on
+    a CPU machine, and report and metrics land in --out, not in the pipeline's outputs."""
+    root = trained[0]
+    project = stage_project(root, tmp_path / "proj")
+    out = tmp_path / "elsewhere"
+    proc = run([sys.executable, str(ROOT / "stages" / "verify.py"), "--checkpoint", str(root / "out" / "ckpt.pt"),
+                "--out", str(out)], project, env=stage_env(project), timeout=600)
+    m = json.loads((out / "verify.json").read_text())
+    report = (out / "verify.md").read_text()
+    assert m["compile_gate"]["status"] == PASS, m["compile_gate"]
+    assert m["compile_gate"]["jobs"] == 8 and m["compile_gate"]["archs"] == "sm_90"
+    assert m["source"].endswith("ckpt.pt") and "| vocab | pass |" in report
+    if not torch.cuda.is_available():
+        assert m["status"] == "incomplete" and m["skipped"] == 5 and proc.returncode == 0
+        assert all(m[k]["status"] == SKIPPED and m[k]["reason"] for k in
+                   ("L1_kernels", "L2_blocks", "L3_logits", "L4_decode", "L5_grads"))
+    assert not (project / "metrics").exists() and not (project / "reports").exists()
+
+    # A failing check: the gate for an architecture that does not exist. Exit 1, report written first.
+    proc = run([sys.executable, str(ROOT / "stages" / "verify.py"), "--checkpoint", str(root / "cutile"),
+                "--out", str(out), "--set", "compile_archs=[sm_1]"], project, check=False, env=stage_env(project),
+               timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    m = json.loads((out / "verify.json").read_text())
+    assert m["status"] == FAIL and m["compile_gate"]["status"] == FAIL
+    assert "sm_1" in m["compile_gate"]["reason"] and "**Status: FAIL**" in (out / "verify.md").read_text()
+    assert not math.isnan(m["seconds"])
