@@ -2,7 +2,8 @@
 
 A checkpoint is a dict saved with torch.save and loaded with `weights_only=True`, so loading one never
 executes code from the file. Writes go to a temporary file in the same folder and are renamed into
-place, so an interrupted write never leaves a half-written checkpoint where a good one was.
+place, so an interrupted write never leaves a half-written checkpoint where a good one was. A checkpoint with
+a manifest beside it (gptcore/manifest.py) loads only when its sha256 is the one the manifest records.
 """
 
 from __future__ import annotations
@@ -55,11 +56,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint without executing code from it; clear errors for a missing or broken file."""
+def load_checkpoint(path: str | Path, map_location="cpu", verify: bool = True) -> dict:
+    """Load a checkpoint without executing code from it; clear errors for a missing or broken file.
+
+    With `verify` (the default), a checkpoint that has a manifest beside it (out/ckpt.json for out/ckpt.pt,
+    see gptcore/manifest.py) is first checked against it: a sha256 mismatch is refused with a message that
+    names the file, the expected and the actual hash (ManifestMismatch, a CheckpointError)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if verify:
+        from gptcore.manifest import verify_checkpoint  # imported here: manifest imports this module
+        verify_checkpoint(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated, corrupted or unsafe files

@@ -62,6 +62,11 @@ class StageRun:
     def run_id(self) -> str:
         return self._run.info.run_id if self._run else "offline"
 
+    @property
+    def tags(self) -> dict:
+        """The tags set so far, the provenance ones (`git.commit`, `dvc.stage`) included."""
+        return dict(self.records["tags"])
+
     def log_params(self, params: dict):
         if self._run:
             import mlflow
@@ -131,5 +136,6 @@ def stage_run(stage: str, params: Params, sections: list[str], run_name: str | N
     mlflow.set_experiment(params.mlflow.experiment)
     with mlflow.start_run(run_name=name, tags=tags) as active:
         run = StageRun(active)
+        run.records["tags"].update(tags)  # already on the run (start_run): kept for StageRun.tags
         run.log_params(logged)
         yield run

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from gptcore.checkpoint import CheckpointError, atomic_write, atomic_write_text, load_checkpoint, sha256_file
+from gptcore.manifest import find_manifest, verify_checkpoint
 from gptcore.model import GPT, GPTConfig, clean_state_dict
 
 WEIGHTS_FILE = "model.safetensors"
@@ -86,6 +87,12 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    # The manifest beside the file (manifest.json, or <stem>.json beside a renamed copy) records its sha256:
+    # weights changed since then are refused before they are read, naming the file and both hashes.
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        raise TransplantError(str(e)) from None
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -99,16 +106,6 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
         model_args = json.loads(header["config"])
     except json.JSONDecodeError as e:
         raise TransplantError(f"{path}: the 'config' in the safetensors header is not JSON: {e}") from None
-    # The manifest written beside the file records its sha256: weights edited since then are refused.
-    manifest = path.parent / MANIFEST_FILE
-    if manifest.is_file():
-        try:
-            recorded = json.loads(manifest.read_text())["weights"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise TransplantError(f"{manifest}: not a transplant manifest ({type(e).__name__}: {e})") from None
-        if recorded.get("file") == path.name and recorded.get("sha256") != sha256_file(path):
-            raise TransplantError(f"{path}: sha256 differs from the one {manifest} recorded: the weights changed "
-                                  "after the transplant wrote them; rerun the transplant stage")
     # The file stores the tied embedding once; the model has it under both names.
     if header.get("tied") == f"{LM_HEAD}={EMBEDDING}" and LM_HEAD not in tensors and EMBEDDING in tensors:
         tensors[LM_HEAD] = tensors[EMBEDDING]
@@ -233,9 +230,11 @@ def save_weights(weights: CheckedWeights, path: Path, dtype: torch.dtype) -> Pat
 
 
 def transplant(source: str | Path, out_dir: str | Path, vocab_size: int | None, dtype: str = "float32",
-               vocab_source: str = "meta.json", source_label: str | None = None) -> dict:
+               vocab_source: str = "meta.json", source_label: str | None = None,
+               provenance: dict | None = None) -> dict:
     """Check `source`, write `<out_dir>/model.safetensors` and `<out_dir>/manifest.json`; return the manifest.
-    `source_label` is the path recorded in the manifest (the stage gives it relative to the repo)."""
+    `source_label` is the path recorded in the manifest (the stage gives it relative to the repo);
+    `provenance` (the stage's mlflow_run_id, git_commit, dvc_stage) goes into the manifest as it is."""
     if dtype not in DTYPES:
         raise TransplantError(f"transplant.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()
@@ -254,6 +253,11 @@ def transplant(source: str | Path, out_dir: str | Path, vocab_size: int | None, 
         "checks": [asdict(c) for c in weights.checks],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.perf_counter() - t0, 3),
+        **(provenance or {}),
     }
+    # the MLflow run and commit that made the source, from its own manifest (out/ckpt.json) when it has one
+    made_by = find_manifest(weights.source)
+    if made_by:
+        manifest["source"].update({k: made_by.data[k] for k in ("mlflow_run_id", "git_commit") if k in made_by.data})
     atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return manifest

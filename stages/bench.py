@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptcore import bench, stage  # noqa: E402
-from gptcore.checkpoint import CheckpointError, load_checkpoint, sha256_file  # noqa: E402
+from gptcore.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from gptcore.manifest import checkpoint_tags  # noqa: E402
 from gptcore.model import GPTConfig  # noqa: E402
 from gptcore.params import parse_assignments, repo_root, with_overrides, with_preset  # noqa: E402
 from gptcore.sampling import resolve_device, resolve_dtype  # noqa: E402
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
     dtype = resolve_dtype(p.dtype, device)
     kernel_dtypes = list(dict.fromkeys(resolve_dtype(d, device) for d in p.kernel_dtypes))
     ckpt_path = root / p.checkpoint
-    checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path)  # checked against its manifest (out/ckpt.json) when it has one
+    ckpt_tags = checkpoint_tags(ckpt_path)
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
 
     timer = bench.Timer(device, p.warmup, p.repeats, p.min_repeat_ms)
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
                      if r["case"] == "decode" and r.get("batch") == 1 and "speedup_vs_uncached" in r}
         metrics = {
             **rec.env,
-            "checkpoint": p.checkpoint, "checkpoint_sha256": sha256_file(ckpt_path), "model": config.to_dict(),
+            "checkpoint": p.checkpoint, "checkpoint_sha256": ckpt_tags["checkpoint.sha256"],
+            "model": config.to_dict(),
             "counts": counts, "decode_speedup_vs_uncached_batch1": decode_b1, "mlflow_run_id": run.run_id,
             "records": {bench.record_id(r): r for r in records},
         }
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
                     figures[metric_name(f"{bench.record_id(r)}/{key}")] = r[key]
         run.log_metrics({**figures, **{f"rows_{k}": v for k, v in counts.items()}})
         run.set_tags({"bench.device": rec.env["device"], "bench.torch": rec.env["torch"],
-                      "bench.cuda_tile": rec.env["cuda_tile"]})
+                      "bench.cuda_tile": rec.env["cuda_tile"], **ckpt_tags})
         run.log_artifact(path)
 
     print(f"bench: {counts['ok']} measured, {counts['skipped']} skipped, {counts['failed']} failed -> "

@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from gptcore import stage  # noqa: E402
-from gptcore.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, sha256_file  # noqa: E402
+from gptcore.checkpoint import CheckpointError, atomic_write_text, load_checkpoint  # noqa: E402
 from gptcore.data import CharVocab, DataError  # noqa: E402
+from gptcore.manifest import checkpoint_tags  # noqa: E402
 from gptcore.params import ParamsError, parse_assignments, repo_root, with_overrides, with_preset  # noqa: E402
 from gptcore.sampling import (BackendUnavailable, Decoder, load_for_inference, resolve_device,  # noqa: E402
                               resolve_dtype)
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
     except DataError as e:
         raise ParamsError(f"sample.prompt {s.prompt!r}: {e}") from None
     ckpt_path = root / s.checkpoint
-    checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path)  # checked against its manifest (out/ckpt.json) when it has one
+    ckpt_tags = checkpoint_tags(ckpt_path)
     vocab_size = checkpoint["model_args"].get("vocab_size")
     if vocab_size != vocab.vocab_size:
         raise CheckpointError(f"{ckpt_path}: trained with a vocabulary of {vocab_size} tokens, but "
@@ -119,12 +121,12 @@ def main(argv=None) -> int:
             "first_sample_sec": seconds[0],
             "cuda_graph": decoder.use_graph, "cuda_graph_error": decoder.graph_error,
             "seed": s.seed, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
-            "checkpoint": s.checkpoint, "checkpoint_sha256": sha256_file(ckpt_path),
+            "checkpoint": s.checkpoint, "checkpoint_sha256": ckpt_tags["checkpoint.sha256"],
             "samples_file": args.out, "mlflow_run_id": run.run_id,
         }
         stage.write_metrics("sample", metrics, root)
         run.log_metrics(metrics)
-        run.set_tags({"sample.backend": s.backend, "sample.device": metrics["device"]})
+        run.set_tags({"sample.backend": s.backend, "sample.device": metrics["device"], **ckpt_tags})
         run.log_text(samples_text, "samples.txt")
     print(f"sample: {s.num_samples} samples of {s.max_new_tokens} tokens -> {args.out}; "
           f"{metrics['steady_tokens_per_sec']:,.0f} tokens/s ({s.backend} on {metrics['device']}"

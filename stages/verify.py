@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptcore import data, stage  # noqa: E402
 from gptcore.checkpoint import atomic_write_text  # noqa: E402
+from gptcore.manifest import checkpoint_tags  # noqa: E402
 from gptcore.params import parse_assignments, repo_root, with_overrides, with_preset  # noqa: E402
 from gptcore.tracking import flatten  # noqa: E402
 from gptcore.transplant import WEIGHTS_FILE, TransplantError, check_weights  # noqa: E402
@@ -70,7 +71,9 @@ def main(argv=None) -> int:
 
     with stage.tracked("verify", params, ["verify"]) as run:
         run.set_tags({"verify.mode": "checkpoint" if args.checkpoint else "pipeline",
-                      "checkpoint.sha256": weights.source_sha256})
+                      # the file verified (its sha256 was checked against its manifest, when it has one)
+                      # and the MLflow run and commit that made it, from that manifest
+                      **checkpoint_tags(weights.source, weights.source_sha256)})
         result = verify(weights, val, vp, decode=vocab.decode)
         summary = metrics(result)
         summary["mlflow_run_id"] = run.run_id

@@ -74,6 +74,8 @@ def make_project(dest: Path, **sections) -> Path:
     run(["git", "config", "user.email", "test@example.com"], dest)
     run(["git", "config", "user.name", "test"], dest)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
+    # the project's DVC config, its default remote included: ../gptcore-dvc-remote, a folder beside `dest`
+    shutil.copy(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "tiny project"], dest)

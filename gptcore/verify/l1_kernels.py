@@ -9,8 +9,11 @@ candidate's own. Cases, per dtype of `verify.dtypes`:
 - LayerNorm: the same lengths at each width with random weights (not 1) and biases (not 0); the
   checkpoint's own LayerNorm weights; inputs with a mean of 20 (variance cancellation). Also in float32:
   under autocast the model's LayerNorms see the fp32 residual stream.
-The "torch err" column is PyTorch's own op in the same dtype against the same reference: what rounding
-alone costs, for scale.
+The "torch" columns are PyTorch's own op (SDPA, F.layer_norm) in the same dtype against the same
+reference: what rounding alone costs. A figure passes when it is within the dtype's tolerance, or within
+TORCH_SLACK times PyTorch's own error on the same inputs: saturated softmax inputs (scores ~1e4) make the
+key gradient ill-conditioned in half precision, and there no kernel in that dtype can meet a fixed bound;
+the candidate must then be no worse than PyTorch by more than that factor.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from gptcore.verify.common import DTYPES, PASS, Candidate, Result, scaled_max, t
 BATCH = 2
 EPS = 1e-5
 TITLE = "kernels vs the PyTorch functional reference (float64)"
-COLUMNS = ["kernel", "dtype", "shape", "T", "case", "fwd err", "grad err", "worst grad", "torch err", "status"]
+COLUMNS = ["kernel", "dtype", "shape", "T", "case", "fwd err", "grad err", "worst grad", "torch fwd err",
+           "torch grad err", "status"]
+TORCH_SLACK = 2.0  # a candidate may be up to this many times PyTorch's own error in the same dtype
 
 
 def attention_reference(q, k, v):
@@ -125,7 +130,8 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
                    "T": t if tq == t else f"1 of {t}", "case": case}
             result.rows.append(measure(
                 row, lambda: compare(attention_ref, attention, inputs, backward=tq == t),
-                lambda: scaled_max(attention_ref(inputs), sdpa(inputs["q"], inputs["k"], inputs["v"])), tol))
+                lambda: compare(attention_ref, lambda t: sdpa(t["q"], t["k"], t["v"]), inputs, backward=tq == t),
+                tol))
 
     for dname in ["float32"] + list(vp.dtypes):
         dtype, tol = DTYPES[dname], getattr(vp.tolerances, dname)
@@ -142,8 +148,8 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
             row = {"kernel": "layer_norm", "dtype": dname, "shape": f"N={n}", "T": t, "case": case}
             result.rows.append(measure(
                 row, lambda: compare(layer_norm_ref, layer_norm, inputs, backward=True),
-                lambda: scaled_max(layer_norm_ref(inputs), torch_layer_norm(inputs["x"], inputs["weight"],
-                                                                            inputs.get("bias"), EPS)), tol))
+                lambda: compare(layer_norm_ref, lambda t: torch_layer_norm(t["x"], t["weight"], t.get("bias"), EPS),
+                                inputs, backward=True), tol))
 
     result.tolerance = {f"{d}.{k}": getattr(getattr(vp.tolerances, d), k)
                         for d in ["float32"] + list(vp.dtypes) for k in ("kernel_fwd", "kernel_grad")}
@@ -166,21 +172,26 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
 
 def measure(row: dict, compare_fn, baseline_fn, tol) -> dict:
     """The row with its figures and status: `compare_fn` measures the candidate, `baseline_fn` PyTorch's own
-    op in the same dtype. A candidate that raises fails its case, with the message."""
+    op in the same dtype (both return (fwd err, grad err, worst gradient)). A candidate that raises fails
+    its case, with the message."""
     try:
         fwd, grad, worst = compare_fn()
     except Exception as e:  # noqa: BLE001 - any error of the kernel is a finding to report, not a crash
         message = str(e).splitlines()[0] if str(e) else ""
-        return {**row, "fwd err": "-", "grad err": "-", "worst grad": "", "torch err": "-",
-                "status": f"fail: {type(e).__name__}: {message}"}
+        return {**row, "fwd err": "-", "grad err": "-", "worst grad": "", "torch fwd err": "-",
+                "torch grad err": "-", "status": f"fail: {type(e).__name__}: {message}"}
     try:
-        baseline = baseline_fn()
-    except RuntimeError:  # PyTorch has no such op for that dtype on this device: no baseline, no failure
-        baseline = math.nan
+        torch_fwd, torch_grad, _ = baseline_fn()
+    except RuntimeError:  # PyTorch has no such op for that dtype on this device: no baseline, no allowance
+        torch_fwd = torch_grad = math.nan
+
+    def ok(err: float, bound: float, torch_err: float) -> bool:
+        return within(err, bound) or (not math.isnan(torch_err) and within(err, TORCH_SLACK * torch_err))
+
     bad = []
-    if not within(fwd, tol.kernel_fwd):
-        bad.append(f"fwd {fwd:.3g} > {tol.kernel_fwd:g}")
-    if worst and not within(grad, tol.kernel_grad):
-        bad.append(f"{worst} {grad:.3g} > {tol.kernel_grad:g}")
-    return {**row, "fwd err": fwd, "grad err": grad, "worst grad": worst, "torch err": baseline,
-            "status": "fail: " + ", ".join(bad) if bad else PASS}
+    if not ok(fwd, tol.kernel_fwd, torch_fwd):
+        bad.append(f"fwd {fwd:.3g} > {tol.kernel_fwd:g} and > {TORCH_SLACK:g} x torch {torch_fwd:.3g}")
+    if worst and not ok(grad, tol.kernel_grad, torch_grad):
+        bad.append(f"{worst} {grad:.3g} > {tol.kernel_grad:g} and > {TORCH_SLACK:g} x torch {torch_grad:.3g}")
+    return {**row, "fwd err": fwd, "grad err": grad, "worst grad": worst, "torch fwd err": torch_fwd,
+            "torch grad err": torch_grad, "status": "fail: " + ", ".join(bad) if bad else PASS}
