@@ -77,11 +77,13 @@ def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     so a query block that continues a cached prefix sees the whole prefix (bottom-right alignment).
     """
     tq, tk = q.size(-2), k.size(-2)
-    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))
-    rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
-    cols = torch.arange(tk, device=q.device)[None, :]
-    scores = scores.masked_fill(cols > rows, MASK_FLOOR)
-    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    # Autocast would run these products in half precision, where the -1e20 floor becomes -inf.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))
+        rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+        cols = torch.arange(tk, device=q.device)[None, :]
+        scores = scores.masked_fill(cols > rows, MASK_FLOOR)
+        return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
 
 
 class CausalSelfAttention(nn.Module):

@@ -101,7 +101,14 @@ def test_two_gloo_processes_agree_with_one(root, tmp_path_factory):
     a = load_checkpoint(one / "out" / LAST_CHECKPOINT)["model"]
     b = load_checkpoint(two / "out" / LAST_CHECKPOINT)["model"]
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+        x, y = b[name], a[name]
+        if name.endswith("attn.c_attn.bias"):
+            # The key bias shifts every score of a row equally, so softmax makes its true gradient zero;
+            # Adam turns the rounding noise left there into full-size steps whose sign depends on the
+            # summation order. Compare the query and value biases, which carry real gradients.
+            n = x.numel() // 3
+            x, y = torch.cat([x[:n], x[2 * n:]]), torch.cat([y[:n], y[2 * n:]])
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
     import json
     metrics = json.loads((two / "metrics" / "train.json").read_text())
     assert metrics["world_size"] == 2
