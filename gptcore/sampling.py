@@ -29,6 +29,7 @@ import torch
 from gptcore.cutile_model import CuTileGPT
 from gptcore.model import GPT, gpt_from_checkpoint
 from gptcore.params import ParamsError
+from gptcore.train import resolve_dtype  # noqa: F401 - the stages take it from here with resolve_device
 
 TokenCallback = Callable[[list[int]], None]  # the new token of each batch row, as soon as it exists
 
@@ -48,15 +49,6 @@ def resolve_device(name: str, key: str) -> torch.device:
 
 class BackendUnavailable(RuntimeError):
     """The backend cannot run here; the message says why (never a silent fallback to the other one)."""
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPUs that support it, else fp16; fp32 on CPU (as the train stage resolves it)."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def cutile_unavailable_reason(device: torch.device) -> str | None:

@@ -11,7 +11,7 @@ import ctypes
 import functools
 import threading
 
-__all__ = ["layer_norm", "causal_attention", "cutile_available", "ensure_cuda_context"]
+__all__ = ["layer_norm", "causal_attention", "cutile_available", "current_arch", "ensure_cuda_context"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,6 +31,22 @@ def cutile_available() -> str | None:
     if major < 8:
         return f"cuTile needs compute capability 8.0 or newer, this GPU has {major}.x"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of(index: int) -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def current_arch(device=None) -> str:
+    """The architecture (`sm_90`) of `device` or the current CUDA device: the key of the tile tables."""
+    import torch
+
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _arch_of(index)
 
 
 _thread_state = threading.local()

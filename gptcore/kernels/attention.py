@@ -31,7 +31,7 @@ import torch
 
 import cuda.tile as ct
 
-from gptcore.kernels import ensure_cuda_context
+from gptcore.kernels import current_arch, ensure_cuda_context
 
 ConstInt = ct.Constant[int]
 ZERO = ct.PaddingMode.ZERO
@@ -270,15 +270,6 @@ def bwd_dkdv_kernel(occupancy: int):
 # --------------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
-def _arch_of(index: int) -> str:
-    major, minor = torch.cuda.get_device_capability(index)
-    return f"sm_{major}{minor}"
-
-
-def current_arch(device: torch.device | None = None) -> str:
-    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return _arch_of(index)
 
 
 MAX_GRID_Y = 65535

@@ -20,7 +20,7 @@ import torch
 
 import cuda.tile as ct
 
-from gptcore.kernels import ensure_cuda_context
+from gptcore.kernels import current_arch, ensure_cuda_context
 
 ConstInt = ct.Constant[int]
 ConstBool = ct.Constant[bool]
@@ -145,15 +145,6 @@ def bwd_kernel(occupancy: int):
 # --------------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
-def _arch_of(index: int) -> str:
-    major, minor = torch.cuda.get_device_capability(index)
-    return f"sm_{major}{minor}"
-
-
-def current_arch(device: torch.device | None = None) -> str:
-    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return _arch_of(index)
 
 
 @lru_cache(maxsize=None)
