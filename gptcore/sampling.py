@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from gptcore.cutile_model import CuTileGPT
-from gptcore.model import GPT, gpt_from_checkpoint
+from gptcore.model import GPT, filtered_probs, gpt_from_checkpoint
 from gptcore.params import ParamsError
 from gptcore.train import resolve_dtype  # noqa: F401 - the stages take it from here with resolve_device
 
@@ -88,22 +88,13 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     The same draws as `gptcore.model.sample_next`, written so that a CUDA graph can capture it:
     `torch.multinomial(probs, 1)` is implemented in ATen as argmax(probs / E) with E ~ Exp(1) drawn from
     the generator (the "exponential race"); writing that out consumes the generator identically and
-    avoids multinomial's validity checks. Slices, not index lists, so nothing is copied from the host.
+    avoids multinomial's validity checks.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, -1:], -float("inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs_sorted = torch.softmax(sorted_logits, dim=-1)
-        drop = probs_sorted.cumsum(dim=-1) - probs_sorted > top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
-    probs = torch.softmax(logits, dim=-1)
+    probs = filtered_probs(logits, temperature, top_k, top_p)
     race = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / race).argmax(dim=-1, keepdim=True)
 
