@@ -11,7 +11,8 @@ import ctypes
 import functools
 import threading
 
-__all__ = ["layer_norm", "causal_attention", "cutile_available", "current_arch", "ensure_cuda_context"]
+__all__ = ["layer_norm", "causal_attention", "cutile_available", "arch_of", "current_arch", "ensure_cuda_context",
+           "stream_handle"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +35,8 @@ def cutile_available() -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _arch_of(index: int) -> str:
+def arch_of(index: int) -> str:
+    """The architecture (`sm_90`) of CUDA device `index`: the key of the tile tables."""
     import torch
 
     major, minor = torch.cuda.get_device_capability(index)
@@ -42,11 +44,25 @@ def _arch_of(index: int) -> str:
 
 
 def current_arch(device=None) -> str:
-    """The architecture (`sm_90`) of `device` or the current CUDA device: the key of the tile tables."""
+    """The architecture of `device` or the current CUDA device."""
     import torch
 
     index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return _arch_of(index)
+    return arch_of(index)
+
+
+def stream_handle(device_index: int) -> int:
+    """The current CUDA stream of a device as the raw handle ct.launch accepts.
+
+    torch.cuda.current_stream() builds a Python Stream object on every call (microseconds of host time
+    per launch); the raw handle is what cuTile reads from it anyway.
+    """
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:  # pragma: no cover - a torch build without the private helper
+        return torch.cuda.current_stream(device_index).cuda_stream
+    return raw(device_index)
 
 
 _thread_state = threading.local()

@@ -6,10 +6,14 @@ cost more than the attention forward), and the output is allocated (B, T, H, D)-
 `y.transpose(1, 2).contiguous()` is free. Query i sits at key position i + Tk - Tq (bottom-right
 alignment), so Tq = 1 against a KV cache attends to the whole cache.
 
-Numerics: scores accumulate in fp32; the softmax runs in base 2 (scores scaled by scale * log2(e)),
-masked scores are set to a finite floor of -1e20 (never -inf), so no row turns into NaN, also with
-score magnitudes of 1e4 in fp16. The forward saves the natural-log log-sum-exp per query row (fp32),
-exactly what torch.logsumexp(scale * q @ k^T, masked) gives; the backward rebuilds P from it.
+Numerics: scores accumulate in fp32; masked scores are set to a finite floor of -1e20 (never -inf), so
+no row turns into NaN, also with score magnitudes of 1e4 in fp16. The softmax runs in base 2 on
+differences from the row max, p = exp2((s - max) * scale * log2(e)): the max entry gets exactly 1, so a
+saturated row's output is exactly its value row. The forward saves the log-sum-exp of each query row in
+two fp32 parts, STATS (2, B, H, Tq): the row max m of the raw scores and log2 of the row sum l, so
+logsumexp(scale * s) = scale * m + ln(2) * log2(l) (`logsumexp` below). One fp32 number would not do:
+at scores of 1e4 its rounding (~0.004) alone would put 0.3% errors into every P the backward rebuilds
+from it, and key gradients of saturated rows come out 5-10x worse than PyTorch's in fp16.
 
 Backward: two kernels. The dQ kernel first computes delta = rowsum(dO * O) for its query tile (the
 usual preprocess, fused here: the tile of dO is loaded anyway) and stores it, then loops over key
@@ -31,7 +35,7 @@ import torch
 
 import cuda.tile as ct
 
-from gptcore.kernels import current_arch, ensure_cuda_context
+from gptcore.kernels import arch_of, ensure_cuda_context, stream_handle
 
 ConstInt = ct.Constant[int]
 ZERO = ct.PaddingMode.ZERO
@@ -117,9 +121,9 @@ def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked,
     if masked:  # only the diagonal tiles pay for the mask
         cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]  # [1, TILE_N]
         s = ct.where(cols <= rows, s, MASK_FLOOR)
-    m_new = ct.maximum(m_i, ct.max(s, axis=1, keepdims=True) * qk_scale_log2)  # [TILE_M, 1]
-    p = ct.exp2(s * qk_scale_log2 - m_new, flush_to_zero=True)  # [TILE_M, TILE_N]
-    alpha = ct.exp2(m_i - m_new, flush_to_zero=True)  # [TILE_M, 1]
+    m_new = ct.maximum(m_i, ct.max(s, axis=1, keepdims=True))  # [TILE_M, 1], raw score units
+    p = ct.exp2((s - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, TILE_N]; the max gets 1.0
+    alpha = ct.exp2((m_i - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, 1]
     l_i = l_i * alpha + ct.sum(p, axis=1, keepdims=True)
     v = ct.load(V, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO,
                 latency=4).reshape((TILE_N, D))  # [TILE_N, D]
@@ -127,9 +131,10 @@ def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked,
     return m_new, l_i, acc
 
 
-def attn_fwd_kernel_body(Q, K, V, O, LSE, qk_scale_log2,
+def attn_fwd_kernel_body(Q, K, V, O, STATS, qk_scale_log2,
                          D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
-    """Grid over (B*H, cdiv(Tq, TILE_M)) in SCHED order. Writes O and LSE (B, H, Tq), natural log."""
+    """Grid over (B*H, cdiv(Tq, TILE_M)) in SCHED order. Writes O and STATS (2, B, H, Tq): row max of
+    the raw scores and log2 of the row sum of exp2((s - max) * scale * log2(e))."""
     n_head = Q.shape[1]
     tq = Q.shape[2]
     tk = K.shape[2]
@@ -141,7 +146,7 @@ def attn_fwd_kernel_body(Q, K, V, O, LSE, qk_scale_log2,
     rows = first_key + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
     q = ct.load(Q, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
 
-    m_i = ct.full((TILE_M, 1), MASK_FLOOR, dtype=ct.float32)  # running max (base-2 units)
+    m_i = ct.full((TILE_M, 1), MASK_FLOOR, dtype=ct.float32)  # running max of the raw scores
     l_i = ct.zeros((TILE_M, 1), dtype=ct.float32)  # running sum of exp2
     acc = ct.zeros((TILE_M, D), dtype=ct.float32)  # [TILE_M, D]
 
@@ -154,11 +159,18 @@ def attn_fwd_kernel_body(Q, K, V, O, LSE, qk_scale_log2,
 
     out = ct.truediv(acc, l_i, flush_to_zero=True, rounding_mode=ct.RoundingMode.APPROX)
     ct.store(O, (b, h, m_blk, 0), out.reshape((1, 1, TILE_M, D)).astype(O.dtype))
-    lse = (m_i + ct.log2(l_i)) * LN2  # [TILE_M, 1], natural log
-    ct.store(LSE, (b, h, m_blk), lse.reshape((1, 1, TILE_M)))
+    ct.store(STATS, (0, b, h, m_blk), m_i.reshape((1, 1, 1, TILE_M)))
+    ct.store(STATS, (1, b, h, m_blk), ct.log2(l_i).reshape((1, 1, 1, TILE_M)))
 
 
-def _dq_step(q, do, lse2, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked,
+def _load_stats(STATS, b, h, i, TILE_M):
+    """Row max and log2 row sum of query tile i, each [1, TILE_M]."""
+    m = ct.load(STATS, (0, b, h, i), (1, 1, 1, TILE_M), padding_mode=ZERO).reshape((1, TILE_M))
+    log2_l = ct.load(STATS, (1, b, h, i), (1, 1, 1, TILE_M), padding_mode=ZERO).reshape((1, TILE_M))
+    return m, log2_l
+
+
+def _dq_step(q, do, m, log2_l, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked,
              D, TILE_M, TILE_N):
     k = ct.load(K, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO,
                 latency=2).reshape((TILE_N, D))  # [TILE_N, D]
@@ -168,13 +180,13 @@ def _dq_step(q, do, lse2, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked,
     if masked:
         cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]
         s = ct.where(cols <= rows, s, MASK_FLOOR)
-    p = ct.exp2(s * qk_scale_log2 - lse2, flush_to_zero=True)  # [TILE_M, TILE_N]
+    p = ct.exp2((s - m) * qk_scale_log2 - log2_l, flush_to_zero=True)  # [TILE_M, TILE_N]
     dp = ct.mma(do, v_t, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
     ds = p * (dp - delta)  # [TILE_M, TILE_N]
     return ct.mma(ds.astype(q.dtype), k, dq)  # [TILE_M, D]
 
 
-def attn_bwd_dq_kernel_body(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale_log2, qk_scale,
+def attn_bwd_dq_kernel_body(Q, K, V, O, DO, STATS, DELTA, DQ, qk_scale_log2, qk_scale,
                             D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
     """Grid over (B*H, cdiv(T, TILE_M)) in SCHED order. Writes DELTA = rowsum(dO * O) and dQ."""
     n_head = Q.shape[1]
@@ -189,7 +201,9 @@ def attn_bwd_dq_kernel_body(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale_log2, qk_sc
     o = ct.load(O, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
     delta = ct.sum(do.astype(ct.float32) * o.astype(ct.float32), axis=1, keepdims=True)  # [TILE_M, 1]
     ct.store(DELTA, (b, h, m_blk), delta.reshape((1, 1, TILE_M)))
-    lse2 = ct.load(LSE, (b, h, m_blk), (1, 1, TILE_M), padding_mode=ZERO).reshape((TILE_M, 1)) * LOG2E
+    m, log2_l = _load_stats(STATS, b, h, m_blk, TILE_M)
+    m = m.reshape((TILE_M, 1))  # [TILE_M, 1]
+    log2_l = log2_l.reshape((TILE_M, 1))
 
     first_key = m_blk * TILE_M + tk - tq
     rows = first_key + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
@@ -197,24 +211,24 @@ def attn_bwd_dq_kernel_body(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale_log2, qk_sc
     n_full = (first_key + 1) // TILE_N
     n_all = ct.cdiv(min(first_key + TILE_M, tk), TILE_N)
     for j in range(n_all):
-        dq = _dq_step(q, do, lse2, delta, K, V, b, h, j, rows, dq, qk_scale_log2, j >= n_full,
+        dq = _dq_step(q, do, m, log2_l, delta, K, V, b, h, j, rows, dq, qk_scale_log2, j >= n_full,
                       D, TILE_M, TILE_N)
     dq = dq * qk_scale
     ct.store(DQ, (b, h, m_blk, 0), dq.reshape((1, 1, TILE_M, D)).astype(DQ.dtype))
 
 
-def _dkv_step(k, v, Q, DO, LSE, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, masked,
+def _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, masked,
               D, TILE_M, TILE_N):
     """One query tile i against this block's key tile; everything transposed: [TILE_N, TILE_M]."""
     q = ct.load(Q, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
     do = ct.load(DO, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
-    lse2 = ct.load(LSE, (b, h, i), (1, 1, TILE_M), padding_mode=ZERO).reshape((1, TILE_M)) * LOG2E
+    m, log2_l = _load_stats(STATS, b, h, i, TILE_M)
     delta = ct.load(DELTA, (b, h, i), (1, 1, TILE_M), padding_mode=ZERO).reshape((1, TILE_M))
     s_t = ct.mma(k, ct.transpose(q), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))  # [TILE_N, TILE_M]
     if masked:
         qpos = i * TILE_M + ct.arange(TILE_M, dtype=ct.int32)[None, :]  # [1, TILE_M]
         s_t = ct.where(keys <= qpos, s_t, MASK_FLOOR)
-    p_t = ct.exp2(s_t * qk_scale_log2 - lse2, flush_to_zero=True)  # [TILE_N, TILE_M]
+    p_t = ct.exp2((s_t - m) * qk_scale_log2 - log2_l, flush_to_zero=True)  # [TILE_N, TILE_M]
     dv = ct.mma(p_t.astype(q.dtype), do, dv)  # [TILE_N, D]
     dp_t = ct.mma(v, ct.transpose(do), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))  # [TILE_N, TILE_M]
     ds_t = p_t * (dp_t - delta)  # [TILE_N, TILE_M]
@@ -222,7 +236,7 @@ def _dkv_step(k, v, Q, DO, LSE, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, mas
     return dk, dv
 
 
-def attn_bwd_dkdv_kernel_body(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale_log2, qk_scale,
+def attn_bwd_dkdv_kernel_body(Q, K, V, DO, STATS, DELTA, DK, DV, qk_scale_log2, qk_scale,
                               D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
     """Grid over (B*H, cdiv(T, TILE_N)) in SCHED order; needs Tq == Tk. Key tile 0 sees every query,
     so the tile index runs backwards: n_blk = tiles - 1 - (reversed index) puts tile 0 first."""
@@ -244,7 +258,7 @@ def attn_bwd_dkdv_kernel_body(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale_log2, qk
     # From here on every query row sits at or after the tile's last key: no mask needed.
     unmasked = min(ct.cdiv(n_blk * TILE_N + TILE_N - 1, TILE_M), n_q)
     for i in range(first, n_q):
-        dk, dv = _dkv_step(k, v, Q, DO, LSE, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, i < unmasked,
+        dk, dv = _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, i < unmasked,
                            D, TILE_M, TILE_N)
     dk = dk * qk_scale
     ct.store(DK, (b, h, n_blk, 0), dk.reshape((1, 1, TILE_N, D)).astype(DK.dtype))
@@ -317,38 +331,46 @@ def _check(q, k, v):
         raise RuntimeError("cuTile causal_attention needs CUDA tensors")
 
 
+def logsumexp(stats: torch.Tensor, scale: float) -> torch.Tensor:
+    """The natural-log log-sum-exp (B, H, Tq) of the scaled, masked scores, from the forward's stats:
+    what torch.logsumexp(scale * q @ k^T, masked) gives."""
+    return stats[0].double() * scale + stats[1].double() * LN2
+
+
 def attention_forward(q, k, v, scale: float, tiles: AttnTiles | None = None):
-    """Launch the forward kernel. Returns (o, lse) with lse (B, H, Tq) fp32 natural log."""
+    """Launch the forward kernel. Returns (o, stats), stats (2, B, H, Tq) fp32 (see `logsumexp`)."""
     q, k, v = _as_tiled(q), _as_tiled(k), _as_tiled(v)
     bsz, n_head, tq, d = q.shape
-    tiles = tiles or tiles_for(current_arch(q.device), d)
+    dev = q.get_device()
+    tiles = tiles or tiles_for(arch_of(dev), d)
     o = _bhtd_empty_like(q, tq)
-    lse = torch.empty(bsz, n_head, tq, device=q.device, dtype=torch.float32)
-    ensure_cuda_context(q.device.index)
+    stats = torch.empty(2, bsz, n_head, tq, device=q.device, dtype=torch.float32)
+    ensure_cuda_context(dev)
     sched = _order(tiles.fwd_sched, bsz * n_head)
     grid = _grid(sched, bsz * n_head, math.ceil(tq / tiles.fwd_m))
-    ct.launch(torch.cuda.current_stream(), grid, fwd_kernel(tiles.fwd_occ),
-              (q, k, v, o, lse, scale * LOG2E, d, tiles.fwd_m, tiles.fwd_n, sched))
-    return o, lse
+    ct.launch(stream_handle(dev), grid, fwd_kernel(tiles.fwd_occ),
+              (q, k, v, o, stats, scale * LOG2E, d, tiles.fwd_m, tiles.fwd_n, sched))
+    return o, stats
 
 
-def attention_backward(q, k, v, o, lse, do, scale: float, tiles: AttnTiles | None = None):
+def attention_backward(q, k, v, o, stats, do, scale: float, tiles: AttnTiles | None = None):
     """Launch the two backward kernels. Returns (dq, dk, dv)."""
     q, k, v, o, do = (_as_tiled(x) for x in (q, k, v, o, do))
     bsz, n_head, t, d = q.shape
     if k.shape[2] != t:
         raise NotImplementedError(f"cuTile attention backward needs Tq == Tk, got Tq={t} Tk={k.shape[2]} "
                                   "(the KV-cache path is inference-only)")
-    tiles = tiles or tiles_for(current_arch(q.device), d)
+    dev = q.get_device()
+    tiles = tiles or tiles_for(arch_of(dev), d)
     dq, dk, dv = _bhtd_empty_like(q, t), _bhtd_empty_like(k, t), _bhtd_empty_like(v, t)
     delta = torch.empty(bsz, n_head, t, device=q.device, dtype=torch.float32)
-    ensure_cuda_context(q.device.index)  # autograd's worker thread may have no current context
-    stream = torch.cuda.current_stream()
+    ensure_cuda_context(dev)  # autograd's worker thread may have no current context
+    stream = stream_handle(dev)
     sched = _order(tiles.bwd_sched, bsz * n_head)
     ct.launch(stream, _grid(sched, bsz * n_head, math.ceil(t / tiles.dq_m)), bwd_dq_kernel(tiles.dq_occ),
-              (q, k, v, o, do, lse, delta, dq, scale * LOG2E, scale, d, tiles.dq_m, tiles.dq_n, sched))
+              (q, k, v, o, do, stats, delta, dq, scale * LOG2E, scale, d, tiles.dq_m, tiles.dq_n, sched))
     ct.launch(stream, _grid(sched, bsz * n_head, math.ceil(t / tiles.dkv_n)), bwd_dkdv_kernel(tiles.dkv_occ),
-              (q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale, d, tiles.dkv_m, tiles.dkv_n, sched))
+              (q, k, v, do, stats, delta, dk, dv, scale * LOG2E, scale, d, tiles.dkv_m, tiles.dkv_n, sched))
     return dq, dk, dv
 
 
@@ -358,15 +380,15 @@ def attention_backward(q, k, v, o, lse, do, scale: float, tiles: AttnTiles | Non
 class CausalAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        o, lse = attention_forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, stats = attention_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, stats)
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(q, k, v, o, lse, do, ctx.scale)
+        q, k, v, o, stats = ctx.saved_tensors
+        dq, dk, dv = attention_backward(q, k, v, o, stats, do, ctx.scale)
         return dq, dk, dv, None
 
 

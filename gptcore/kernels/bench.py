@@ -1,6 +1,6 @@
 """Kernel benchmarks (a table, not a test): cuTile attention and LayerNorm against PyTorch.
 
-    python -m gptcore.kernels.bench [--json PATH] [--graphs] [--host] [--tune] [--quick]
+    python -m gptcore.kernels.bench [--json PATH] [--graphs] [--host] [--tune [attention|layernorm]] [--quick]
 
 Attention (bf16, causal): cuTile vs SDPA's flash and cuDNN backends, forward and forward+backward ms
 and TFLOP/s. LayerNorm (bf16): cuTile vs torch, forward and forward+backward ms and GB/s.
@@ -28,6 +28,8 @@ from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
+
+from gptcore.kernels import current_arch
 
 ATTN_SHAPES = ((64, 6, 256, 64), (16, 12, 1024, 64), (8, 12, 2048, 64))  # (B, H, T, D)
 LN_SHAPES = ((16384, 384), (16384, 768))  # (rows, width)
@@ -207,8 +209,12 @@ DKV_SWEEP = ((128, 64, 2, 0), (128, 64, 2, 1), (64, 64, 2, 0), (64, 64, 2, 1), (
              (32, 128, 2, 0), (128, 64, 1, 0), (128, 128, 1, 0), (64, 64, 4, 0), (32, 64, 4, 0))
 LN_FWD_SWEEP = ((2, 4), (4, 2), (4, 4), (8, 2), (8, 4), (16, 2), (16, 4), (32, 2), (2, 8), (4, 8),
                 (1, 8), (1, 16))  # (rows, occupancy)
-LN_BWD_SWEEP = ((2, 4, 8), (4, 2, 4), (4, 4, 8), (8, 2, 4), (8, 2, 8), (16, 1, 2), (8, 4, 8), (2, 8, 16),
-                (4, 8, 16), (1, 8, 16), (2, 4, 16), (4, 4, 16), (16, 2, 4))  # (rows, occupancy, blocks/SM)
+# (rows, occupancy, blocks/SM, load latency hint (0: none), per-row dweight/dbias partials)
+LN_BWD_SWEEP = ((16, 2, 4, 0, False), (16, 2, 2, 6, False), (16, 2, 2, 4, False), (16, 2, 2, 8, False),
+                (16, 2, 2, 10, False), (32, 1, 1, 6, False), (8, 4, 4, 6, False), (8, 2, 2, 6, False),
+                (16, 1, 1, 6, False), (4, 4, 8, 0, False), (4, 4, 4, 6, False), (4, 4, 4, 0, False),
+                (4, 4, 8, 6, False), (2, 8, 8, 6, False), (4, 2, 2, 6, False), (8, 1, 1, 10, False),
+                (8, 2, 4, 0, True))
 
 
 def _attn_variants(base):
@@ -226,8 +232,9 @@ def _ln_variants(base):
     out = []
     for rows, occ in LN_FWD_SWEEP:
         out.append(("fwd", replace(base, fwd_rows=rows, fwd_occ=occ)))
-    for rows, occ, per_sm in LN_BWD_SWEEP:
-        out.append(("bwd", replace(base, bwd_rows=rows, bwd_occ=occ, bwd_blocks_per_sm=per_sm)))
+    for rows, occ, per_sm, latency, defer in LN_BWD_SWEEP:
+        out.append(("bwd", replace(base, bwd_rows=rows, bwd_occ=occ, bwd_blocks_per_sm=per_sm,
+                                   bwd_latency=latency, bwd_defer=defer)))
     return out
 
 
@@ -254,17 +261,17 @@ def _warm_one(job):
                 attention_forward(q, k, v, 1 / math.sqrt(d), tiles)
             if part in ("bwd", "all"):
                 o = torch.randn(b, t, h, d, device="cuda", dtype=dtype).transpose(1, 2)  # forward's layout
-                lse = torch.randn(b, h, t, device="cuda", dtype=torch.float32)
-                attention_backward(q, k, v, o, lse, do, 1 / math.sqrt(d), tiles)
+                stats = torch.randn(2, b, h, t, device="cuda", dtype=torch.float32)
+                attention_backward(q, k, v, o, stats, do, 1 / math.sqrt(d), tiles)
         else:
             from gptcore.kernels.layernorm import LNTiles, layer_norm_backward, layer_norm_forward
             tiles = LNTiles(**tiles_dict)
             m, n = shape
             x = torch.randn(m, n, device="cuda", dtype=dtype)
             w, b = torch.ones(n, device="cuda", dtype=dtype), torch.zeros(n, device="cuda", dtype=dtype)
-            y, mean, rstd = layer_norm_forward(x, w, b, 1e-5, tiles)
+            y, stats = layer_norm_forward(x, w, b, 1e-5, tiles)
             if part in ("bwd", "all"):
-                layer_norm_backward(x, w, True, mean, rstd, y, tiles)
+                layer_norm_backward(x, w, True, stats, y, tiles)
         torch.cuda.synchronize()
         return None
     except Exception as e:  # noqa: BLE001
@@ -286,8 +293,8 @@ def prewarm_defaults(attn_shapes=ATTN_SHAPES, ln_shapes=LN_SHAPES, dtype=torch.b
     from gptcore.kernels import attention as A
     from gptcore.kernels import layernorm as L
     name = str(dtype).removeprefix("torch.")
-    jobs = [("attn", s, name, asdict(A.tiles_for(A.current_arch(), s[3])), "all") for s in attn_shapes]
-    jobs += [("ln", s, name, asdict(L.tiles_for(L.current_arch(), s[1])), "all") for s in ln_shapes]
+    jobs = [("attn", s, name, asdict(A.tiles_for(current_arch(), s[3])), "all") for s in attn_shapes]
+    jobs += [("ln", s, name, asdict(L.tiles_for(current_arch(), s[1])), "all") for s in ln_shapes]
     return prewarm(jobs)
 
 
@@ -298,7 +305,7 @@ def tune_attention(shape=(16, 12, 1024, 64), dtype=torch.bfloat16) -> list[dict]
     its current default, so their differences are the varied kernel's."""
     from gptcore.kernels import attention as A
     b, h, t, d = shape
-    base = A.tiles_for(A.current_arch(), d)
+    base = A.tiles_for(current_arch(), d)
     variants = _attn_variants(base)
     name = str(dtype).removeprefix("torch.")
     errs = prewarm([("attn", shape, name, asdict(v), "fwd" if part == "fwd" else "bwd") for part, v in variants])
@@ -306,7 +313,7 @@ def tune_attention(shape=(16, 12, 1024, 64), dtype=torch.bfloat16) -> list[dict]
         print("prewarm:", e, file=sys.stderr)
     q, k, v, do = _attn_inputs(b, h, t, d, dtype)
     scale = 1 / math.sqrt(d)
-    o, lse = A.attention_forward(q, k, v, scale, base)
+    o, stats = A.attention_forward(q, k, v, scale, base)
     records = []
     for part, tiles in variants:
         rec = {"op": "attention_" + part, "shape": f"B{b},H{h},T{t},D{d}", "tiles": asdict(tiles)}
@@ -320,7 +327,7 @@ def tune_attention(shape=(16, 12, 1024, 64), dtype=torch.bfloat16) -> list[dict]
             if part == "fwd":
                 ms = time_graph_ms(lambda: A.attention_forward(q, k, v, scale, tiles))
             else:
-                ms = time_graph_ms(lambda: A.attention_backward(q, k, v, o, lse, do, scale, tiles))
+                ms = time_graph_ms(lambda: A.attention_backward(q, k, v, o, stats, do, scale, tiles))
             rec["ms"] = round(ms, 4)
         except Exception as e:  # noqa: BLE001
             rec["ms"] = None
@@ -360,7 +367,7 @@ def tune_layernorm(shapes=LN_SHAPES, dtype=torch.bfloat16) -> list[dict]:
     from gptcore.kernels import layernorm as L
     jobs, plan = [], []
     for m, n in shapes:
-        base = L.tiles_for(L.current_arch(), n)
+        base = L.tiles_for(current_arch(), n)
         for part, tiles in _ln_variants(base):
             plan.append(((m, n), part, tiles))
             jobs.append(("ln", (m, n), str(dtype).removeprefix("torch."), asdict(tiles), part))
@@ -373,20 +380,21 @@ def tune_layernorm(shapes=LN_SHAPES, dtype=torch.bfloat16) -> list[dict]:
             x = torch.randn(m, n, device="cuda", dtype=dtype)
             w = (1 + 0.1 * torch.randn(n, device="cuda")).to(dtype)
             b = (0.1 * torch.randn(n, device="cuda")).to(dtype)
-            y, mean, rstd = L.layer_norm_forward(x, w, b, 1e-5)
-            cache[(m, n)] = (x, w, b, y, mean, rstd)
-        x, w, b, dy, mean, rstd = cache[(m, n)]
+            y, stats = L.layer_norm_forward(x, w, b, 1e-5)
+            cache[(m, n)] = (x, w, b, y, stats)
+        x, w, b, dy, stats = cache[(m, n)]
         rec = {"op": "layernorm_" + part, "shape": f"{m}x{n}", "tiles": asdict(tiles)}
         if part == "fwd":
             rec["label"] = f"rows{tiles.fwd_rows} occ{tiles.fwd_occ}"
         else:
-            rec["label"] = f"rows{tiles.bwd_rows} occ{tiles.bwd_occ} blocks/SM{tiles.bwd_blocks_per_sm}"
+            rec["label"] = (f"rows{tiles.bwd_rows} occ{tiles.bwd_occ} blocks/SM{tiles.bwd_blocks_per_sm} "
+                            f"latency{tiles.bwd_latency}{' defer' if tiles.bwd_defer else ''}")
         try:
             if part == "fwd":
                 ms = time_graph_ms(lambda: L.layer_norm_forward(x, w, b, 1e-5, tiles), repeats=25, inner=10)
             else:
-                ms = time_graph_ms(lambda: L.layer_norm_backward(x, w, True, mean, rstd, dy, tiles,
-                                                                 grad_dtype=dtype), repeats=25, inner=10)
+                ms = time_graph_ms(lambda: L.layer_norm_backward(x, w, True, stats, dy, tiles),
+                                   repeats=25, inner=10)
             rec["ms"] = round(ms, 4)
         except Exception as e:  # noqa: BLE001
             rec["ms"] = None
@@ -409,7 +417,8 @@ def best_layernorm_tiles(records, base, shape: str):
         t = replace(t, fwd_rows=f["fwd_rows"], fwd_occ=f["fwd_occ"])
     if "bwd" in best:
         f = best["bwd"]["tiles"]
-        t = replace(t, bwd_rows=f["bwd_rows"], bwd_occ=f["bwd_occ"], bwd_blocks_per_sm=f["bwd_blocks_per_sm"])
+        t = replace(t, bwd_rows=f["bwd_rows"], bwd_occ=f["bwd_occ"], bwd_blocks_per_sm=f["bwd_blocks_per_sm"],
+                    bwd_latency=f["bwd_latency"], bwd_defer=f["bwd_defer"])
     return t
 
 
@@ -417,7 +426,7 @@ def apply_tuning(attn_records, ln_records) -> dict:
     """Install the sweep's winners for this GPU's arch in-process (what the tables should then say)."""
     from gptcore.kernels import attention as A
     from gptcore.kernels import layernorm as L
-    arch = A.current_arch()
+    arch = current_arch()
     chosen = {}
     if attn_records:
         t = best_attention_tiles(attn_records, A.tiles_for(arch, 64))
@@ -429,6 +438,7 @@ def apply_tuning(attn_records, ln_records) -> dict:
             table[key] = best_layernorm_tiles(ln_records, L.tiles_for(arch, n), f"{m}x{n}")
             chosen[f"layernorm_{key}"] = asdict(table[key])
         L.LN_TILES[arch] = table
+        L._plan.cache_clear()  # launch plans cached under the old table
     return chosen
 
 
@@ -488,8 +498,8 @@ def host_overhead() -> list[dict]:
     w, b = torch.ones(384, device="cuda", dtype=dt), torch.zeros(384, device="cuda", dtype=dt)
     xg, wg, bg = (t.clone().requires_grad_(True) for t in (x, w, b))
     dy = torch.randn_like(x)
-    o, lse = A.attention_forward(q, k, v, 0.125)
-    y, mean, rstd = L.layer_norm_forward(x, w, b, 1e-5)
+    o, attn_stats = A.attention_forward(q, k, v, 0.125)
+    y, ln_stats = L.layer_norm_forward(x, w, b, 1e-5)
 
     def attn_fb():
         torch.autograd.grad(A.causal_attention(qg, kg, vg), (qg, kg, vg), do)
@@ -502,11 +512,11 @@ def host_overhead() -> list[dict]:
 
     def attn_direct():
         A.attention_forward(q, k, v, 0.125)
-        A.attention_backward(q, k, v, o, lse, do, 0.125)
+        A.attention_backward(q, k, v, o, attn_stats, do, 0.125)
 
     def ln_direct():
         L.layer_norm_forward(x, w, b, 1e-5)
-        L.layer_norm_backward(x, w, True, mean, rstd, dy, grad_dtype=dt)
+        L.layer_norm_backward(x, w, True, ln_stats, dy)
 
     def no_mt(fn):
         def run():
@@ -615,7 +625,8 @@ def print_host(records) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="cuTile kernel benchmarks (bf16) against PyTorch")
     ap.add_argument("--json", default=None, help="write all records to this file")
-    ap.add_argument("--tune", action="store_true", help="sweep the tile sizes first and print the ranking")
+    ap.add_argument("--tune", nargs="?", const="all", choices=["all", "attention", "layernorm"], default=None,
+                    help="sweep the tile sizes first (all kernels, or one) and print the ranking")
     ap.add_argument("--no-bench", action="store_true", help="only the sweep (with --tune)")
     ap.add_argument("--quick", action="store_true", help="one attention shape and one LayerNorm shape")
     ap.add_argument("--graphs", action="store_true", help="also time CUDA-graph replays (GPU time only)")
@@ -632,9 +643,9 @@ def main(argv=None) -> int:
         out["host"] = host_overhead()
         print_host(out["host"])
     if args.tune:
-        out["tune_attention"] = tune_attention()
+        out["tune_attention"] = tune_attention() if args.tune in ("all", "attention") else []
         print_tuning(out["tune_attention"])
-        out["tune_layernorm"] = tune_layernorm()
+        out["tune_layernorm"] = tune_layernorm() if args.tune in ("all", "layernorm") else []
         print_tuning(out["tune_layernorm"])
         out["chosen_tiles"] = apply_tuning(out["tune_attention"], out["tune_layernorm"])
         print("\nchosen (installed for this run):", json.dumps(out["chosen_tiles"]))

@@ -94,34 +94,38 @@ def _signature_and_kernel(job: CompileJob):
     if job.kernel.startswith("attention."):
         d = int(words[1].split("=")[1])
         tiles = attention.tiles_for(job.arch, d)
-        a4, a3 = _array(ct, dt, 4), _array(ct, ct.float32, 3)
+        a4, a3, stats = _array(ct, dt, 4), _array(ct, ct.float32, 3), _array(ct, ct.float32, 4)
         if job.kernel == "attention.fwd":
             kern = attention.fwd_kernel(tiles.fwd_occ)
-            params = [a4, a4, a4, a4, a3, f32, d, tiles.fwd_m, tiles.fwd_n, tiles.fwd_sched]
+            params = [a4, a4, a4, a4, stats, f32, d, tiles.fwd_m, tiles.fwd_n, tiles.fwd_sched]
             desc = f"M{tiles.fwd_m} N{tiles.fwd_n} occ{tiles.fwd_occ} sched{tiles.fwd_sched}"
         elif job.kernel == "attention.bwd_dq":
             kern = attention.bwd_dq_kernel(tiles.dq_occ)
-            params = [a4, a4, a4, a4, a4, a3, a3, a4, f32, f32, d, tiles.dq_m, tiles.dq_n, tiles.bwd_sched]
+            params = [a4, a4, a4, a4, a4, stats, a3, a4, f32, f32, d, tiles.dq_m, tiles.dq_n, tiles.bwd_sched]
             desc = f"M{tiles.dq_m} N{tiles.dq_n} occ{tiles.dq_occ} sched{tiles.bwd_sched}"
         else:
             kern = attention.bwd_dkdv_kernel(tiles.dkv_occ)
-            params = [a4, a4, a4, a4, a3, a3, a4, a4, f32, f32, d, tiles.dkv_m, tiles.dkv_n, tiles.bwd_sched]
+            params = [a4, a4, a4, a4, stats, a3, a4, a4, f32, f32, d, tiles.dkv_m, tiles.dkv_n, tiles.bwd_sched]
             desc = f"M{tiles.dkv_m} N{tiles.dkv_n} occ{tiles.dkv_occ} sched{tiles.bwd_sched}"
     else:
         n = int(words[1].split("=")[1])
         affine = "no" not in words  # "no weight, no bias": both None, dummy fp32 arrays stand in
         tiles = layernorm.tiles_for(job.arch, n)
-        x2, p1, f1 = _array(ct, dt, 2), _array(ct, dt if affine else ct.float32, 1), _array(ct, ct.float32, 1)
+        # Missing weight / bias: the stats array (2-D fp32) stands in, as in the launch helpers.
+        x2, f2 = _array(ct, dt, 2), _array(ct, ct.float32, 2)
+        p1 = _array(ct, dt, 1) if affine else f2
         pad = layernorm.next_pow2(n)
         if job.kernel == "layernorm.fwd":
             kern = layernorm.fwd_kernel(tiles.fwd_occ)
-            params = [x2, p1, p1, x2, f1, f1, f32, pad, tiles.fwd_rows, affine, affine]
+            params = [x2, p1, p1, x2, f2, f32, pad, tiles.fwd_rows, affine, affine]
             desc = f"rows{tiles.fwd_rows} pad{pad} occ{tiles.fwd_occ}"
         else:
             kern = layernorm.bwd_kernel(tiles.bwd_occ)
-            f2 = _array(ct, ct.float32, 2)
-            params = [x2, p1, x2, f1, f1, x2, f2, f2, pad, tiles.bwd_rows, affine, affine]
-            desc = f"rows{tiles.bwd_rows} pad{pad} occ{tiles.bwd_occ}"
+            f3 = _array(ct, ct.float32, 3)
+            params = [x2, p1, x2, f2, x2, f3, pad, tiles.bwd_rows, affine, affine,
+                      tiles.bwd_latency, tiles.bwd_defer]
+            desc = (f"rows{tiles.bwd_rows} pad{pad} occ{tiles.bwd_occ} latency{tiles.bwd_latency}"
+                    f"{' defer' if tiles.bwd_defer else ''}")
     name = kern._annotated_function.pyfunc.__name__
     return kern, KernelSignature(params, cc).with_mangled_symbol(name), desc
 

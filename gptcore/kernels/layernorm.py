@@ -8,11 +8,14 @@ input dtype (fp32, bf16, fp16); weight and bias may each be None, as in F.layer_
 Backward: each block of a persistent grid walks over row tiles, writes dx, and keeps fp32 partial
 sums of dy * xhat and dy for its rows; one torch.sum over the [2, blocks, N] partials finishes
 dweight and dbias. That avoids atomics and keeps the reduction order fixed (deterministic).
+
+Host time: an eager call is dominated by the host, not the GPU (tens of microseconds of Python and
+launch against ~10-40 us of kernel at 16384 rows), so the launch path is kept lean; see the launch
+helpers below.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,7 +23,7 @@ import torch
 
 import cuda.tile as ct
 
-from gptcore.kernels import current_arch, ensure_cuda_context
+from gptcore.kernels import arch_of, ensure_cuda_context, stream_handle
 
 ConstInt = ct.Constant[int]
 ConstBool = ct.Constant[bool]
@@ -31,7 +34,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # --------------------------------------------------------------------------------------------------
 # Tile configurations per architecture, keyed by the padded width ("small" <= 512 < "large" <= 1024).
-# fwd_rows / bwd_rows: rows per tile; occ: resident blocks per SM; bwd_blocks_per_sm: persistent grid.
+# fwd_rows / bwd_rows: rows per tile; occ: resident blocks per SM; bwd_blocks_per_sm: persistent grid;
+# bwd_latency: the latency hint of the backward's loads (0: none); bwd_defer: keep the dweight/dbias
+# partial sums per row and reduce them once at the end instead of once per tile.
 # sm_90 (H100): picked by measurement (`bench.py --tune`, CUDA-graph replay, 16384 rows bf16, 12
 # forward and 13 backward variants per width): 384 wide, forward 16 rows occ 4 (13 us), backward 16
 # rows occ 2, 4 blocks/SM (37 us); 768 wide, forward 8 rows occ 4 (28 us), backward 4 rows occ 4,
@@ -44,10 +49,12 @@ class LNTiles:
     bwd_rows: int
     bwd_occ: int
     bwd_blocks_per_sm: int
+    bwd_latency: int = 0
+    bwd_defer: bool = False
 
 
 LN_TILES = {
-    "sm_90": {"small": LNTiles(16, 4, 16, 2, 4), "large": LNTiles(8, 4, 4, 4, 8)},
+    "sm_90": {"small": LNTiles(16, 4, 16, 2, 2, 6), "large": LNTiles(8, 4, 4, 4, 8)},
     "default": {"small": LNTiles(8, 2, 8, 2, 4), "large": LNTiles(4, 2, 4, 2, 4)},
 }
 SM_COUNT_FALLBACK = 132
@@ -73,9 +80,9 @@ def next_pow2(n: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
-def ln_fwd_kernel_body(X, W, B, Y, MEAN, RSTD, eps,
+def ln_fwd_kernel_body(X, W, B, Y, STATS, eps,
                        N_PAD: ConstInt, TILE_ROWS: ConstInt, HAS_W: ConstBool, HAS_B: ConstBool):
-    """Grid (cdiv(M, TILE_ROWS),). X, Y (M, N); W, B (N,); MEAN, RSTD (M,) fp32."""
+    """Grid (cdiv(M, TILE_ROWS),). X, Y (M, N); W, B (N,); STATS (2, M) fp32: mean, rstd."""
     n = X.shape[1]
     r = ct.bid(0)
     x = ct.load(X, (r, 0), (TILE_ROWS, N_PAD), padding_mode=ZERO).astype(ct.float32)  # [TILE_ROWS, N_PAD]
@@ -92,13 +99,21 @@ def ln_fwd_kernel_body(X, W, B, Y, MEAN, RSTD, eps,
         bias = ct.load(B, (0,), (N_PAD,), padding_mode=ZERO).astype(ct.float32)
         y = y + bias[None, :]
     ct.store(Y, (r, 0), y.astype(Y.dtype))
-    ct.store(MEAN, (r,), mean.reshape((TILE_ROWS,)))
-    ct.store(RSTD, (r,), rstd.reshape((TILE_ROWS,)))
+    ct.store(STATS, (0, r), mean.reshape((1, TILE_ROWS)))
+    ct.store(STATS, (1, r), rstd.reshape((1, TILE_ROWS)))
 
 
-def ln_bwd_kernel_body(X, W, DY, MEAN, RSTD, DX, DW_PART, DB_PART,
-                       N_PAD: ConstInt, TILE_ROWS: ConstInt, HAS_W: ConstBool, HAS_B: ConstBool):
-    """Persistent grid (G,). DW_PART, DB_PART (G, N) fp32: this block's column sums.
+def _load_rows(A, t, TILE_ROWS, N_PAD, LATENCY):
+    """One [TILE_ROWS, N_PAD] tile as fp32; the latency hint (a compile-time constant) only when set."""
+    if LATENCY > 0:
+        return ct.load(A, (t, 0), (TILE_ROWS, N_PAD), padding_mode=ZERO, latency=LATENCY).astype(ct.float32)
+    return ct.load(A, (t, 0), (TILE_ROWS, N_PAD), padding_mode=ZERO).astype(ct.float32)
+
+
+def ln_bwd_kernel_body(X, W, DY, STATS, DX, PARTS,
+                       N_PAD: ConstInt, TILE_ROWS: ConstInt, HAS_W: ConstBool, HAS_B: ConstBool,
+                       LATENCY: ConstInt, DEFER: ConstBool):
+    """Persistent grid (G,). PARTS (2, G, N) fp32: this block's column sums of dy*xhat and dy.
 
     dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy * xhat)), means over the N true columns.
     """
@@ -107,13 +122,15 @@ def ln_bwd_kernel_body(X, W, DY, MEAN, RSTD, DX, DW_PART, DB_PART,
     n_tiles = ct.cdiv(X.shape[0], TILE_ROWS)
     if HAS_W:
         w = ct.load(W, (0,), (N_PAD,), padding_mode=ZERO).astype(ct.float32)[None, :]  # [1, N_PAD]
-    dw = ct.zeros((1, N_PAD), dtype=ct.float32)
-    db = ct.zeros((1, N_PAD), dtype=ct.float32)
+    # DEFER keeps one partial per row of the tile (no cross-row reduction inside the loop).
+    acc_rows = TILE_ROWS if DEFER else 1
+    dw = ct.zeros((acc_rows, N_PAD), dtype=ct.float32)
+    db = ct.zeros((acc_rows, N_PAD), dtype=ct.float32)
     for t in range(g, n_tiles, ct.num_blocks(0)):
-        x = ct.load(X, (t, 0), (TILE_ROWS, N_PAD), padding_mode=ZERO).astype(ct.float32)
-        dy = ct.load(DY, (t, 0), (TILE_ROWS, N_PAD), padding_mode=ZERO).astype(ct.float32)
-        mean = ct.load(MEAN, (t,), (TILE_ROWS,), padding_mode=ZERO).reshape((TILE_ROWS, 1))
-        rstd = ct.load(RSTD, (t,), (TILE_ROWS,), padding_mode=ZERO).reshape((TILE_ROWS, 1))
+        x = _load_rows(X, t, TILE_ROWS, N_PAD, LATENCY)  # [TILE_ROWS, N_PAD]
+        dy = _load_rows(DY, t, TILE_ROWS, N_PAD, LATENCY)
+        mean = ct.load(STATS, (0, t), (1, TILE_ROWS), padding_mode=ZERO).reshape((TILE_ROWS, 1))
+        rstd = ct.load(STATS, (1, t), (1, TILE_ROWS), padding_mode=ZERO).reshape((TILE_ROWS, 1))
         # Padded rows have x = dy = mean = rstd = 0 and padded columns dy = 0, so neither adds
         # anything below; their dx is never stored.
         xhat = (x - mean) * rstd  # [TILE_ROWS, N_PAD]
@@ -122,14 +139,22 @@ def ln_bwd_kernel_body(X, W, DY, MEAN, RSTD, DX, DW_PART, DB_PART,
         c2 = ct.sum(wdy, axis=1, keepdims=True) / n
         dx = (wdy - (xhat * c1 + c2)) * rstd
         ct.store(DX, (t, 0), dx.astype(DX.dtype))
-        if HAS_W:
-            dw = dw + ct.sum(dy * xhat, axis=0, keepdims=True)  # [1, N_PAD]
-        if HAS_B:
-            db = db + ct.sum(dy, axis=0, keepdims=True)
+        if DEFER:
+            if HAS_W:
+                dw = dw + dy * xhat  # [TILE_ROWS, N_PAD]
+            if HAS_B:
+                db = db + dy
+        else:
+            if HAS_W:
+                dw = dw + ct.sum(dy * xhat, axis=0, keepdims=True)  # [1, N_PAD]
+            if HAS_B:
+                db = db + ct.sum(dy, axis=0, keepdims=True)
     if HAS_W:
-        ct.store(DW_PART, (g, 0), dw)
+        dw_row = ct.sum(dw, axis=0, keepdims=True) if DEFER else dw  # [1, N_PAD]
+        ct.store(PARTS, (0, g, 0), dw_row.reshape((1, 1, N_PAD)))
     if HAS_B:
-        ct.store(DB_PART, (g, 0), db)
+        db_row = ct.sum(db, axis=0, keepdims=True) if DEFER else db
+        ct.store(PARTS, (1, g, 0), db_row.reshape((1, 1, N_PAD)))
 
 
 @lru_cache(maxsize=None)
@@ -143,16 +168,28 @@ def bwd_kernel(occupancy: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Launch helpers
+# Launch helpers. Every call costs host time that, at these sizes, is longer than the kernels, so the
+# work that depends only on (device, width, tiles) is done once per key (`_plan`), the stream handle is
+# taken raw, and each direction allocates what it writes in as few tensors as it can.
 # --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LNPlan:
+    tiles: LNTiles
+    n_pad: int
+    fwd: object  # compiled-on-first-launch kernel objects
+    bwd: object
+    max_bwd_blocks: int  # the persistent backward grid's size cap: SMs x blocks per SM
 
 
 @lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def _plan(device_index: int, n: int, tiles: LNTiles | None) -> LNPlan:
+    tiles = tiles or tiles_for(arch_of(device_index), n)
     try:
-        return torch.cuda.get_device_properties(device_index).multi_processor_count
+        sms = torch.cuda.get_device_properties(device_index).multi_processor_count
     except Exception:  # pragma: no cover
-        return SM_COUNT_FALLBACK
+        sms = SM_COUNT_FALLBACK
+    return LNPlan(tiles, next_pow2(n), fwd_kernel(tiles.fwd_occ), bwd_kernel(tiles.bwd_occ),
+                  sms * tiles.bwd_blocks_per_sm)
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -163,46 +200,41 @@ def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def layer_norm_forward(x2, weight, bias, eps: float, tiles: LNTiles | None = None):
-    """x2 (M, N). Returns y (M, N) in x's dtype, mean and rstd (M,) fp32."""
+    """x2 (M, N). Returns y (M, N) in x's dtype and stats (2, M) fp32: the rows' mean and rstd."""
     m, n = x2.shape
-    tiles = tiles or tiles_for(current_arch(x2.device), n)
+    dev = x2.get_device()
+    plan = _plan(dev, n, tiles)
     y = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    mean = torch.empty(m, device=x2.device, dtype=torch.float32)
-    rstd = torch.empty(m, device=x2.device, dtype=torch.float32)
+    stats = torch.empty(2, m, device=x2.device, dtype=torch.float32)
     # A dummy array stands in for a missing weight or bias; the constant flag keeps it unread.
-    w = weight if weight is not None else mean
-    b = bias if bias is not None else mean
-    ensure_cuda_context(x2.device.index)
-    ct.launch(torch.cuda.current_stream(), (math.ceil(m / tiles.fwd_rows), 1, 1), fwd_kernel(tiles.fwd_occ),
-              (x2, w, b, y, mean, rstd, float(eps), next_pow2(n), tiles.fwd_rows,
-               weight is not None, bias is not None))
-    return y, mean, rstd
+    ensure_cuda_context(dev)
+    rows = plan.tiles.fwd_rows
+    ct.launch(stream_handle(dev), ((m + rows - 1) // rows, 1, 1), plan.fwd,
+              (x2, stats if weight is None else weight, stats if bias is None else bias, y, stats, eps,
+               plan.n_pad, rows, weight is not None, bias is not None))
+    return y, stats
 
 
-def layer_norm_backward(x2, weight, has_bias: bool, mean, rstd, dy2, tiles: LNTiles | None = None,
-                        grad_dtype: torch.dtype = torch.float32):
-    """Returns dx (M, N) and the column sums (dweight, dbias) in grad_dtype, each None when not needed."""
+def layer_norm_backward(x2, weight, has_bias: bool, stats, dy2, tiles: LNTiles | None = None):
+    """Returns dx (M, N) in x's dtype and the fp32 column sums (dweight, dbias), each None when not needed
+    (autograd casts them to the parameters' dtypes)."""
     m, n = x2.shape
-    tiles = tiles or tiles_for(current_arch(x2.device), n)
+    dev = x2.get_device()
+    plan = _plan(dev, n, tiles)
+    t = plan.tiles
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    n_tiles = math.ceil(m / tiles.bwd_rows)
-    blocks = max(1, min(n_tiles, _sm_count(x2.device.index or 0) * tiles.bwd_blocks_per_sm))
+    blocks = max(1, min((m + t.bwd_rows - 1) // t.bwd_rows, plan.max_bwd_blocks))
+    has_weight = weight is not None
     parts = torch.empty(2, blocks, n, device=x2.device, dtype=torch.float32)
-    w = weight if weight is not None else mean
-    ensure_cuda_context(x2.device.index)  # autograd's worker thread may have no current context
-    ct.launch(torch.cuda.current_stream(), (blocks, 1, 1), bwd_kernel(tiles.bwd_occ),
-              (x2, w, dy2, mean, rstd, dx, parts[0], parts[1], next_pow2(n), tiles.bwd_rows,
-               weight is not None, has_bias))
-    if weight is None and not has_bias:
+    ensure_cuda_context(dev)  # autograd's worker thread may have no current context
+    ct.launch(stream_handle(dev), (blocks, 1, 1), plan.bwd,
+              (x2, weight if has_weight else stats, dy2, stats, dx, parts, plan.n_pad, t.bwd_rows,
+               has_weight, has_bias, t.bwd_latency, t.bwd_defer))
+    if not (has_weight or has_bias):
         return dx, None, None
-    # One reduction and at most one cast for both: every extra op is a launch on the host's clock.
-    lo, hi = (0 if weight is not None else 1), (2 if has_bias else 1)
-    sums = parts[lo:hi].sum(dim=1)  # [k, N] fp32, fixed order: deterministic
-    if grad_dtype != torch.float32:
-        sums = sums.to(grad_dtype)
-    dw = sums[0] if weight is not None else None
-    db = sums[-1] if has_bias else None
-    return dx, dw, db
+    # One reduction for both, in a fixed order: deterministic (no atomics).
+    dw, db = parts.sum(dim=1).unbind(0)
+    return dx, (dw if has_weight else None), (db if has_bias else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,24 +245,18 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         n = x.shape[-1]
         x2 = _rows(x, n)
-        y, mean, rstd = layer_norm_forward(x2, weight, bias, eps)
-        ctx.save_for_backward(x2, weight, mean, rstd)
+        y, stats = layer_norm_forward(x2, weight, bias, eps)
+        ctx.save_for_backward(x2, weight, stats)
         ctx.has_bias = bias is not None
-        ctx.x_shape = x.shape
-        ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, mean, rstd = ctx.saved_tensors
-        dy2 = _rows(dy, x2.shape[1])
-        grad_dtype = weight.dtype if weight is not None else ctx.bias_dtype or torch.float32
-        dx, dw, db = layer_norm_backward(x2, weight, ctx.has_bias, mean, rstd, dy2, grad_dtype=grad_dtype)
-        if db is not None and db.dtype != ctx.bias_dtype:  # weight and bias of different dtypes
-            db = db.to(ctx.bias_dtype)
-        dw = dw if ctx.needs_input_grad[1] else None
-        db = db if ctx.needs_input_grad[2] else None
-        return dx.view(ctx.x_shape), dw, db, None
+        x2, weight, stats = ctx.saved_tensors
+        dx, dw, db = layer_norm_backward(x2, weight, ctx.has_bias, stats, _rows(dy, x2.shape[1]))
+        # fp32 sums for bf16/fp16 parameters: the autograd engine casts a gradient to its input's dtype.
+        return (dx.view(dy.shape), dw if ctx.needs_input_grad[1] else None,
+                db if ctx.needs_input_grad[2] else None, None)
 
 
 def _check(x, weight, bias):
