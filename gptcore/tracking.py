@@ -139,3 +139,66 @@ def stage_run(stage: str, params: Params, sections: list[str], run_name: str | N
         run.records["tags"].update(tags)  # already on the run (start_run): kept for StageRun.tags
         run.log_params(logged)
         yield run
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline records into MLflow: stages run with GPTCORE_MLFLOW=off (the GPU machine has no MLflow) leave
+# JSON files under mlflow-offline/; this puts each into the store as the run it would have been.
+# --------------------------------------------------------------------------------------------------
+def import_offline(path: Path, params: Params, experiment: str | None = None) -> str:
+    """Create one MLflow run from an offline record (params, tags, every metric at its step). Returns the
+    new run id. The record's artifacts are files of the machine that wrote it: they are listed in the
+    `offline.artifacts` tag, not uploaded."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable offline MLflow record ({e})") from e
+    missing = [k for k in ("run_name", "params", "metrics", "tags") if k not in record]
+    if missing:
+        raise ValueError(f"{path}: offline record lacks {missing} (expected the JSON that "
+                         "GPTCORE_MLFLOW=off writes)")
+    mlflow.set_tracking_uri(tracking_uri(params))
+    client = mlflow.MlflowClient()
+    name = experiment or params.mlflow.experiment
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    tags = {**{k: str(v) for k, v in record["tags"].items()}, "offline.source": str(path),
+            "offline.imported": "true", "offline.artifacts": ", ".join(record.get("artifacts", []))[:5000]}
+    run = client.create_run(exp_id, run_name=record["run_name"], tags=tags)
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, int(row["step"] or 0))
+               for row in record["metrics"] for key, value in row.items() if key != "step"]
+    params_ = [Param(k, str(v)[:6000]) for k, v in record["params"].items()]
+    # MLflow caps one batch at 100 params and 1000 metrics.
+    for i in range(0, len(params_), 100):
+        client.log_batch(run.info.run_id, params=params_[i:i + 100])
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run.info.run_id, metrics=metrics[i:i + 1000])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from gptcore.params import load_params
+
+    ap = argparse.ArgumentParser(description="Import offline stage records (GPTCORE_MLFLOW=off JSON) into MLflow")
+    ap.add_argument("command", choices=["import"])
+    ap.add_argument("paths", nargs="+", type=Path, help="JSON files written under mlflow-offline/")
+    ap.add_argument("--experiment", default=None, help="MLflow experiment (default: params mlflow.experiment)")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    for path in args.paths:
+        run_id = import_offline(path, params, args.experiment)
+        print(f"{path}: imported as run {run_id} ({tracking_uri(params)})")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
