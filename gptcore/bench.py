@@ -15,7 +15,8 @@ Cases:
 - kernels: causal attention forward and forward+backward (cuTile; SDPA with each backend), LayerNorm
   forward and forward+backward (cuTile; torch), at the trained model's shapes and at GPT-2 small's.
 - train_step: one optimizer step of the trained model's config (reference eager, reference compiled,
-  cuTile), as the train stage runs it (autocast, grad clipping, AdamW).
+  cuTile; reference and cuTile captured as one CUDA graph, as `train.cuda_graph` runs them), as the train
+  stage runs it (autocast, grad clipping, AdamW).
 - prefill: one forward over a full block into an empty KV cache.
 - decode: generation from a short prompt to the end of the block, per backend and batch size: with
   the KV cache (eager, and replayed as CUDA graphs), and uncached (the whole context per token, as the
@@ -42,6 +43,7 @@ from gptcore.kernels.bench import attention_flops, layernorm_bytes  # one defini
 from gptcore.model import GPT, GPTConfig, gpt_from_checkpoint
 from gptcore.sampling import (BackendUnavailable, Decoder, cutile_unavailable_reason, generate_uncached,
                               load_for_inference)
+from gptcore.train_graph import GraphCaptureError, GraphedTrainStep
 
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
 
@@ -96,6 +98,11 @@ cutile_skip_reason = cutile_unavailable_reason  # why the cuTile rows cannot run
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def require_cuda_graphs(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise Skip(f"CUDA graphs need a CUDA device; this run is on {device.type}")
 
 
 # ---- timing ------------------------------------------------------------------------------------------------
@@ -347,32 +354,58 @@ def inference_model(checkpoint: dict, backend: str, device: torch.device, dtype:
         raise Skip(str(e).removeprefix("backend 'cutile' cannot run: ")) from None
 
 
+def graphed_train_step(model: GPT, optimizer, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
+                       lr: float) -> Callable[[], object]:
+    """The step of `train_step_rows` captured as a CUDA graph (gptcore/train_graph.py), past its eager
+    warm-up steps and the capture, so that only replays are timed."""
+    graphed = GraphedTrainStep(model, optimizer, dtype=dtype, micro_steps=1, batch_size=x.size(0),
+                               block_size=x.size(1), grad_clip=1.0)
+    xs, ys = x[None], y[None]
+    try:
+        while not graphed.captured:
+            graphed.step(xs, ys, lr)
+    except GraphCaptureError as e:
+        raise Skip(str(e)) from None
+    return lambda: graphed.step(xs, ys, lr)
+
+
 def train_step_rows(rec: Recorder, checkpoint: dict, batch: int, dtype: torch.dtype, backends: list[str],
                     compile_setting: bool | str = "auto") -> None:
     """One training step as the train stage runs it: forward and loss under autocast, backward, gradient
-    clipping at 1.0, fused AdamW on CUDA. Random tokens: the data does not change the time.
+    clipping at 1.0, fused AdamW on CUDA; eagerly, compiled, or captured as one CUDA graph (`+graph`).
+    Random tokens: the data does not change the time.
     `compile_setting` (bench.compile): True, False, or "auto" (on CUDA only)."""
     device = rec.device
     compile_on = compile_setting is True or (compile_setting == "auto" and device.type == "cuda")
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
     shape = f"B{batch}xT{config.block_size}"
     tokens = batch * config.block_size
-    rows = [("torch eager", "torch", False), ("torch compile", "torch", True), ("cutile", "cutile", False)]
-    for impl, backend, use_compile in rows:
+    lr = 1e-4
+    rows = [("torch eager", "torch", False, False), ("torch compile", "torch", True, False),
+            ("torch eager+graph", "torch", False, True), ("cutile", "cutile", False, False),
+            ("cutile+graph", "cutile", False, True)]
+    for impl, backend, use_compile, graph in rows:
         if backend not in backends:
             continue
 
-        def setup(backend=backend, use_compile=use_compile):
+        def setup(backend=backend, use_compile=use_compile, graph=graph):
             if use_compile and not compile_on:
                 raise Skip(f"torch.compile row off (bench.compile: {compile_setting}, device {device.type}): "
                            "compiling takes minutes on a small CPU; set bench.compile: true to measure it")
+            if graph:
+                require_cuda_graphs(device)
+                if dtype == torch.float16:
+                    raise Skip("the graphed step runs bfloat16 or float32: float16 needs a GradScaler, whose inf "
+                               "check reads the device every step")
             model = train_model(checkpoint, backend, device)
-            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), device.type)
-            scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-            forward = torch.compile(model) if use_compile else model
+            optimizer = model.configure_optimizers(0.1, lr, (0.9, 0.99), device.type, capturable=graph)
             g = torch.Generator(device=device).manual_seed(0)
             x = torch.randint(config.vocab_size, (batch, config.block_size), device=device, generator=g)
             y = torch.randint(config.vocab_size, (batch, config.block_size), device=device, generator=g)
+            if graph:
+                return graphed_train_step(model, optimizer, x, y, dtype, lr)
+            scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+            forward = torch.compile(model) if use_compile else model
             autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                         else contextlib.nullcontext())
 
@@ -467,8 +500,8 @@ def decode_rows(rec: Recorder, model: GPT | None, load_error: str | None, backen
     def setup_cached(graph: bool):
         def setup():
             check()
-            if graph and device.type != "cuda":
-                raise Skip(f"CUDA graphs need a CUDA device; this run is on {device.type}")
+            if graph:
+                require_cuda_graphs(device)
             if graph and not cuda_graph:
                 raise Skip("off by bench.cuda_graph: false")
             idx = prompt()

@@ -237,13 +237,22 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                             device_type: str) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices (2-D and up) and none on biases and LayerNorm gains."""
+                             device_type: str, capturable: bool = False) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices (2-D and up) and none on biases and LayerNorm gains.
+
+        `capturable`: for a step captured in a CUDA graph (gptcore/train_graph.py): fused and capturable,
+        with the learning rate a CUDA tensor that the graph reads, so it can change between replays."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+        if capturable:
+            if device_type != "cuda" or params[0].device.type != "cuda":
+                raise ValueError(f"a capturable optimizer needs the parameters on a CUDA device, not on "
+                                 f"{params[0].device}")
+            lr = torch.tensor(learning_rate, dtype=torch.float32, device=params[0].device)
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True, capturable=True)
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -50,6 +50,9 @@ class TrainParams(Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
+    # The whole optimizer step captured once as a CUDA graph and replayed (gptcore/train_graph.py). Checked
+    # against compile and dtype here, against the device and the number of processes by the Trainer.
+    cuda_graph: bool = False
     seed: int = 1337
     batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -67,6 +70,17 @@ class TrainParams(Section):
     eval_iters: int = Field(20, ge=1)
     log_interval: int = Field(10, ge=1)
     resume: bool = False
+
+    @field_validator("cuda_graph")
+    @classmethod
+    def graph_fits_the_other_settings(cls, on: bool, info: ValidationInfo) -> bool:
+        if on and info.data.get("compile"):
+            raise ValueError("cannot be combined with train.compile: true (the graph records the eager model's "
+                             "kernels; compiling inside a capture is not supported here); switch one of them off")
+        if on and info.data.get("dtype") == "float16":
+            raise ValueError("cannot be combined with train.dtype: float16 (its GradScaler checks for inf on the "
+                             "host every step); use bfloat16, float32 or auto")
+        return on
 
     @model_validator(mode="after")
     def lr_schedule_is_possible(self) -> "TrainParams":

@@ -30,6 +30,7 @@ from gptcore.cutile_model import CuTileGPT
 from gptcore.model import GPT, filtered_probs, gpt_from_checkpoint
 from gptcore.params import ParamsError
 from gptcore.train import resolve_dtype  # noqa: F401 - the stages take it from here with resolve_device
+from gptcore.train_graph import capture
 
 TokenCallback = Callable[[list[int]], None]  # the new token of each batch row, as soon as it exists
 
@@ -164,19 +165,7 @@ class Decoder:
             # A generator the graph does not know about cannot be used inside it; registered, every replay
             # draws fresh numbers from it exactly as an eager step would.
             graph.register_generator_state(self.generator)
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._stream):
-            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-            try:
-                self._step(start, n)
-            except BaseException:
-                try:  # end the capture so the stream is usable again; the step's error is the one to report
-                    graph.capture_end()
-                except Exception:  # noqa: BLE001
-                    pass
-                raise
-            graph.capture_end()
-        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        capture(graph, self._stream, lambda: self._step(start, n), pool=self._pool)
         if self._pool is None:
             self._pool = graph.pool()  # every step shares one memory pool: they never run concurrently
         self.graphs[(start, n)] = graph

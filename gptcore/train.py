@@ -5,6 +5,9 @@ Batches are drawn so that a run gives the same result on any number of processes
 processes draw the offsets of every micro-batch of the global batch from one generator seeded alike,
 and each process trains on its share. One process with `gradient_accumulation_steps: 2` and two
 processes with one micro-step each therefore see the same data and compute the same update.
+
+The step itself runs op by op (`Trainer.eager_step`) or, with `train.cuda_graph: true`, replayed as one
+captured CUDA graph (`Trainer.graphed_step`, gptcore/train_graph.py); everything around it is the same.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from gptcore.checkpoint import load_checkpoint, save_checkpoint
 from gptcore.cutile_model import build_model, require_cutile
 from gptcore.model import GPT, GPTConfig
 from gptcore.params import Params, ParamsError
+from gptcore.train_graph import GraphedTrainStep
 
 BEST_CHECKPOINT = "ckpt.pt"  # the lowest validation loss seen: what the later stages use
 LAST_CHECKPOINT = "last.pt"  # the latest evaluation point, with RNG states: what `resume` continues
@@ -82,6 +86,30 @@ def learning_rate(it: int, p) -> float:
     return p.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (p.learning_rate - p.min_lr)
 
 
+# How an optimizer runs rather than what it learns: a checkpoint written by the eager step resumes in the
+# CUDA-graph step (fused, capturable, the learning rate a device tensor) and the other way round.
+RUNTIME_KEYS = ("lr", "fused", "foreach", "capturable", "differentiable")
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict for a checkpoint, with a tensor learning rate (the graphed step's)
+    written as a float, so a checkpoint reads the same whichever step wrote it."""
+    state = optimizer.state_dict()  # param_groups are fresh dicts: changing them leaves the optimizer alone
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = group["lr"].item()
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's moments, step counts and hyperparameters, keeping this optimizer's RUNTIME_KEYS
+    (torch's load_state_dict would take them from the checkpoint too)."""
+    own = [{k: group[k] for k in RUNTIME_KEYS if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, own):
+        group.update(keep)
+
+
 def model_config(params: Params, vocab_size: int) -> GPTConfig:
     m = params.model
     return GPTConfig(block_size=m.block_size, vocab_size=vocab_size, n_layer=m.n_layer, n_head=m.n_head,
@@ -101,6 +129,7 @@ class TrainResult:
     n_params: int
     history: list[dict] = field(default_factory=list)
     checkpoint: str = ""
+    train_losses: list[float] = field(default_factory=list)  # every iteration's training loss, this run
 
 
 class Trainer:
@@ -113,6 +142,8 @@ class Trainer:
         if self.p.backend == "cutile":
             require_cutile(self.device)
         self.dtype = resolve_dtype(self.p.dtype, self.device)
+        if self.p.cuda_graph:
+            self.check_cuda_graph()
         if self.dtype != torch.float32 and self.device.type != "cuda":
             raise ParamsError(f"train.dtype: {self.p.dtype} autocast needs a CUDA device, training runs on "
                               f"{self.device}; use dtype auto or float32")
@@ -134,6 +165,19 @@ class Trainer:
         self.micro_steps = self.p.gradient_accumulation_steps // world
         self.tokens_per_iter = self.p.gradient_accumulation_steps * self.p.batch_size * params.model.block_size
         self.out_dir = root / self.p.out_dir
+
+    def check_cuda_graph(self) -> None:
+        """What train.cuda_graph needs that params.yaml alone cannot tell (compile and float16 are refused
+        when the params are loaded)."""
+        if self.device.type != "cuda":
+            raise ParamsError(f"train.cuda_graph: true needs a CUDA device, training runs on {self.device} "
+                              f"(train.device: {self.p.device}); set train.cuda_graph: false")
+        if self.d.world_size > 1:
+            raise ParamsError(f"train.cuda_graph: true runs one process, this launch has {self.d.world_size} "
+                              "(the DDP gradient all-reduce is not captured); set train.cuda_graph: false")
+        if self.dtype == torch.float16:
+            raise ParamsError(f"train.cuda_graph: true needs bfloat16 or float32, train.dtype: {self.p.dtype} is "
+                              "float16 on this GPU (its GradScaler checks for inf on the host every step)")
 
     # ---- pieces -------------------------------------------------------------------------------------
     def autocast(self):
@@ -173,7 +217,7 @@ class Trainer:
         return {
             "model_args": raw.config.to_dict(),
             "model": raw.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state(optimizer),
             "scaler": scaler.state_dict(),
             "iter_num": it,
             "best_val_loss": best_val,
@@ -188,6 +232,47 @@ class Trainer:
             },
         }
 
+    # ---- the step: `step(offsets, lr)` trains on this process's micro-batches and returns the loss ------
+    def eager_step(self, model, raw: GPT, optimizer, scaler):
+        """The step run op by op; `model` is `raw` as trained (compiled, wrapped in DDP)."""
+        d, p = self.d, self.p
+
+        def step(offsets: torch.Tensor, lr: float) -> torch.Tensor:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=self.device)
+            for micro, row in enumerate(offsets):
+                x, y = self.to_batch(self.train_data, row)
+                sync = micro == self.micro_steps - 1
+                ctx = model.no_sync() if d.world_size > 1 and not sync else contextlib.nullcontext()
+                with ctx, self.autocast():
+                    _, loss = model(x, y)
+                    loss = loss / self.micro_steps
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if p.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), p.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if d.world_size > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            return loss_sum
+        return step
+
+    def graphed_step(self, raw: GPT, optimizer):
+        """The same step captured once as a CUDA graph and replayed (train.cuda_graph; one process)."""
+        T = self.params.model.block_size
+        graphed = GraphedTrainStep(raw, optimizer, dtype=self.dtype, micro_steps=self.micro_steps,
+                                   batch_size=self.p.batch_size, block_size=T, grad_clip=self.p.grad_clip)
+
+        def step(offsets: torch.Tensor, lr: float) -> torch.Tensor:
+            x, y = self.to_batch(self.train_data, offsets.reshape(-1))  # every micro-batch in one copy
+            shape = (self.micro_steps, self.p.batch_size, T)
+            return graphed.step(x.view(shape), y.view(shape), lr)
+        return step
+
     # ---- the loop -----------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None, on_eval=None) -> TrainResult:
         """Train to max_iters (or stop after `stop_after` iterations, as an interruption would).
@@ -198,7 +283,8 @@ class Trainer:
         torch.manual_seed(p.seed)  # same initial weights on every process
         config = model_config(self.params, self.vocab.vocab_size)
         raw = build_model(config, p.backend).to(self.device)
-        optimizer = raw.configure_optimizers(p.weight_decay, p.learning_rate, (p.beta1, p.beta2), self.device.type)
+        optimizer = raw.configure_optimizers(p.weight_decay, p.learning_rate, (p.beta1, p.beta2), self.device.type,
+                                             capturable=p.cuda_graph)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         generator = torch.Generator().manual_seed(p.seed)
         start, best_val, best_iter, history = 0, float("inf"), -1, []
@@ -209,13 +295,15 @@ class Trainer:
                 raise ParamsError(f"train.resume: {self.out_dir / LAST_CHECKPOINT} was trained with model "
                                   f"{ck['model_args']}, params ask for {config.to_dict()}")
             raw.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
+            load_optimizer_state(optimizer, ck["optimizer"])
             scaler.load_state_dict(ck["scaler"])
             start, best_val, best_iter, history = ck["iter_num"], ck["best_val_loss"], ck["best_iter"], ck["history"]
-            generator.set_state(ck["rng"]["data"])
-            torch.set_rng_state(ck["rng"]["torch"])
-            if self.device.type == "cuda" and ck["rng"]["cuda"].numel():
-                torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
+            # RNG states are CPU byte tensors, whatever map_location moved the checkpoint to.
+            rng = {name: state.cpu() for name, state in ck["rng"].items()}
+            generator.set_state(rng["data"])
+            torch.set_rng_state(rng["torch"])
+            if self.device.type == "cuda" and rng["cuda"].numel():
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         # Dropout masks differ per process, as in any data-parallel run; seeds offset by rank.
         if d.rank and not p.resume:
             torch.manual_seed(p.seed + d.rank)
@@ -224,8 +312,13 @@ class Trainer:
         if d.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             model = DDP(model, device_ids=[d.local_rank] if self.device.type == "cuda" else None)
+        if p.cuda_graph:
+            train_step = self.graphed_step(raw, optimizer)
+        else:
+            train_step = self.eager_step(model, raw, optimizer, scaler)
 
         step_ms: list[float] = []
+        train_losses: list[float] = []
         end = p.max_iters if stop_after is None else min(p.max_iters, start + stop_after)
         bar = tqdm(total=p.max_iters, initial=start, disable=not d.master, desc="train", unit="it",
                    dynamic_ncols=True, mininterval=1.0)
@@ -250,30 +343,11 @@ class Trainer:
                 break
 
             t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             offsets = self.draw_batches(self.train_data, p.gradient_accumulation_steps, generator)
             mine = offsets[d.rank * self.micro_steps:(d.rank + 1) * self.micro_steps]
-            loss_sum = torch.zeros((), device=self.device)
-            for micro, row in enumerate(mine):
-                x, y = self.to_batch(self.train_data, row)
-                sync = micro == self.micro_steps - 1
-                ctx = model.no_sync() if d.world_size > 1 and not sync else contextlib.nullcontext()
-                with ctx, self.autocast():
-                    _, loss = model(x, y)
-                    loss = loss / self.micro_steps
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if p.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), p.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if d.world_size > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            loss_value = loss_sum.item()  # also waits for the GPU, so the step time is real
+            loss_value = train_step(mine, lr).item()  # also waits for the GPU, so the step time is real
             step_ms.append((time.perf_counter() - t0) * 1000)
+            train_losses.append(loss_value)
             bar.update(1)
             if it % p.log_interval == 0 and d.master:
                 steady = statistics.median(step_ms[-p.log_interval:])
@@ -289,7 +363,8 @@ class Trainer:
             tokens_per_sec=self.tokens_per_iter / ms * 1000 if steady else float("nan"),
             device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             dtype=str(self.dtype).removeprefix("torch."), world_size=d.world_size,
-            n_params=raw.num_params(), history=history, checkpoint=str(self.out_dir / BEST_CHECKPOINT))
+            n_params=raw.num_params(), history=history, checkpoint=str(self.out_dir / BEST_CHECKPOINT),
+            train_losses=train_losses)
 
 
 def init_distributed(d: Dist) -> None:

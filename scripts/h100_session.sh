@@ -10,8 +10,13 @@
 # scale:  torchrun data-parallel on 1 and 2 GPUs: shakespeare_char and GPT-2 small, torch and cutile.
 # final:  what fits one call: GPU tests and one-GPU scale runs on GPU 0 while GPU 1 trains the reference,
 #         verifies and benches it; then the two-GPU runs.
+# parity: one GPU: GPU tests, the kernel bench (LayerNorm tiles retuned first), shakespeare_char trained
+#         with torch and with cutile side by side on the one card (val loss parity and both curves; their
+#         ms/iter are shared-card figures), then transplant + verify of the torch checkpoint.
+# speed:  one GPU, one thing at a time: shakespeare_char trained with train.cuda_graph for torch and for
+#         cutile, then the bench stage (train step eager / compile / cuda graph, inference) on the checkpoint.
 set -uo pipefail
-phase=${1:?usage: h100_session.sh single|scale}
+phase=${1:?usage: h100_session.sh single|scale|final|parity|speed}
 OUT=${OUT:-/tmp/h100-out}
 export PYTHONUNBUFFERED=1 GPTCORE_MLFLOW=off OMP_NUM_THREADS=4
 # NVLink multicast stays off: a program using it can take the host's shared GPUs out of service.
@@ -124,8 +129,38 @@ if [ "$phase" = scale ]; then
   cat "$logs/pytest.txt" "$logs/scale1.txt" "$logs/scale2.txt"
 fi
 
-cp -r "$repo/runs" "$logs/runs" 2>/dev/null
-find "$logs/runs" \( -name '*.pt' -o -name '*.safetensors' -o -name data -o -name '*.bin' \) -prune -exec rm -rf {} + 2>/dev/null
+if [ "$phase" = parity ]; then
+  (timeout 300 python3 -m pytest -m gpu -n 8 -q -p no:cacheprovider tests >"$logs/pytest_gpu.log" 2>&1
+   echo "pytest -m gpu: exit $?"; tail -5 "$logs/pytest_gpu.log")
+  python3 -m gptcore.kernels.bench --tune layernorm --host --graphs --json "$logs/kernel_bench.json" \
+    >"$logs/kernel_bench.log" 2>&1
+  echo "kernel bench: exit $?"
+  mkrun torch shakespeare_char >/dev/null
+  mkrun cutile shakespeare_char train.backend=cutile >/dev/null
+  train torch 0 1 >"$logs/train_torch.txt" 2>&1 &
+  train cutile 0 1 >"$logs/train_cutile.txt" 2>&1 &
+  wait
+  cat "$logs/train_torch.txt" "$logs/train_cutile.txt"
+  cd "$repo/runs/torch"
+  DVC_ROOT=$PWD python3 "$repo/stages/transplant.py" >"$logs/transplant.log" 2>&1
+  echo "transplant: exit $?"
+  DVC_ROOT=$PWD python3 "$repo/stages/verify.py" --preset shakespeare_char >"$logs/verify.log" 2>&1
+  echo "verify: exit $?"; cp reports/verify.md metrics/verify.json "$logs/" 2>/dev/null
+  cd "$repo"
+fi
+
+if [ "$phase" = speed ]; then
+  mkrun torch_graph shakespeare_char train.cuda_graph=true >/dev/null
+  mkrun cutile_graph shakespeare_char train.backend=cutile train.cuda_graph=true >/dev/null
+  train torch_graph 0 1
+  train cutile_graph 0 1
+  cd "$repo/runs/torch_graph"
+  DVC_ROOT=$PWD python3 "$repo/stages/bench.py" --preset shakespeare_char \
+    --checkpoint "$repo/runs/torch_graph/out/ckpt.pt" --repeats 5 >"$logs/bench.log" 2>&1
+  echo "bench: exit $?"; cp metrics/bench.json "$logs/bench.json"
+  cd "$repo"
+fi
+
 if [ "$phase" = final ]; then
   mkrun torch shakespeare_char >/dev/null
   common="train.gradient_accumulation_steps=2 train.eval_interval=1000 train.eval_iters=20"
@@ -156,5 +191,7 @@ if [ "$phase" = final ]; then
   cat "$logs/gpu0.txt" "$logs/gpu1.txt" "$logs/scale2.txt"
 fi
 
+cp -r "$repo/runs" "$logs/runs" 2>/dev/null
+find "$logs/runs" \( -name '*.pt' -o -name '*.safetensors' -o -name data -o -name '*.bin' \) -prune -exec rm -rf {} + 2>/dev/null
 tar -czf "$OUT/results_$phase.tgz" -C "$(dirname "$logs")" "$(basename "$logs")"
 ls -la "$OUT"

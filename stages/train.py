@@ -59,6 +59,7 @@ def main(argv=None) -> int:
                 "ms_per_iter": result.ms_per_iter, "n_params": result.n_params,
                 "world_size": result.world_size, "device": result.device, "dtype": result.dtype,
                 "backend": params.train.backend, "compile": params.train.compile,
+                "cuda_graph": params.train.cuda_graph,
                 "final_train_loss": result.history[-1]["train_loss"],
                 "final_val_loss": result.history[-1]["val_loss"],
                 "checkpoint_sha256": ckpt_sha, "mlflow_run_id": run.run_id,

@@ -51,6 +51,9 @@ def test_rows_on_cpu_measure_pytorch_and_skip_the_gpu_rows():
     assert "CUDA only" in rows[("attention_fwd", "B2xH2xT16xD16", "sdpa-cudnn")]["reason"]
     assert "CUDA graphs need a CUDA device" in rows[("decode", "B1xP4+12", "torch kv_cache+cuda_graph")]["reason"]
     assert "torch.compile row off" in rows[("train_step", "B2xT16", "torch compile")]["reason"]
+    for impl in ("torch eager+graph", "cutile+graph"):  # the step captured as a CUDA graph: CUDA only
+        r = rows[("train_step", "B2xT16", impl)]
+        assert r["status"] == "skipped" and "CUDA graphs need a CUDA device" in r["reason"], r
     assert not [r for r in rec.records if r["status"] == "failed"]
     for r in rec.records:  # every record says where and with what it was measured
         assert r["device"] and r["torch"] == torch.__version__ and r["cuda_tile"]
@@ -88,7 +91,8 @@ def test_bench_stage_on_cpu(tmp_path):
                                              "layernorm_fwd_bwd", "train_step", "prefill", "decode"}
     assert all(r["ms"] > 0 and r["repeats"] == 3 for r in measured)  # --repeats overrode params.yaml
     cutile = [r for r in records if r["implementation"].startswith("cutile")]
-    assert len(cutile) == 4 + 1 + 1 + 3 and all(r in skipped and r["reason"] for r in cutile)
+    # kernels 4, train_step 2 (eager, +graph), prefill 1, decode 3
+    assert len(cutile) == 4 + 2 + 1 + 3 and all(r in skipped and r["reason"] for r in cutile)
     assert m["decode_speedup_vs_uncached_batch1"]["torch kv_cache"] > 0
 
     plot = (proj / "plots" / "bench.csv").read_text().splitlines()

@@ -47,6 +47,22 @@ def test_unknown_section_and_min_lr_above_lr():
         parse_params(raw)
 
 
+@pytest.mark.parametrize("other,message", [
+    ({"compile": True}, r"train\.cuda_graph: .*cannot be combined with train\.compile: true"),
+    ({"dtype": "float16"}, r"train\.cuda_graph: .*cannot be combined with train\.dtype: float16"),
+])
+def test_cuda_graph_conflicts_are_refused_when_params_load(other, message):
+    raw = defaults()
+    assert raw["train"]["cuda_graph"] is False  # off by default, listed in params.yaml
+    raw["train"].update(cuda_graph=True, **other)
+    with pytest.raises(ParamsError, match=message):
+        parse_params(raw)
+    raw["train"]["cuda_graph"] = False
+    parse_params(raw)  # the other setting alone is fine
+    raw["train"].update(cuda_graph=True, compile=False, dtype="bfloat16")
+    assert parse_params(raw).train.cuda_graph is True
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")

@@ -8,7 +8,10 @@ import torch
 from gptcore import data
 from gptcore.checkpoint import load_checkpoint
 from gptcore.params import ParamsError
-from gptcore.train import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, learning_rate
+from gptcore.model import GPT, GPTConfig
+from gptcore.train import (BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, learning_rate, load_optimizer_state,
+                           optimizer_state)
+from gptcore.train_graph import GraphedTrainStep
 from pipeline_helpers import ROOT, run, tiny_params, write_corpus
 
 
@@ -72,6 +75,57 @@ def test_cutile_backend_without_gpu_is_a_clear_error(root):
         pytest.skip("this machine has a GPU: the cuTile backend can run")
     with pytest.raises(RuntimeError, match="backend 'cutile' cannot run"):
         Trainer(tiny_params(train={"backend": "cutile", "device": "cpu"}), root).run()
+
+
+def test_cuda_graph_on_a_cpu_device_is_refused(root):
+    with pytest.raises(ParamsError, match=r"train\.cuda_graph: true needs a CUDA device, training runs on cpu"):
+        Trainer(tiny_params(train={"cuda_graph": True, "device": "cpu"}), root)
+
+
+def tiny_gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=1, n_embd=32))
+
+
+def test_graphed_step_and_capturable_optimizer_need_cuda():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="capturable optimizer needs the parameters on a CUDA device"):
+        model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", capturable=True)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        GraphedTrainStep(model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu"), dtype=torch.float32,
+                         micro_steps=1, batch_size=2, block_size=16, grad_clip=1.0)
+
+
+def test_optimizer_state_moves_between_the_eager_and_the_graphed_step():
+    """The graphed step's optimizer is fused and capturable with its learning rate a device tensor. A
+    checkpoint holds the rate as a float, and loading keeps how the loading optimizer runs, so a checkpoint
+    written by either step resumes in either (on a GPU: tests/test_train_graph_gpu.py)."""
+    model = tiny_gpt()
+    x = torch.randint(40, (2, 16))
+    eager = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    model(x, x)[1].backward()
+    eager.step()
+
+    # What the graphed step's optimizer holds (built on CPU here: capturable AdamW only steps on a GPU).
+    lr = torch.tensor(2e-3)
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in eager.param_groups]
+    graphed = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=True, capturable=True)
+    load_optimizer_state(graphed, optimizer_state(eager))
+    assert all(g["lr"] is lr and g["capturable"] and g["fused"] for g in graphed.param_groups)
+    assert [g["weight_decay"] for g in graphed.param_groups] == [0.1, 0.0]
+    p0 = eager.param_groups[0]["params"][0]
+    torch.testing.assert_close(graphed.state[p0]["exp_avg"], eager.state[p0]["exp_avg"])
+
+    saved = optimizer_state(graphed)
+    assert all(type(g["lr"]) is float and g["lr"] == pytest.approx(2e-3) for g in saved["param_groups"])
+    assert torch.is_tensor(graphed.param_groups[0]["lr"])  # saving leaves the optimizer's tensor alone
+    saved["param_groups"][0]["lr"] = torch.tensor(2e-3)  # a tensor rate, as torch alone would have saved it
+    again = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    load_optimizer_state(again, saved)
+    assert all(g["lr"] == 1e-3 and not g["capturable"] and not g["fused"] for g in again.param_groups)
+    model(x, x)[1].backward()
+    again.step()  # the eager CPU step runs on the state the "graphed" optimizer saved
+    assert int(again.state[p0]["step"]) == 2
 
 
 @pytest.mark.slow
