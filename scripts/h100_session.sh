@@ -13,10 +13,12 @@
 # parity: one GPU: GPU tests, the kernel bench (LayerNorm tiles retuned first), shakespeare_char trained
 #         with torch and with cutile side by side on the one card (val loss parity and both curves; their
 #         ms/iter are shared-card figures), then transplant + verify of the torch checkpoint.
+# check:  one GPU: GPU tests, the kernel bench with host-time breakdown, shakespeare_char trained with
+#         torch and train.cuda_graph, transplant + verify of it, the bench stage on it.
 # speed:  one GPU, one thing at a time: shakespeare_char trained with train.cuda_graph for torch and for
 #         cutile, then the bench stage (train step eager / compile / cuda graph, inference) on the checkpoint.
 set -uo pipefail
-phase=${1:?usage: h100_session.sh single|scale|final|parity|speed}
+phase=${1:?usage: h100_session.sh single|scale|final|parity|speed|check}
 OUT=${OUT:-/tmp/h100-out}
 export PYTHONUNBUFFERED=1 GPTCORE_MLFLOW=off OMP_NUM_THREADS=4
 # NVLink multicast stays off: a program using it can take the host's shared GPUs out of service.
@@ -146,6 +148,24 @@ if [ "$phase" = parity ]; then
   echo "transplant: exit $?"
   DVC_ROOT=$PWD python3 "$repo/stages/verify.py" --preset shakespeare_char >"$logs/verify.log" 2>&1
   echo "verify: exit $?"; cp reports/verify.md metrics/verify.json "$logs/" 2>/dev/null
+  cd "$repo"
+fi
+
+if [ "$phase" = check ]; then
+  (timeout 300 python3 -m pytest -m gpu -n 8 -q -p no:cacheprovider tests >"$logs/pytest_gpu.log" 2>&1
+   echo "pytest -m gpu: exit $?"; tail -5 "$logs/pytest_gpu.log")
+  python3 -m gptcore.kernels.bench --host --graphs --json "$logs/kernel_bench.json" >"$logs/kernel_bench.log" 2>&1
+  echo "kernel bench: exit $?"
+  mkrun torch_graph shakespeare_char train.cuda_graph=true >/dev/null
+  train torch_graph 0 1
+  cd "$repo/runs/torch_graph"
+  DVC_ROOT=$PWD python3 "$repo/stages/transplant.py" >"$logs/transplant.log" 2>&1
+  echo "transplant: exit $?"
+  DVC_ROOT=$PWD python3 "$repo/stages/verify.py" --preset shakespeare_char >"$logs/verify.log" 2>&1
+  echo "verify: exit $?"; cp reports/verify.md metrics/verify.json "$logs/" 2>/dev/null
+  DVC_ROOT=$PWD python3 "$repo/stages/bench.py" --preset shakespeare_char \
+    --checkpoint "$repo/runs/torch_graph/out/ckpt.pt" --repeats 5 >"$logs/bench.log" 2>&1
+  echo "bench: exit $?"; cp metrics/bench.json "$logs/bench.json"
   cd "$repo"
 fi
 

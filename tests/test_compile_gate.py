@@ -36,3 +36,16 @@ def test_compile_gate_sm90_sm100():
         assert any(re.match(pattern, line) for line in ok_lines), f"no OK line for {job}"
     kernels = {job.kernel for job in expected}
     assert kernels == {"attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv", "layernorm.fwd", "layernorm.bwd"}
+
+
+@pytest.mark.parametrize("n, expected", [(384, (256, 128)), (768, (512, 256)), (512, (512, 0)), (100, (64, 64)),
+                                         (1, (1, 0)), (7, (4, 4)), (1600, (1024, 1024))])
+def test_layernorm_row_chunks(n, expected):
+    """The LayerNorm kernels cover a row with two power-of-two column chunks; the second starts at a
+    multiple of its own width (it is tile a // b of the row) and together they cover every column."""
+    pytest.importorskip("cuda.tile", reason="cuda-tile[tileiras] is not installed")
+    from gptcore.kernels.layernorm import chunks
+    a, b = chunks(n)
+    assert (a, b) == expected
+    assert a <= n <= a + b or (b == 0 and a == n)
+    assert b == 0 or a % b == 0

@@ -209,12 +209,10 @@ DKV_SWEEP = ((128, 64, 2, 0), (128, 64, 2, 1), (64, 64, 2, 0), (64, 64, 2, 1), (
              (32, 128, 2, 0), (128, 64, 1, 0), (128, 128, 1, 0), (64, 64, 4, 0), (32, 64, 4, 0))
 LN_FWD_SWEEP = ((2, 4), (4, 2), (4, 4), (8, 2), (8, 4), (16, 2), (16, 4), (32, 2), (2, 8), (4, 8),
                 (1, 8), (1, 16))  # (rows, occupancy)
-# (rows, occupancy, blocks/SM, load latency hint (0: none), per-row dweight/dbias partials)
-LN_BWD_SWEEP = ((16, 2, 4, 0, False), (16, 2, 2, 6, False), (16, 2, 2, 4, False), (16, 2, 2, 8, False),
-                (16, 2, 2, 10, False), (32, 1, 1, 6, False), (8, 4, 4, 6, False), (8, 2, 2, 6, False),
-                (16, 1, 1, 6, False), (4, 4, 8, 0, False), (4, 4, 4, 6, False), (4, 4, 4, 0, False),
-                (4, 4, 8, 6, False), (2, 8, 8, 6, False), (4, 2, 2, 6, False), (8, 1, 1, 10, False),
-                (8, 2, 4, 0, True))
+# (rows, occupancy, blocks/SM, load latency hint (0: none))
+LN_BWD_SWEEP = ((16, 2, 4, 0), (16, 2, 2, 4), (16, 2, 2, 8), (32, 1, 1, 4), (8, 2, 2, 4), (8, 4, 4, 4),
+                (16, 1, 1, 6), (4, 4, 8, 0), (4, 2, 2, 6), (4, 4, 4, 6), (8, 2, 2, 8), (8, 1, 1, 10),
+                (2, 4, 4, 6), (4, 2, 4, 6))
 
 
 def _attn_variants(base):
@@ -232,9 +230,9 @@ def _ln_variants(base):
     out = []
     for rows, occ in LN_FWD_SWEEP:
         out.append(("fwd", replace(base, fwd_rows=rows, fwd_occ=occ)))
-    for rows, occ, per_sm, latency, defer in LN_BWD_SWEEP:
+    for rows, occ, per_sm, latency in LN_BWD_SWEEP:
         out.append(("bwd", replace(base, bwd_rows=rows, bwd_occ=occ, bwd_blocks_per_sm=per_sm,
-                                   bwd_latency=latency, bwd_defer=defer)))
+                                   bwd_latency=latency)))
     return out
 
 
@@ -388,7 +386,7 @@ def tune_layernorm(shapes=LN_SHAPES, dtype=torch.bfloat16) -> list[dict]:
             rec["label"] = f"rows{tiles.fwd_rows} occ{tiles.fwd_occ}"
         else:
             rec["label"] = (f"rows{tiles.bwd_rows} occ{tiles.bwd_occ} blocks/SM{tiles.bwd_blocks_per_sm} "
-                            f"latency{tiles.bwd_latency}{' defer' if tiles.bwd_defer else ''}")
+                            f"latency{tiles.bwd_latency}")
         try:
             if part == "fwd":
                 ms = time_graph_ms(lambda: L.layer_norm_forward(x, w, b, 1e-5, tiles), repeats=25, inner=10)
@@ -418,7 +416,7 @@ def best_layernorm_tiles(records, base, shape: str):
     if "bwd" in best:
         f = best["bwd"]["tiles"]
         t = replace(t, bwd_rows=f["bwd_rows"], bwd_occ=f["bwd_occ"], bwd_blocks_per_sm=f["bwd_blocks_per_sm"],
-                    bwd_latency=f["bwd_latency"], bwd_defer=f["bwd_defer"])
+                    bwd_latency=f["bwd_latency"])
     return t
 
 

@@ -114,18 +114,17 @@ def _signature_and_kernel(job: CompileJob):
         # Missing weight / bias: the stats array (2-D fp32) stands in, as in the launch helpers.
         x2, f2 = _array(ct, dt, 2), _array(ct, ct.float32, 2)
         p1 = _array(ct, dt, 1) if affine else f2
-        pad = layernorm.next_pow2(n)
         if job.kernel == "layernorm.fwd":
+            tile_a, tile_b = layernorm.chunks(n)
             kern = layernorm.fwd_kernel(tiles.fwd_occ)
-            params = [x2, p1, p1, x2, f2, f32, pad, tiles.fwd_rows, affine, affine]
-            desc = f"rows{tiles.fwd_rows} pad{pad} occ{tiles.fwd_occ}"
+            params = [x2, p1, p1, x2, f2, f32, tile_a, tile_b, tiles.fwd_rows, affine, affine]
+            desc = f"rows{tiles.fwd_rows} chunks{tile_a}+{tile_b} occ{tiles.fwd_occ}"
         else:
+            pad = layernorm.next_pow2(n)
             kern = layernorm.bwd_kernel(tiles.bwd_occ)
             f3 = _array(ct, ct.float32, 3)
-            params = [x2, p1, x2, f2, x2, f3, pad, tiles.bwd_rows, affine, affine,
-                      tiles.bwd_latency, tiles.bwd_defer]
-            desc = (f"rows{tiles.bwd_rows} pad{pad} occ{tiles.bwd_occ} latency{tiles.bwd_latency}"
-                    f"{' defer' if tiles.bwd_defer else ''}")
+            params = [x2, p1, x2, f2, x2, f3, pad, tiles.bwd_rows, affine, affine, tiles.bwd_latency]
+            desc = f"rows{tiles.bwd_rows} pad{pad} occ{tiles.bwd_occ} latency{tiles.bwd_latency}"
     name = kern._annotated_function.pyfunc.__name__
     return kern, KernelSignature(params, cc).with_mangled_symbol(name), desc
 

@@ -1,9 +1,9 @@
 """LayerNorm in cuTile: forward (saving mean and rstd in fp32) and backward (dx, dweight, dbias).
 
-Rows are independent, so a block takes TILE_ROWS rows at once and the whole width, padded to the next
-power of two (tiles are powers of two): loads fill the tail with zeros, and the only place where the
-padding could leak into a result, the variance, masks it out. Every statistic is fp32 whatever the
-input dtype (fp32, bf16, fp16); weight and bias may each be None, as in F.layer_norm.
+Rows are independent, so a block takes TILE_ROWS rows at once and the whole width, as two column
+chunks whose widths are powers of two (tiles are), so that 384 and 768 need no padding (see Kernels).
+Every statistic is fp32 whatever the input dtype (fp32, bf16, fp16); weight and bias may each be None,
+as in F.layer_norm.
 
 Backward: each block of a persistent grid walks over row tiles, writes dx, and keeps fp32 partial
 sums of dy * xhat and dy for its rows; one torch.sum over the [2, blocks, N] partials finishes
@@ -35,12 +35,12 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # --------------------------------------------------------------------------------------------------
 # Tile configurations per architecture, keyed by the padded width ("small" <= 512 < "large" <= 1024).
 # fwd_rows / bwd_rows: rows per tile; occ: resident blocks per SM; bwd_blocks_per_sm: persistent grid;
-# bwd_latency: the latency hint of the backward's loads (0: none); bwd_defer: keep the dweight/dbias
-# partial sums per row and reduce them once at the end instead of once per tile.
-# sm_90 (H100): picked by measurement (`bench.py --tune`, CUDA-graph replay, 16384 rows bf16, 12
-# forward and 13 backward variants per width): 384 wide, forward 16 rows occ 4 (13 us), backward 16
-# rows occ 2, 4 blocks/SM (37 us); 768 wide, forward 8 rows occ 4 (28 us), backward 4 rows occ 4,
-# 8 blocks/SM (55 us). Other architectures: untuned, safe defaults.
+# bwd_latency: the latency hint of the backward's loads (0: none).
+# sm_90 (H100): picked by measurement (`bench.py --tune layernorm`, CUDA-graph replay, 16384 rows bf16,
+# 12 forward and 14-17 backward variants per width): 384 wide, forward 16 rows occ 4 (11.3 us), backward
+# 16 rows occ 2, 2 blocks/SM, latency hint 4 (27 us, against 34 us without the hint at 4 blocks/SM);
+# 768 wide, forward 8 rows occ 4 (26.5 us), backward 4 rows occ 2, 2 blocks/SM, hint 6 (48 us). One
+# resident wave of blocks with a load latency hint won at both widths. Other architectures: untuned.
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LNTiles:
@@ -50,11 +50,10 @@ class LNTiles:
     bwd_occ: int
     bwd_blocks_per_sm: int
     bwd_latency: int = 0
-    bwd_defer: bool = False
 
 
 LN_TILES = {
-    "sm_90": {"small": LNTiles(16, 4, 16, 2, 2, 6), "large": LNTiles(8, 4, 4, 4, 8)},
+    "sm_90": {"small": LNTiles(16, 4, 16, 2, 2, 4), "large": LNTiles(8, 4, 4, 2, 2, 6)},
     "default": {"small": LNTiles(8, 2, 8, 2, 4), "large": LNTiles(4, 2, 4, 2, 4)},
 }
 SM_COUNT_FALLBACK = 132
@@ -77,84 +76,100 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def chunks(n: int) -> tuple[int, int]:
+    """The forward's two column chunks (TILE_A, TILE_B) of a row of width n: 384 -> (256, 128),
+    768 -> (512, 256), 512 -> (512, 0), 100 -> (64, 64)."""
+    a = 1 << (n.bit_length() - 1)
+    return a, (next_pow2(n - a) if n > a else 0)
+
+
+
+
 # --------------------------------------------------------------------------------------------------
-# Kernels
+# Kernels. A row of width N is up to two column chunks: A, then B starting at column A (a multiple of
+# B, so chunk B is tile A // B of the row), B = 0 for one chunk. The forward splits N into A, the largest
+# power of two <= N, and B, the next power of two >= N - A: 384 = 256 + 128 and 768 = 512 + 256 need no
+# padding. The backward instead takes one tile of the width padded to the next power of two: measured
+# on the H100 (16384 rows, bf16, best tiles each) it beat the split, 27 vs 40 us at 384 wide and 48 vs
+# 51 us at 768 (the split's smaller tiles double the loads, stores and reductions of every step), while
+# the forward gains from the split (11.3 vs 12.8 us at 384, 26.5 vs 27.9 us at 768). Padded columns
+# load as 0 and are masked where they would count (the variance); stores drop them.
 # --------------------------------------------------------------------------------------------------
-def ln_fwd_kernel_body(X, W, B, Y, STATS, eps,
-                       N_PAD: ConstInt, TILE_ROWS: ConstInt, HAS_W: ConstBool, HAS_B: ConstBool):
+def _load(A, index, shape, LATENCY):
+    """A tile as fp32; the latency hint (a compile-time constant) only when set."""
+    if LATENCY > 0:
+        return ct.load(A, index, shape, padding_mode=ZERO, latency=LATENCY).astype(ct.float32)
+    return ct.load(A, index, shape, padding_mode=ZERO).astype(ct.float32)
+
+
+def _affine(y, W, B, chunk, TILE, HAS_W, HAS_B):
+    """y * w + b over one column chunk ([rows, TILE]); chunk is the tile index of the chunk in the row."""
+    if HAS_W:
+        y = y * ct.load(W, (chunk,), (TILE,), padding_mode=ZERO).astype(ct.float32)[None, :]
+    if HAS_B:
+        y = y + ct.load(B, (chunk,), (TILE,), padding_mode=ZERO).astype(ct.float32)[None, :]
+    return y
+
+
+def ln_fwd_kernel_body(X, W, B, Y, STATS, eps, TILE_A: ConstInt, TILE_B: ConstInt,
+                       TILE_ROWS: ConstInt, HAS_W: ConstBool, HAS_B: ConstBool):
     """Grid (cdiv(M, TILE_ROWS),). X, Y (M, N); W, B (N,); STATS (2, M) fp32: mean, rstd."""
     n = X.shape[1]
     r = ct.bid(0)
-    x = ct.load(X, (r, 0), (TILE_ROWS, N_PAD), padding_mode=ZERO).astype(ct.float32)  # [TILE_ROWS, N_PAD]
-    mean = ct.sum(x, axis=1, keepdims=True) / n  # [TILE_ROWS, 1]; zero padding leaves the sum alone
-    cols = ct.arange(N_PAD, dtype=ct.int32)[None, :]  # [1, N_PAD]
-    xc = ct.where(cols < n, x - mean, 0.0)  # padded columns would add mean^2 to the variance
-    var = ct.sum(xc * xc, axis=1, keepdims=True) / n  # [TILE_ROWS, 1], biased as in torch
-    rstd = ct.rsqrt(var + eps)
-    y = xc * rstd  # [TILE_ROWS, N_PAD]
-    if HAS_W:
-        w = ct.load(W, (0,), (N_PAD,), padding_mode=ZERO).astype(ct.float32)  # [N_PAD]
-        y = y * w[None, :]
-    if HAS_B:
-        bias = ct.load(B, (0,), (N_PAD,), padding_mode=ZERO).astype(ct.float32)
-        y = y + bias[None, :]
-    ct.store(Y, (r, 0), y.astype(Y.dtype))
+    xa = _load(X, (r, 0), (TILE_ROWS, TILE_A), 0)  # [TILE_ROWS, TILE_A], all real columns
+    total = ct.sum(xa, axis=1, keepdims=True)
+    if TILE_B > 0:
+        xb = _load(X, (r, TILE_A // TILE_B), (TILE_ROWS, TILE_B), 0)  # [TILE_ROWS, TILE_B]
+        total = total + ct.sum(xb, axis=1, keepdims=True)
+    mean = total / n  # [TILE_ROWS, 1]; zero padding leaves the sum alone
+    xca = xa - mean
+    var = ct.sum(xca * xca, axis=1, keepdims=True)
+    if TILE_B > 0:
+        cols = TILE_A + ct.arange(TILE_B, dtype=ct.int32)[None, :]  # [1, TILE_B]
+        xcb = ct.where(cols < n, xb - mean, 0.0)  # padded columns would add mean^2 to the variance
+        var = var + ct.sum(xcb * xcb, axis=1, keepdims=True)
+    rstd = ct.rsqrt(var / n + eps)  # [TILE_ROWS, 1], biased variance as in torch
+    ya = _affine(xca * rstd, W, B, 0, TILE_A, HAS_W, HAS_B)
+    ct.store(Y, (r, 0), ya.astype(Y.dtype))
+    if TILE_B > 0:
+        yb = _affine(xcb * rstd, W, B, TILE_A // TILE_B, TILE_B, HAS_W, HAS_B)
+        ct.store(Y, (r, TILE_A // TILE_B), yb.astype(Y.dtype))
     ct.store(STATS, (0, r), mean.reshape((1, TILE_ROWS)))
     ct.store(STATS, (1, r), rstd.reshape((1, TILE_ROWS)))
 
 
-def _load_rows(A, t, TILE_ROWS, N_PAD, LATENCY):
-    """One [TILE_ROWS, N_PAD] tile as fp32; the latency hint (a compile-time constant) only when set."""
-    if LATENCY > 0:
-        return ct.load(A, (t, 0), (TILE_ROWS, N_PAD), padding_mode=ZERO, latency=LATENCY).astype(ct.float32)
-    return ct.load(A, (t, 0), (TILE_ROWS, N_PAD), padding_mode=ZERO).astype(ct.float32)
-
-
-def ln_bwd_kernel_body(X, W, DY, STATS, DX, PARTS,
-                       N_PAD: ConstInt, TILE_ROWS: ConstInt, HAS_W: ConstBool, HAS_B: ConstBool,
-                       LATENCY: ConstInt, DEFER: ConstBool):
+def ln_bwd_kernel_body(X, W, DY, STATS, DX, PARTS, N_PAD: ConstInt, TILE_ROWS: ConstInt,
+                       HAS_W: ConstBool, HAS_B: ConstBool, LATENCY: ConstInt):
     """Persistent grid (G,). PARTS (2, G, N) fp32: this block's column sums of dy*xhat and dy.
 
     dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy * xhat)), means over the N true columns.
+    One tile of N_PAD columns per row (see `bwd_chunks`). Padded rows have x = dy = mean = rstd = 0 and
+    padded columns dy = 0, so neither adds anything to a sum below; their dx is never stored.
     """
     n = X.shape[1]
     g = ct.bid(0)
     n_tiles = ct.cdiv(X.shape[0], TILE_ROWS)
     if HAS_W:
         w = ct.load(W, (0,), (N_PAD,), padding_mode=ZERO).astype(ct.float32)[None, :]  # [1, N_PAD]
-    # DEFER keeps one partial per row of the tile (no cross-row reduction inside the loop).
-    acc_rows = TILE_ROWS if DEFER else 1
-    dw = ct.zeros((acc_rows, N_PAD), dtype=ct.float32)
-    db = ct.zeros((acc_rows, N_PAD), dtype=ct.float32)
+    dw = ct.zeros((1, N_PAD), dtype=ct.float32)  # column sums of dy * xhat and of dy
+    db = ct.zeros((1, N_PAD), dtype=ct.float32)
     for t in range(g, n_tiles, ct.num_blocks(0)):
-        x = _load_rows(X, t, TILE_ROWS, N_PAD, LATENCY)  # [TILE_ROWS, N_PAD]
-        dy = _load_rows(DY, t, TILE_ROWS, N_PAD, LATENCY)
         mean = ct.load(STATS, (0, t), (1, TILE_ROWS), padding_mode=ZERO).reshape((TILE_ROWS, 1))
         rstd = ct.load(STATS, (1, t), (1, TILE_ROWS), padding_mode=ZERO).reshape((TILE_ROWS, 1))
-        # Padded rows have x = dy = mean = rstd = 0 and padded columns dy = 0, so neither adds
-        # anything below; their dx is never stored.
-        xhat = (x - mean) * rstd  # [TILE_ROWS, N_PAD]
+        xhat = (_load(X, (t, 0), (TILE_ROWS, N_PAD), LATENCY) - mean) * rstd  # [TILE_ROWS, N_PAD]
+        dy = _load(DY, (t, 0), (TILE_ROWS, N_PAD), LATENCY)
         wdy = dy * w if HAS_W else dy
         c1 = ct.sum(xhat * wdy, axis=1, keepdims=True) / n  # [TILE_ROWS, 1]
         c2 = ct.sum(wdy, axis=1, keepdims=True) / n
-        dx = (wdy - (xhat * c1 + c2)) * rstd
-        ct.store(DX, (t, 0), dx.astype(DX.dtype))
-        if DEFER:
-            if HAS_W:
-                dw = dw + dy * xhat  # [TILE_ROWS, N_PAD]
-            if HAS_B:
-                db = db + dy
-        else:
-            if HAS_W:
-                dw = dw + ct.sum(dy * xhat, axis=0, keepdims=True)  # [1, N_PAD]
-            if HAS_B:
-                db = db + ct.sum(dy, axis=0, keepdims=True)
+        ct.store(DX, (t, 0), ((wdy - (xhat * c1 + c2)) * rstd).astype(DX.dtype))
+        if HAS_W:
+            dw = dw + ct.sum(dy * xhat, axis=0, keepdims=True)  # [1, N_PAD]
+        if HAS_B:
+            db = db + ct.sum(dy, axis=0, keepdims=True)
     if HAS_W:
-        dw_row = ct.sum(dw, axis=0, keepdims=True) if DEFER else dw  # [1, N_PAD]
-        ct.store(PARTS, (0, g, 0), dw_row.reshape((1, 1, N_PAD)))
+        ct.store(PARTS, (0, g, 0), dw.reshape((1, 1, N_PAD)))
     if HAS_B:
-        db_row = ct.sum(db, axis=0, keepdims=True) if DEFER else db
-        ct.store(PARTS, (1, g, 0), db_row.reshape((1, 1, N_PAD)))
+        ct.store(PARTS, (1, g, 0), db.reshape((1, 1, N_PAD)))
 
 
 @lru_cache(maxsize=None)
@@ -175,7 +190,8 @@ def bwd_kernel(occupancy: int):
 @dataclass(frozen=True)
 class LNPlan:
     tiles: LNTiles
-    n_pad: int
+    fwd_chunks: tuple[int, int]  # the forward's column chunks (TILE_A, TILE_B)
+    n_pad: int  # the backward's padded width
     fwd: object  # compiled-on-first-launch kernel objects
     bwd: object
     max_bwd_blocks: int  # the persistent backward grid's size cap: SMs x blocks per SM
@@ -188,7 +204,7 @@ def _plan(device_index: int, n: int, tiles: LNTiles | None) -> LNPlan:
         sms = torch.cuda.get_device_properties(device_index).multi_processor_count
     except Exception:  # pragma: no cover
         sms = SM_COUNT_FALLBACK
-    return LNPlan(tiles, next_pow2(n), fwd_kernel(tiles.fwd_occ), bwd_kernel(tiles.bwd_occ),
+    return LNPlan(tiles, chunks(n), next_pow2(n), fwd_kernel(tiles.fwd_occ), bwd_kernel(tiles.bwd_occ),
                   sms * tiles.bwd_blocks_per_sm)
 
 
@@ -211,7 +227,7 @@ def layer_norm_forward(x2, weight, bias, eps: float, tiles: LNTiles | None = Non
     rows = plan.tiles.fwd_rows
     ct.launch(stream_handle(dev), ((m + rows - 1) // rows, 1, 1), plan.fwd,
               (x2, stats if weight is None else weight, stats if bias is None else bias, y, stats, eps,
-               plan.n_pad, rows, weight is not None, bias is not None))
+               *plan.fwd_chunks, rows, weight is not None, bias is not None))
     return y, stats
 
 
@@ -229,7 +245,7 @@ def layer_norm_backward(x2, weight, has_bias: bool, stats, dy2, tiles: LNTiles |
     ensure_cuda_context(dev)  # autograd's worker thread may have no current context
     ct.launch(stream_handle(dev), (blocks, 1, 1), plan.bwd,
               (x2, weight if has_weight else stats, dy2, stats, dx, parts, plan.n_pad, t.bwd_rows,
-               has_weight, has_bias, t.bwd_latency, t.bwd_defer))
+               has_weight, has_bias, t.bwd_latency))
     if not (has_weight or has_bias):
         return dx, None, None
     # One reduction for both, in a fixed order: deterministic (no atomics).
