@@ -148,6 +148,9 @@ class VerifyParams(Section):
     num_prompts: int = Field(5, ge=1)  # prompts cut from the validation split
     prompt_len: int = Field(32, ge=1)  # capped at the block size
     decode_tokens: int = Field(32, ge=1)  # 500 in the GPU presets
+    # Where the streams differ and the float32 reference's logits of the two tokens are within this, it is a
+    # rounding tie (reported; the candidate goes on from the reference's token); 0 demands identity.
+    decode_tie_gap: float = Field(0.01, ge=0.0)
     # Ahead-of-time compile gate: runs without a GPU. scope `model`: the kernel signatures this checkpoint
     # uses (seconds); `all`: every signature of gptcore.kernels.compile (minutes on 2 CPU cores).
     compile_archs: list[str] = ["sm_90"]  # [] switches the gate off (reported as skipped)

@@ -15,10 +15,11 @@
 #         ms/iter are shared-card figures), then transplant + verify of the torch checkpoint.
 # check:  one GPU: GPU tests, the kernel bench with host-time breakdown, shakespeare_char trained with
 #         torch and train.cuda_graph, transplant + verify of it, the bench stage on it.
+# verify: one GPU: shakespeare_char trained with torch and train.cuda_graph, then transplant + verify.
 # speed:  one GPU, one thing at a time: shakespeare_char trained with train.cuda_graph for torch and for
 #         cutile, then the bench stage (train step eager / compile / cuda graph, inference) on the checkpoint.
 set -uo pipefail
-phase=${1:?usage: h100_session.sh single|scale|final|parity|speed|check}
+phase=${1:?usage: h100_session.sh single|scale|final|parity|speed|check|verify}
 OUT=${OUT:-/tmp/h100-out}
 export PYTHONUNBUFFERED=1 GPTCORE_MLFLOW=off OMP_NUM_THREADS=4
 # NVLink multicast stays off: a program using it can take the host's shared GPUs out of service.
@@ -58,6 +59,23 @@ parse_params(raw, path)
 open(path, "w").write(yaml.safe_dump(raw, sort_keys=False))
 EOF
   echo "$dir"
+}
+
+# transplant_verify NAME: transplant and verify runs/NAME's checkpoint (shakespeare_char preset), on the
+# visible GPU; the report and metrics go to the logs.
+transplant_verify() {
+  (cd "$repo/runs/$1" && DVC_ROOT=$PWD python3 "$repo/stages/transplant.py") >"$logs/transplant.log" 2>&1
+  echo "transplant: exit $?"
+  (cd "$repo/runs/$1" && DVC_ROOT=$PWD python3 "$repo/stages/verify.py" --preset shakespeare_char) \
+    >"$logs/verify.log" 2>&1
+  echo "verify: exit $?"; cp "$repo/runs/$1/reports/verify.md" "$repo/runs/$1/metrics/verify.json" "$logs/" 2>/dev/null
+}
+
+# bench_stage NAME: the bench stage (shakespeare_char preset) on runs/NAME's checkpoint.
+bench_stage() {
+  (cd "$repo/runs/$1" && DVC_ROOT=$PWD python3 "$repo/stages/bench.py" --preset shakespeare_char \
+    --checkpoint "$repo/runs/$1/out/ckpt.pt" --repeats 5) >"$logs/bench.log" 2>&1
+  echo "bench: exit $?"; cp "$repo/runs/$1/metrics/bench.json" "$logs/bench.json"
 }
 
 # train NAME GPU [torchrun args]: the train stage in runs/NAME on the given GPUs.
@@ -143,12 +161,7 @@ if [ "$phase" = parity ]; then
   train cutile 0 1 >"$logs/train_cutile.txt" 2>&1 &
   wait
   cat "$logs/train_torch.txt" "$logs/train_cutile.txt"
-  cd "$repo/runs/torch"
-  DVC_ROOT=$PWD python3 "$repo/stages/transplant.py" >"$logs/transplant.log" 2>&1
-  echo "transplant: exit $?"
-  DVC_ROOT=$PWD python3 "$repo/stages/verify.py" --preset shakespeare_char >"$logs/verify.log" 2>&1
-  echo "verify: exit $?"; cp reports/verify.md metrics/verify.json "$logs/" 2>/dev/null
-  cd "$repo"
+  transplant_verify torch
 fi
 
 if [ "$phase" = check ]; then
@@ -158,15 +171,14 @@ if [ "$phase" = check ]; then
   echo "kernel bench: exit $?"
   mkrun torch_graph shakespeare_char train.cuda_graph=true >/dev/null
   train torch_graph 0 1
-  cd "$repo/runs/torch_graph"
-  DVC_ROOT=$PWD python3 "$repo/stages/transplant.py" >"$logs/transplant.log" 2>&1
-  echo "transplant: exit $?"
-  DVC_ROOT=$PWD python3 "$repo/stages/verify.py" --preset shakespeare_char >"$logs/verify.log" 2>&1
-  echo "verify: exit $?"; cp reports/verify.md metrics/verify.json "$logs/" 2>/dev/null
-  DVC_ROOT=$PWD python3 "$repo/stages/bench.py" --preset shakespeare_char \
-    --checkpoint "$repo/runs/torch_graph/out/ckpt.pt" --repeats 5 >"$logs/bench.log" 2>&1
-  echo "bench: exit $?"; cp metrics/bench.json "$logs/bench.json"
-  cd "$repo"
+  transplant_verify torch_graph
+  bench_stage torch_graph
+fi
+
+if [ "$phase" = verify ]; then
+  mkrun torch_graph shakespeare_char train.cuda_graph=true >/dev/null
+  train torch_graph 0 1
+  transplant_verify torch_graph
 fi
 
 if [ "$phase" = speed ]; then
@@ -174,11 +186,7 @@ if [ "$phase" = speed ]; then
   mkrun cutile_graph shakespeare_char train.backend=cutile train.cuda_graph=true >/dev/null
   train torch_graph 0 1
   train cutile_graph 0 1
-  cd "$repo/runs/torch_graph"
-  DVC_ROOT=$PWD python3 "$repo/stages/bench.py" --preset shakespeare_char \
-    --checkpoint "$repo/runs/torch_graph/out/ckpt.pt" --repeats 5 >"$logs/bench.log" 2>&1
-  echo "bench: exit $?"; cp metrics/bench.json "$logs/bench.json"
-  cd "$repo"
+  bench_stage torch_graph
 fi
 
 if [ "$phase" = final ]; then

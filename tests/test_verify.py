@@ -66,7 +66,8 @@ def test_clean_double_passes_every_level(trained):
     assert levels["L2"].figures["stack_max_err"] < 1e-4
     assert levels["L3"].figures["top1_agreement"] == 1.0 and levels["L3"].figures["kl_mean"] < 1e-6
     assert levels["L4"].figures == {"prompts": 3, "prompt_tokens": 8, "tokens_per_prompt": 12,
-                                    "identical_prompts": 3, "first_divergence": -1}
+                                    "identical_prompts": 3, "rounding_ties": 0, "max_tie_gap": 0.0,
+                                    "first_divergence": -1}
     assert levels["L5"].figures["grad_rel_max"] < 1e-3 and levels["L5"].figures["parameters"] == 16
 
     m = metrics(v)
@@ -189,3 +190,47 @@ def test_verify_stage_on_any_checkpoint_writes_its_report_where_told(trained, tm
     assert m["status"] == FAIL and m["compile_gate"]["status"] == FAIL
     assert "sm_1" in m["compile_gate"]["reason"] and "**Status: FAIL**" in (out / "verify.md").read_text()
     assert not math.isnan(m["seconds"])
+
+
+class ScriptedLM(torch.nn.Module):
+    """A stand-in language model over 4 tokens whose next-token logits depend only on the context length:
+    `script[t]` is the logit row after t tokens. Enough for L4's lockstep decoding and arbitration."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.config = type("Config", (), {"block_size": 64})()
+        self.script = torch.tensor(script, dtype=torch.float32)
+
+    def forward(self, idx):
+        rows = self.script[idx.size(1) - 1].expand(idx.size(0), idx.size(1), -1)
+        return rows, None
+
+
+@pytest.mark.parametrize("tie_gap, status", [(0.01, PASS), (0.0, FAIL)])
+def test_decode_rounding_tie_is_reported_and_the_streams_resync(tie_gap, status):
+    """The candidate prefers token 2 where the reference's logits of tokens 1 and 2 differ by 0.001 (a tie
+    within 0.01): reported as a rounding tie, the candidate goes on from the reference's token, and the
+    later steps still count; with tie_gap 0 the same stream fails."""
+    from gptcore.verify import l4_decode
+    ref_script = [[0, 5, 0, 0], [0, 1.0, 0.999, 0], [0, 0, 0, 5], [5, 0, 0, 0]]
+    cand_script = [[0, 5, 0, 0], [0, 1.0, 1.001, 0], [0, 0, 0, 5], [5, 0, 0, 0]]
+    prompts = torch.zeros(2, 1, dtype=torch.long)
+    result = l4_decode.run(ScriptedLM(ref_script), ScriptedLM(cand_script), prompts, 3, torch.float32,
+                           tie_gap=tie_gap)
+    assert result.status == status
+    if status == PASS:
+        assert result.figures["rounding_ties"] == 2 and result.figures["first_divergence"] == -1
+        assert result.figures["max_tie_gap"] == pytest.approx(0.001, abs=1e-6)
+        assert result.rows[0]["rounding ties"].startswith("1: 1 ") and not result.rows[0]["identical"]
+    else:
+        assert result.figures["first_divergence"] == 1 and "float32 logit gap 0.001 > tie gap 0" in result.reason
+
+
+def test_decode_large_gap_is_a_divergence_even_with_a_tie_gap():
+    from gptcore.verify import l4_decode
+    ref_script = [[0, 5, 0, 0], [0, 3.0, 1.0, 0], [0, 0, 0, 5]]
+    cand_script = [[0, 5, 0, 0], [0, 1.0, 3.0, 0], [0, 0, 0, 5]]
+    result = l4_decode.run(ScriptedLM(ref_script), ScriptedLM(cand_script), torch.zeros(1, 1, dtype=torch.long),
+                           2, torch.float32, tie_gap=0.01)
+    assert result.status == FAIL and result.figures["first_divergence"] == 1
+    assert result.rows[0]["fp32 reference"] == "picks 1, gap 2"

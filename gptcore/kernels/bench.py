@@ -104,42 +104,50 @@ def attention_impls() -> dict:
     }
 
 
+def _time_impls(table: dict, names: list[str], graphs: bool, base: dict, forward, forward_backward,
+                work: tuple[float, float], unit: str, timer_kw: dict | None = None) -> list[dict]:
+    """One record per implementation (and per "<name>+graph" replay when `graphs`): forward ms under
+    no_grad and forward+backward ms, each with its rate: `work` (FLOP or bytes of forward, forward+backward)
+    per second in `unit` ("tflops" or "gbps"). `forward(fn)` / `forward_backward(fn)` make one call."""
+    scale = {"tflops": 1e9, "gbps": 1e6}[unit]  # work / ms / scale
+    timer_kw = timer_kw or {}
+    records = []
+    runs = [(n, time_ms) for n in names] + ([(n, time_graph_ms) for n in names] if graphs else [])
+    for name, timer in runs:
+        fn = table[name]
+        rec = {"implementation": name + ("+graph" if timer is time_graph_ms else ""), **base,
+               "fwd_ms": None, "fwdbwd_ms": None, f"fwd_{unit}": None, f"fwdbwd_{unit}": None, "error": None}
+        try:
+            with torch.no_grad():
+                fwd = timer(lambda: forward(fn), **timer_kw)
+            rec["fwd_ms"] = round(fwd, 4)
+            rec[f"fwd_{unit}"] = round(work[0] / fwd / scale, 1)
+            if forward_backward is not None:
+                fb = timer(lambda: forward_backward(fn), **timer_kw)
+                rec["fwdbwd_ms"] = round(fb, 4)
+                rec[f"fwdbwd_{unit}"] = round(work[1] / fb / scale, 1)
+        except Exception as e:  # noqa: BLE001 - a backend missing on this build is a row, not a crash
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        records.append(rec)
+    return records
+
+
 def bench_attention(shapes=ATTN_SHAPES, dtype=torch.bfloat16, impls: list[str] | None = None,
                     backward: bool = True, graphs: bool = False) -> list[dict]:
     """One record per (implementation, shape): fwd_ms, fwdbwd_ms and TFLOP/s of each.
     With graphs=True, each implementation also gets a "<name>+graph" row timed by CUDA-graph replay."""
     table = attention_impls()
-    names = impls or list(table)
     records = []
     for b, h, t, d in shapes:
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(b, h, t, d, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
         do = torch.randn(b, h, t, d, device="cuda", dtype=dtype, generator=gen)
         qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-        runs = [(n, time_ms) for n in names] + ([(n, time_graph_ms) for n in names] if graphs else [])
-        for name, timer in runs:
-            fn = table[name]
-            rec = {"implementation": name + ("+graph" if timer is time_graph_ms else ""),
-                   "op": "causal_attention", "shape": f"B{b},H{h},T{t},D{d}",
-                   "dtype": str(dtype).removeprefix("torch."), "fwd_ms": None, "fwdbwd_ms": None,
-                   "fwd_tflops": None, "fwdbwd_tflops": None, "error": None}
-            try:
-                with torch.no_grad():
-                    fwd = timer(lambda: fn(q, k, v))
-                rec["fwd_ms"] = round(fwd, 4)
-                rec["fwd_tflops"] = round(attention_flops(b, h, t, d) / fwd / 1e9, 1)
-                if backward:
-                    def step():
-                        o = fn(qg, kg, vg)
-                        torch.autograd.grad(o, (qg, kg, vg), do)
-                    fb = timer(step)
-                    rec["fwdbwd_ms"] = round(fb, 4)
-                    rec["fwdbwd_tflops"] = round(attention_flops(b, h, t, d, True) / fb / 1e9, 1)
-            except Exception as e:  # noqa: BLE001 - a backend missing on this build is a row, not a crash
-                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            records.append(rec)
-        del q, k, v, do, qg, kg, vg
-        torch.cuda.empty_cache()
+        base = {"op": "causal_attention", "shape": f"B{b},H{h},T{t},D{d}", "dtype": str(dtype).removeprefix("torch.")}
+        records += _time_impls(
+            table, impls or list(table), graphs, base, lambda fn: fn(q, k, v),
+            (lambda fn: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), do)) if backward else None,
+            (attention_flops(b, h, t, d), attention_flops(b, h, t, d, True)), "tflops")
     return records
 
 
@@ -159,7 +167,6 @@ def bench_layernorm(shapes=LN_SHAPES, dtype=torch.bfloat16, impls: list[str] | N
     """One record per (implementation, shape): fwd_ms, fwdbwd_ms and GB/s (fewest bytes / time).
     With graphs=True, each implementation also gets a "<name>+graph" row timed by CUDA-graph replay."""
     table = layernorm_impls()
-    names = impls or list(table)
     records = []
     elt = torch.finfo(dtype).bits // 8
     for m, n in shapes:
@@ -169,28 +176,11 @@ def bench_layernorm(shapes=LN_SHAPES, dtype=torch.bfloat16, impls: list[str] | N
         b = (0.1 * torch.randn(n, device="cuda", generator=gen)).to(dtype)
         dy = torch.randn(m, n, device="cuda", dtype=dtype, generator=gen)
         xg, wg, bg = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
-        runs = [(n_, time_ms) for n_ in names] + ([(n_, time_graph_ms) for n_ in names] if graphs else [])
-        for name, timer in runs:
-            fn = table[name]
-            rec = {"implementation": name + ("+graph" if timer is time_graph_ms else ""),
-                   "op": "layer_norm", "shape": f"{m}x{n}",
-                   "dtype": str(dtype).removeprefix("torch."), "fwd_ms": None, "fwdbwd_ms": None,
-                   "fwd_gbps": None, "fwdbwd_gbps": None, "error": None}
-            try:
-                with torch.no_grad():
-                    fwd = timer(lambda: fn(x, w, b), repeats=25, inner=10)
-                rec["fwd_ms"] = round(fwd, 4)
-                rec["fwd_gbps"] = round(layernorm_bytes(m, n, elt) / fwd / 1e6, 1)
-
-                def step():
-                    y = fn(xg, wg, bg)
-                    torch.autograd.grad(y, (xg, wg, bg), dy)
-                fb = timer(step, repeats=25, inner=10)
-                rec["fwdbwd_ms"] = round(fb, 4)
-                rec["fwdbwd_gbps"] = round(layernorm_bytes(m, n, elt, True) / fb / 1e6, 1)
-            except Exception as e:  # noqa: BLE001
-                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            records.append(rec)
+        base = {"op": "layer_norm", "shape": f"{m}x{n}", "dtype": str(dtype).removeprefix("torch.")}
+        records += _time_impls(
+            table, impls or list(table), graphs, base, lambda fn: fn(x, w, b),
+            lambda fn: torch.autograd.grad(fn(xg, wg, bg), (xg, wg, bg), dy),
+            (layernorm_bytes(m, n, elt), layernorm_bytes(m, n, elt, True)), "gbps", {"repeats": 25, "inner": 10})
     return records
 
 
@@ -321,29 +311,39 @@ def tune_attention(shape=(16, 12, 1024, 64), dtype=torch.bfloat16) -> list[dict]
             rec["label"] = f"M{tiles.dq_m} N{tiles.dq_n} occ{tiles.dq_occ} sched{tiles.bwd_sched}"
         else:
             rec["label"] = f"M{tiles.dkv_m} N{tiles.dkv_n} occ{tiles.dkv_occ} sched{tiles.bwd_sched}"
-        try:
-            if part == "fwd":
-                ms = time_graph_ms(lambda: A.attention_forward(q, k, v, scale, tiles))
-            else:
-                ms = time_graph_ms(lambda: A.attention_backward(q, k, v, o, stats, do, scale, tiles))
-            rec["ms"] = round(ms, 4)
-        except Exception as e:  # noqa: BLE001
-            rec["ms"] = None
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        records.append(rec)
+        if part == "fwd":
+            records.append(_timed_variant(rec, lambda: A.attention_forward(q, k, v, scale, tiles)))
+        else:
+            records.append(_timed_variant(rec, lambda: A.attention_backward(q, k, v, o, stats, do, scale, tiles)))
     return records
+
+
+def _timed_variant(rec: dict, fn, **timer_kw) -> dict:
+    """`rec` with the CUDA-graph replay time of `fn` ("ms"), or None and the error when it fails."""
+    try:
+        rec["ms"] = round(time_graph_ms(fn, **timer_kw), 4)
+    except Exception as e:  # noqa: BLE001 - a variant that does not compile or run is a row, not a crash
+        rec["ms"] = None
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return rec
+
+
+def _fastest(records, prefix: str, shape: str | None = None) -> dict:
+    """The fastest record of each part ("fwd", "dq", ...) among `records` whose op starts with `prefix`."""
+    best = {}
+    for r in records:
+        if r.get("ms") is None or (shape is not None and r["shape"] != shape):
+            continue
+        part = r["op"].removeprefix(prefix)
+        if part not in best or r["ms"] < best[part]["ms"]:
+            best[part] = r
+    return best
 
 
 def best_attention_tiles(records, base):
     """The fastest forward, dQ and dK/dV variants combined (dQ and dK/dV share one block order:
     the order of the faster of the two winners' backward totals)."""
-    best = {}
-    for r in records:
-        if r.get("ms") is None:
-            continue
-        part = r["op"].removeprefix("attention_")
-        if part not in best or r["ms"] < best[part]["ms"]:
-            best[part] = r
+    best = _fastest(records, "attention_")
     t = base
     if "fwd" in best:
         f = best["fwd"]["tiles"]
@@ -387,28 +387,16 @@ def tune_layernorm(shapes=LN_SHAPES, dtype=torch.bfloat16) -> list[dict]:
         else:
             rec["label"] = (f"rows{tiles.bwd_rows} occ{tiles.bwd_occ} blocks/SM{tiles.bwd_blocks_per_sm} "
                             f"latency{tiles.bwd_latency}")
-        try:
-            if part == "fwd":
-                ms = time_graph_ms(lambda: L.layer_norm_forward(x, w, b, 1e-5, tiles), repeats=25, inner=10)
-            else:
-                ms = time_graph_ms(lambda: L.layer_norm_backward(x, w, True, stats, dy, tiles),
-                                   repeats=25, inner=10)
-            rec["ms"] = round(ms, 4)
-        except Exception as e:  # noqa: BLE001
-            rec["ms"] = None
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        records.append(rec)
+        if part == "fwd":
+            run = lambda: L.layer_norm_forward(x, w, b, 1e-5, tiles)  # noqa: E731
+        else:
+            run = lambda: L.layer_norm_backward(x, w, True, stats, dy, tiles)  # noqa: E731
+        records.append(_timed_variant(rec, run, repeats=25, inner=10))
     return records
 
 
 def best_layernorm_tiles(records, base, shape: str):
-    best = {}
-    for r in records:
-        if r.get("ms") is None or r["shape"] != shape:
-            continue
-        part = r["op"].removeprefix("layernorm_")
-        if part not in best or r["ms"] < best[part]["ms"]:
-            best[part] = r
+    best = _fastest(records, "layernorm_", shape)
     t = base
     if "fwd" in best:
         f = best["fwd"]["tiles"]

@@ -20,7 +20,7 @@ HEADLINES = {  # the figures the summary table shows per level
     "L1": ["attention.fwd_err_max", "attention.grad_err_max", "layer_norm.fwd_err_max", "layer_norm.grad_err_max"],
     "L2": ["block_max_err", "block_mean_err", "stack_max_err", "stack_mean_err"],
     "L3": ["logits_max_abs_diff", "logits_mean_abs_diff", "kl_mean", "top1_agreement"],
-    "L4": ["identical_prompts", "prompts", "tokens_per_prompt", "first_divergence"],
+    "L4": ["identical_prompts", "prompts", "tokens_per_prompt", "rounding_ties", "max_tie_gap", "first_divergence"],
     "L5": ["grad_rel_max", "grad_rel_median", "worst_parameter"],
 }
 BADGE = {PASS: "pass", FAIL: "**FAIL**", SKIPPED: "skipped"}

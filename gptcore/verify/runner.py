@@ -123,7 +123,8 @@ def verify(weights: CheckedWeights, val: np.ndarray, vp, candidate: Candidate | 
         guarded("L1", lambda: l1_kernels.run(candidate, config, weights.state_dict, vp, device)),
         guarded("L2", lambda: l2_blocks.run(ref, cand, x, dtype, tol)),
         guarded("L3", lambda: l3_logits.run(ref, cand, batches, dtype, tol)),
-        guarded("L4", lambda: l4_decode.run(ref, cand, prompts, vp.decode_tokens, DTYPES[vp.decode_dtype], decode)),
+        guarded("L4", lambda: l4_decode.run(ref, cand, prompts, vp.decode_tokens, DTYPES[vp.decode_dtype], decode,
+                                            vp.decode_tie_gap)),
         guarded("L5", lambda: l5_grads.run(ref, cand, x, y, dtype, tol)),
     ]
     v.seconds = round(time.perf_counter() - t0, 2)
