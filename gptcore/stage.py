@@ -3,6 +3,7 @@ a user error into one clear message and a non-zero exit instead of a traceback."
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -27,6 +28,13 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, StageError, FileNot
 def register_user_error(*types: type[BaseException]) -> None:
     global USER_ERRORS
     USER_ERRORS = USER_ERRORS + types
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """A stage's command line with the option every stage has, `--params`; the stage adds its own."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    return ap
 
 
 def load(path: str | Path = "params.yaml") -> Params:

@@ -10,7 +10,6 @@ Rows that cannot run here (cuTile without a GPU, an SDPA backend this device lac
 after writing everything, so a broken kernel cannot pass unnoticed.
 """
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -30,8 +29,7 @@ stage.register_user_error(CheckpointError)
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage.parser(__doc__)
     ap.add_argument("--preset", metavar="NAME",
                     help="take the bench section of presets/NAME.yaml (GPU sizes) without editing params.yaml")
     ap.add_argument("--checkpoint", help="bench.checkpoint: the trained model whose config sets the shapes")

@@ -3,7 +3,6 @@
     python stages/prepare.py [--params params.yaml]
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,8 +16,7 @@ stage.register_user_error(data.DataError)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage.parser(__doc__)
     args = ap.parse_args(argv)
     params = stage.load(args.params)
     root = repo_root()

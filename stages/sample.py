@@ -8,7 +8,6 @@ incrementally with a KV cache; write the samples (samples/samples.txt), metrics/
 Run by hand in a terminal, the text streams to the console as it is generated.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,7 @@ stage.register_user_error(CheckpointError, DataError, BackendUnavailable)
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage.parser(__doc__)
     ap.add_argument("--preset", metavar="NAME",
                     help="take the sample section of presets/NAME.yaml without editing params.yaml")
     ap.add_argument("--out", default="samples/samples.txt", help="the samples file (default: %(default)s)")

@@ -5,7 +5,6 @@
     torchrun --nproc_per_node=2 stages/train.py               # data-parallel (NCCL on GPUs, gloo on CPU)
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,8 +20,7 @@ SECTIONS = ["data", "model", "train"]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage.parser(__doc__)
     args = ap.parse_args(argv)
     params = stage.load(args.params)
     root = repo_root()

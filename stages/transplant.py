@@ -6,7 +6,6 @@ The source is `transplant.source` (default: the train stage's out/ckpt.pt; a kar
 works too). Any failed check stops the stage with a message naming the file and what is wrong.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,8 +20,7 @@ stage.register_user_error(data.DataError, TransplantError)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage.parser(__doc__)
     args = ap.parse_args(argv)
     params = stage.load(args.params)
     root = repo_root()

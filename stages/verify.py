@@ -14,7 +14,6 @@ Exit status: 0 when nothing failed (skipped levels included: they say why), 1 wh
 a level failed (after the report and metrics are written), 2 for unusable inputs (a one-line message).
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,8 +34,7 @@ REPORT = Path("reports") / "verify.md"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage.parser(__doc__)
     ap.add_argument("--checkpoint", help="verify this checkpoint instead of the pipeline's transplant")
     ap.add_argument("--data", help="prepared data folder (meta.json, val.bin); default: data.out_dir")
     ap.add_argument("--out", help="where --checkpoint writes verify.md and verify.json")
