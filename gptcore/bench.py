@@ -358,8 +358,11 @@ def graphed_train_step(model: GPT, optimizer, x: torch.Tensor, y: torch.Tensor, 
                        lr: float) -> Callable[[], object]:
     """The step of `train_step_rows` captured as a CUDA graph (gptcore/train_graph.py), past its eager
     warm-up steps and the capture, so that only replays are timed."""
-    graphed = GraphedTrainStep(model, optimizer, dtype=dtype, micro_steps=1, batch_size=x.size(0),
-                               block_size=x.size(1), grad_clip=1.0)
+    try:
+        graphed = GraphedTrainStep(model, optimizer, dtype=dtype, micro_steps=1, batch_size=x.size(0),
+                                   block_size=x.size(1), grad_clip=1.0)
+    except ValueError as e:  # a setting the graphed step refuses (float16), with its reason
+        raise Skip(str(e)) from None
     xs, ys = x[None], y[None]
     try:
         while not graphed.captured:
@@ -394,9 +397,6 @@ def train_step_rows(rec: Recorder, checkpoint: dict, batch: int, dtype: torch.dt
                            "compiling takes minutes on a small CPU; set bench.compile: true to measure it")
             if graph:
                 require_cuda_graphs(device)
-                if dtype == torch.float16:
-                    raise Skip("the graphed step runs bfloat16 or float32: float16 needs a GradScaler, whose inf "
-                               "check reads the device every step")
             model = train_model(checkpoint, backend, device)
             optimizer = model.configure_optimizers(0.1, lr, (0.9, 0.99), device.type, capturable=graph)
             g = torch.Generator(device=device).manual_seed(0)

@@ -103,11 +103,8 @@ if [ "$phase" = single ]; then
   # The two cards run side by side; every timing is taken on one card.
   (
     train torch 0 1
+    CUDA_VISIBLE_DEVICES=0 transplant_verify torch
     cd "$repo/runs/torch"
-    CUDA_VISIBLE_DEVICES=0 DVC_ROOT=$PWD python3 "$repo/stages/transplant.py" >"$logs/transplant.log" 2>&1
-    echo "transplant: exit $?"
-    CUDA_VISIBLE_DEVICES=0 DVC_ROOT=$PWD python3 "$repo/stages/verify.py" --preset shakespeare_char >"$logs/verify.log" 2>&1
-    echo "verify: exit $?"; cp reports/verify.md metrics/verify.json "$logs/" 2>/dev/null
     for b in torch cutile; do
       CUDA_VISIBLE_DEVICES=0 DVC_ROOT=$PWD python3 "$repo/stages/sample.py" --preset shakespeare_char --backend $b \
         --out "$logs/samples_$b.txt" >"$logs/sample_$b.log" 2>&1
@@ -205,11 +202,8 @@ if [ "$phase" = final ]; then
   ) >"$logs/gpu0.txt" 2>&1 &
   (
     train torch 1 1
+    CUDA_VISIBLE_DEVICES=1 transplant_verify torch
     cd "$repo/runs/torch"
-    CUDA_VISIBLE_DEVICES=1 DVC_ROOT=$PWD python3 "$repo/stages/transplant.py" >"$logs/transplant.log" 2>&1
-    echo "transplant: exit $?"
-    CUDA_VISIBLE_DEVICES=1 DVC_ROOT=$PWD python3 "$repo/stages/verify.py" --preset shakespeare_char >"$logs/verify.log" 2>&1
-    echo "verify: exit $?"; cp reports/verify.md metrics/verify.json "$logs/" 2>/dev/null
     CUDA_VISIBLE_DEVICES=1 DVC_ROOT=$PWD python3 "$repo/stages/bench.py" --preset shakespeare_char \
       --checkpoint "$repo/runs/torch/out/ckpt.pt" --repeats 5 >"$logs/bench.log" 2>&1
     echo "bench: exit $?"; cp metrics/bench.json "$logs/bench.json"

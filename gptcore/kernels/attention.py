@@ -12,8 +12,9 @@ differences from the row max, p = exp2((s - max) * scale * log2(e)): the max ent
 saturated row's output is exactly its value row. The forward saves the log-sum-exp of each query row in
 two fp32 parts, STATS (2, B, H, Tq): the row max m of the raw scores and log2 of the row sum l, so
 logsumexp(scale * s) = scale * m + ln(2) * log2(l) (`logsumexp` below). One fp32 number would not do:
-at scores of 1e4 its rounding (~0.004) alone would put 0.3% errors into every P the backward rebuilds
-from it, and key gradients of saturated rows come out 5-10x worse than PyTorch's in fp16.
+at scores of 1e4 the natural-log LSE the forward used to save was off by 0.011 (measured on the H100),
+~1% in every P the backward rebuilds from it, and fp16 key gradients of saturated rows came out 6-8x
+worse than PyTorch's (scripts/diag_attention_precision.py).
 
 Backward: two kernels. The dQ kernel first computes delta = rowsum(dO * O) for its query tile (the
 usual preprocess, fused here: the tile of dO is loaded anyway) and stores it, then loops over key
@@ -98,29 +99,36 @@ def tiles_for(arch: str, head_dim: int = 64) -> AttnTiles:
     return tiles
 
 
-def _block_coords(SCHED):
-    """(head index bh, reversed tile index) of this block: the last tile is launched first."""
+def _block_coords(n_head, SCHED):
+    """(batch b, head h, reversed tile index) of this block: the last tile is launched first."""
     if SCHED == HEAD_MAJOR:  # grid (tiles, B*H)
         bh = ct.bid(1)
         rev = ct.num_blocks(0) - 1 - ct.bid(0)
     else:  # grid (B*H, tiles)
         bh = ct.bid(0)
         rev = ct.num_blocks(1) - 1 - ct.bid(1)
-    return bh, rev
+    return bh // n_head, bh % n_head, rev
 
 
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
+def _scores(q, k_t, j, rows, masked, TILE_M, TILE_N):
+    """Raw scores q @ k_t of key tile j, [TILE_M, TILE_N] fp32; with `masked` (only the diagonal tiles pay
+    for it), keys after a row's position (rows: [TILE_M, 1]) set to the finite floor."""
+    s = ct.mma(q, k_t, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))
+    if masked:
+        cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]  # [1, TILE_N]
+        s = ct.where(cols <= rows, s, MASK_FLOOR)
+    return s
+
+
 def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked,
               D, TILE_M, TILE_N):
     """One key tile of the online softmax. rows: key position of each query row, [TILE_M, 1]."""
     k_t = ct.load(K, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO,
                   latency=2).reshape((D, TILE_N))  # [D, TILE_N]
-    s = ct.mma(q, k_t, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
-    if masked:  # only the diagonal tiles pay for the mask
-        cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]  # [1, TILE_N]
-        s = ct.where(cols <= rows, s, MASK_FLOOR)
+    s = _scores(q, k_t, j, rows, masked, TILE_M, TILE_N)  # [TILE_M, TILE_N]
     m_new = ct.maximum(m_i, ct.max(s, axis=1, keepdims=True))  # [TILE_M, 1], raw score units
     p = ct.exp2((s - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, TILE_N]; the max gets 1.0
     alpha = ct.exp2((m_i - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, 1]
@@ -135,12 +143,9 @@ def attn_fwd_kernel_body(Q, K, V, O, STATS, qk_scale_log2,
                          D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
     """Grid over (B*H, cdiv(Tq, TILE_M)) in SCHED order. Writes O and STATS (2, B, H, Tq): row max of
     the raw scores and log2 of the row sum of exp2((s - max) * scale * log2(e))."""
-    n_head = Q.shape[1]
     tq = Q.shape[2]
     tk = K.shape[2]
-    bh, m_blk = _block_coords(SCHED)
-    b = bh // n_head
-    h = bh % n_head
+    b, h, m_blk = _block_coords(Q.shape[1], SCHED)
 
     first_key = m_blk * TILE_M + tk - tq  # key position of the tile's first query row
     rows = first_key + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
@@ -176,10 +181,7 @@ def _dq_step(q, do, m, log2_l, delta, K, V, b, h, j, rows, dq, qk_scale_log2, ma
                 latency=2).reshape((TILE_N, D))  # [TILE_N, D]
     v_t = ct.load(V, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO,
                   latency=2).reshape((D, TILE_N))  # [D, TILE_N]
-    s = ct.mma(q, ct.transpose(k), ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
-    if masked:
-        cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]
-        s = ct.where(cols <= rows, s, MASK_FLOOR)
+    s = _scores(q, ct.transpose(k), j, rows, masked, TILE_M, TILE_N)  # [TILE_M, TILE_N]
     p = ct.exp2((s - m) * qk_scale_log2 - log2_l, flush_to_zero=True)  # [TILE_M, TILE_N]
     dp = ct.mma(do, v_t, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
     ds = p * (dp - delta)  # [TILE_M, TILE_N]
@@ -189,12 +191,9 @@ def _dq_step(q, do, m, log2_l, delta, K, V, b, h, j, rows, dq, qk_scale_log2, ma
 def attn_bwd_dq_kernel_body(Q, K, V, O, DO, STATS, DELTA, DQ, qk_scale_log2, qk_scale,
                             D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
     """Grid over (B*H, cdiv(T, TILE_M)) in SCHED order. Writes DELTA = rowsum(dO * O) and dQ."""
-    n_head = Q.shape[1]
     tq = Q.shape[2]
     tk = K.shape[2]
-    bh, m_blk = _block_coords(SCHED)
-    b = bh // n_head
-    h = bh % n_head
+    b, h, m_blk = _block_coords(Q.shape[1], SCHED)
 
     q = ct.load(Q, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
     do = ct.load(DO, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
@@ -240,12 +239,9 @@ def attn_bwd_dkdv_kernel_body(Q, K, V, DO, STATS, DELTA, DK, DV, qk_scale_log2, 
                               D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
     """Grid over (B*H, cdiv(T, TILE_N)) in SCHED order; needs Tq == Tk. Key tile 0 sees every query,
     so the tile index runs backwards: n_blk = tiles - 1 - (reversed index) puts tile 0 first."""
-    n_head = Q.shape[1]
     t = Q.shape[2]
-    bh, rev = _block_coords(SCHED)
+    b, h, rev = _block_coords(Q.shape[1], SCHED)
     n_blk = ct.cdiv(t, TILE_N) - 1 - rev
-    b = bh // n_head
-    h = bh % n_head
 
     k = ct.load(K, (b, h, n_blk, 0), (1, 1, TILE_N, D), padding_mode=ZERO).reshape((TILE_N, D))
     v = ct.load(V, (b, h, n_blk, 0), (1, 1, TILE_N, D), padding_mode=ZERO).reshape((TILE_N, D))

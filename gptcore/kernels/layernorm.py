@@ -83,8 +83,6 @@ def chunks(n: int) -> tuple[int, int]:
     return a, (next_pow2(n - a) if n > a else 0)
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # Kernels. A row of width N is up to two column chunks: A, then B starting at column A (a multiple of
 # B, so chunk B is tile A // B of the row), B = 0 for one chunk. The forward splits N into A, the largest
@@ -143,7 +141,7 @@ def ln_bwd_kernel_body(X, W, DY, STATS, DX, PARTS, N_PAD: ConstInt, TILE_ROWS: C
     """Persistent grid (G,). PARTS (2, G, N) fp32: this block's column sums of dy*xhat and dy.
 
     dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy * xhat)), means over the N true columns.
-    One tile of N_PAD columns per row (see `bwd_chunks`). Padded rows have x = dy = mean = rstd = 0 and
+    One tile of N_PAD columns per row (see Kernels above). Padded rows have x = dy = mean = rstd = 0 and
     padded columns dy = 0, so neither adds anything to a sum below; their dx is never stored.
     """
     n = X.shape[1]
