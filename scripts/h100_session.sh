@@ -18,8 +18,10 @@
 # verify: one GPU: shakespeare_char trained with torch and train.cuda_graph, then transplant + verify.
 # speed:  one GPU, one thing at a time: shakespeare_char trained with train.cuda_graph for torch and for
 #         cutile, then the bench stage (train step eager / compile / cuda graph, inference) on the checkpoint.
+# cutile: one GPU: shakespeare_char trained with backend cutile and train.cuda_graph (the parity partner
+#         of check's torch run: same seed and data).
 set -uo pipefail
-phase=${1:?usage: h100_session.sh single|scale|final|parity|speed|check|verify}
+phase=${1:?usage: h100_session.sh single|scale|final|parity|speed|check|verify|cutile}
 OUT=${OUT:-/tmp/h100-out}
 export PYTHONUNBUFFERED=1 GPTCORE_MLFLOW=off OMP_NUM_THREADS=4
 # NVLink multicast stays off: a program using it can take the host's shared GPUs out of service.
@@ -184,6 +186,11 @@ if [ "$phase" = speed ]; then
   train torch_graph 0 1
   train cutile_graph 0 1
   bench_stage torch_graph
+fi
+
+if [ "$phase" = cutile ]; then
+  mkrun cutile_graph shakespeare_char train.backend=cutile train.cuda_graph=true >/dev/null
+  train cutile_graph 0 1
 fi
 
 if [ "$phase" = final ]; then

@@ -7,14 +7,21 @@ cost more than the attention forward), and the output is allocated (B, T, H, D)-
 alignment), so Tq = 1 against a KV cache attends to the whole cache.
 
 Numerics: scores accumulate in fp32; masked scores are set to a finite floor of -1e20 (never -inf), so
-no row turns into NaN, also with score magnitudes of 1e4 in fp16. The softmax runs in base 2 on
-differences from the row max, p = exp2((s - max) * scale * log2(e)): the max entry gets exactly 1, so a
-saturated row's output is exactly its value row. The forward saves the log-sum-exp of each query row in
-two fp32 parts, STATS (2, B, H, Tq): the row max m of the raw scores and log2 of the row sum l, so
-logsumexp(scale * s) = scale * m + ln(2) * log2(l) (`logsumexp` below). One fp32 number would not do:
-at scores of 1e4 the natural-log LSE the forward used to save was off by 0.011 (measured on the H100),
-~1% in every P the backward rebuilds from it, and fp16 key gradients of saturated rows came out 6-8x
-worse than PyTorch's (scripts/diag_attention_precision.py).
+no row turns into NaN, also with score magnitudes of 1e4 in fp16.
+
+The forward's softmax runs in base 2 on differences from the row max, p = exp2((s - max) * c) with
+c = scale * log2(e), so the max entry gets exactly 1.0: the same 1.0 in the fp32 row sum and, cast, in
+the bf16/fp16 P @ V product, and a saturated row's output is exactly its value row. The one-FFMA form
+s * c - max * c gives the max entry 1 + ~3e-4 at scores of 1e4, which fp16 rounds to 1.0 in P @ V but
+the row sum keeps; the output then misses its value row by up to an ulp, rowsum(dO * O) misses dO . v,
+and fp16 key gradients of saturated rows came out 9x worse than PyTorch's (0.026 vs 0.003, measured on
+the H100). The backward needs no such consistency and does use one FFMA per score (`_exp2_bias`).
+
+The forward saves the log-sum-exp of each query row in two fp32 parts, STATS (2, B, H, Tq): the row max
+m of the raw scores and log2 of the row sum l, so logsumexp(scale * s) = scale * m + ln(2) * log2(l)
+(`logsumexp` below). One fp32 number would not do: at scores of 1e4 the natural-log LSE the forward used
+to save was off by 0.011 (measured on the H100), ~1% in every P the backward rebuilds from it, and fp16
+key gradients of saturated rows came out 6-8x worse than PyTorch's (scripts/diag_attention_precision.py).
 
 Backward: two kernels. The dQ kernel first computes delta = rowsum(dO * O) for its query tile (the
 usual preprocess, fused here: the tile of dO is loaded anyway) and stores it, then loops over key
@@ -63,6 +70,9 @@ LONGEST_FIRST = 1
 # (0.081 ms) beat 64x128 occ 2 (0.095) and 128x64 occ 2 (0.092-0.095), likely because four resident
 # blocks keep more K/V loads in flight per SM. Backward: dQ 64x64 occ 2 and dK/dV 128 queries x 64 keys
 # occ 2 (0.255 ms for both kernels). Head-major block order beat longest-first in 5 of 6 pairings.
+# Long sequences: at B8 H12 T2048 the same forward tiles in longest-first order took 0.135 ms against
+# 0.149 head-major (cuDNN 0.144 in the same call), while at T1024 head-major stays ahead (0.084 vs
+# 0.089), so the forward switches order from Tq = 2048 on (measured at 1024 and 2048 only).
 # Other architectures (sm_100, ...) are untuned: the same shapes, compile-checked by the gate only.
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -77,12 +87,14 @@ class AttnTiles:
     dkv_n: int  # key rows owned by one dK/dV block
     dkv_occ: int
     fwd_sched: int = HEAD_MAJOR  # block order of the forward kernel
+    fwd_sched_long: int = HEAD_MAJOR  # the forward's block order from Tq >= fwd_long_from on
+    fwd_long_from: int = 2048
     bwd_sched: int = HEAD_MAJOR  # block order of both backward kernels
 
 
 ATTN_TILES = {
     "sm_90": AttnTiles(fwd_m=64, fwd_n=64, fwd_occ=4, dq_m=64, dq_n=64, dq_occ=2,
-                       dkv_m=128, dkv_n=64, dkv_occ=2),
+                       dkv_m=128, dkv_n=64, dkv_occ=2, fwd_sched_long=LONGEST_FIRST),
     "default": AttnTiles(fwd_m=64, fwd_n=64, fwd_occ=4, dq_m=64, dq_n=64, dq_occ=2,
                          dkv_m=128, dkv_n=64, dkv_occ=2),
 }
@@ -130,7 +142,8 @@ def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked,
                   latency=2).reshape((D, TILE_N))  # [D, TILE_N]
     s = _scores(q, k_t, j, rows, masked, TILE_M, TILE_N)  # [TILE_M, TILE_N]
     m_new = ct.maximum(m_i, ct.max(s, axis=1, keepdims=True))  # [TILE_M, 1], raw score units
-    p = ct.exp2((s - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, TILE_N]; the max gets 1.0
+    # (s - max) * c, not s * c - max * c (one FFMA): the max entry must get exactly 1.0 (see Numerics)
+    p = ct.exp2((s - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, TILE_N]
     alpha = ct.exp2((m_i - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, 1]
     l_i = l_i * alpha + ct.sum(p, axis=1, keepdims=True)
     v = ct.load(V, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO,
@@ -168,21 +181,22 @@ def attn_fwd_kernel_body(Q, K, V, O, STATS, qk_scale_log2,
     ct.store(STATS, (1, b, h, m_blk), ct.log2(l_i).reshape((1, 1, 1, TILE_M)))
 
 
-def _load_stats(STATS, b, h, i, TILE_M):
-    """Row max and log2 row sum of query tile i, each [1, TILE_M]."""
+def _exp2_bias(STATS, b, h, i, qk_scale_log2, TILE_M):
+    """max * scale * log2(e) + log2(sum) of query tile i's rows, [1, TILE_M]: the backward's
+    P = exp2(s * scale * log2(e) - bias) is then one FFMA and one exp2 per score (see Numerics)."""
     m = ct.load(STATS, (0, b, h, i), (1, 1, 1, TILE_M), padding_mode=ZERO).reshape((1, TILE_M))
     log2_l = ct.load(STATS, (1, b, h, i), (1, 1, 1, TILE_M), padding_mode=ZERO).reshape((1, TILE_M))
-    return m, log2_l
+    return m * qk_scale_log2 + log2_l
 
 
-def _dq_step(q, do, m, log2_l, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked,
+def _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked,
              D, TILE_M, TILE_N):
     k = ct.load(K, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO,
                 latency=2).reshape((TILE_N, D))  # [TILE_N, D]
     v_t = ct.load(V, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO,
                   latency=2).reshape((D, TILE_N))  # [D, TILE_N]
     s = _scores(q, ct.transpose(k), j, rows, masked, TILE_M, TILE_N)  # [TILE_M, TILE_N]
-    p = ct.exp2((s - m) * qk_scale_log2 - log2_l, flush_to_zero=True)  # [TILE_M, TILE_N]
+    p = ct.exp2(s * qk_scale_log2 - bias, flush_to_zero=True)  # [TILE_M, TILE_N]
     dp = ct.mma(do, v_t, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
     ds = p * (dp - delta)  # [TILE_M, TILE_N]
     return ct.mma(ds.astype(q.dtype), k, dq)  # [TILE_M, D]
@@ -200,9 +214,7 @@ def attn_bwd_dq_kernel_body(Q, K, V, O, DO, STATS, DELTA, DQ, qk_scale_log2, qk_
     o = ct.load(O, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
     delta = ct.sum(do.astype(ct.float32) * o.astype(ct.float32), axis=1, keepdims=True)  # [TILE_M, 1]
     ct.store(DELTA, (b, h, m_blk), delta.reshape((1, 1, TILE_M)))
-    m, log2_l = _load_stats(STATS, b, h, m_blk, TILE_M)
-    m = m.reshape((TILE_M, 1))  # [TILE_M, 1]
-    log2_l = log2_l.reshape((TILE_M, 1))
+    bias = _exp2_bias(STATS, b, h, m_blk, qk_scale_log2, TILE_M).reshape((TILE_M, 1))  # [TILE_M, 1]
 
     first_key = m_blk * TILE_M + tk - tq
     rows = first_key + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
@@ -210,7 +222,7 @@ def attn_bwd_dq_kernel_body(Q, K, V, O, DO, STATS, DELTA, DQ, qk_scale_log2, qk_
     n_full = (first_key + 1) // TILE_N
     n_all = ct.cdiv(min(first_key + TILE_M, tk), TILE_N)
     for j in range(n_all):
-        dq = _dq_step(q, do, m, log2_l, delta, K, V, b, h, j, rows, dq, qk_scale_log2, j >= n_full,
+        dq = _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, j >= n_full,
                       D, TILE_M, TILE_N)
     dq = dq * qk_scale
     ct.store(DQ, (b, h, m_blk, 0), dq.reshape((1, 1, TILE_M, D)).astype(DQ.dtype))
@@ -221,13 +233,13 @@ def _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, m
     """One query tile i against this block's key tile; everything transposed: [TILE_N, TILE_M]."""
     q = ct.load(Q, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
     do = ct.load(DO, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
-    m, log2_l = _load_stats(STATS, b, h, i, TILE_M)
+    bias = _exp2_bias(STATS, b, h, i, qk_scale_log2, TILE_M)  # [1, TILE_M]
     delta = ct.load(DELTA, (b, h, i), (1, 1, TILE_M), padding_mode=ZERO).reshape((1, TILE_M))
     s_t = ct.mma(k, ct.transpose(q), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))  # [TILE_N, TILE_M]
     if masked:
         qpos = i * TILE_M + ct.arange(TILE_M, dtype=ct.int32)[None, :]  # [1, TILE_M]
         s_t = ct.where(keys <= qpos, s_t, MASK_FLOOR)
-    p_t = ct.exp2((s_t - m) * qk_scale_log2 - log2_l, flush_to_zero=True)  # [TILE_N, TILE_M]
+    p_t = ct.exp2(s_t * qk_scale_log2 - bias, flush_to_zero=True)  # [TILE_N, TILE_M]
     dv = ct.mma(p_t.astype(q.dtype), do, dv)  # [TILE_N, D]
     dp_t = ct.mma(v, ct.transpose(do), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))  # [TILE_N, TILE_M]
     ds_t = p_t * (dp_t - delta)  # [TILE_N, TILE_M]
@@ -342,7 +354,7 @@ def attention_forward(q, k, v, scale: float, tiles: AttnTiles | None = None):
     o = _bhtd_empty_like(q, tq)
     stats = torch.empty(2, bsz, n_head, tq, device=q.device, dtype=torch.float32)
     ensure_cuda_context(dev)
-    sched = _order(tiles.fwd_sched, bsz * n_head)
+    sched = _order(tiles.fwd_sched_long if tq >= tiles.fwd_long_from else tiles.fwd_sched, bsz * n_head)
     grid = _grid(sched, bsz * n_head, math.ceil(tq / tiles.fwd_m))
     ct.launch(stream_handle(dev), grid, fwd_kernel(tiles.fwd_occ),
               (q, k, v, o, stats, scale * LOG2E, d, tiles.fwd_m, tiles.fwd_n, sched))

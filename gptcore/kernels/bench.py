@@ -191,24 +191,28 @@ def bench_layernorm(shapes=LN_SHAPES, dtype=torch.bfloat16, impls: list[str] | N
 # (TILE_M, TILE_N, occupancy, block order); 0 = HEAD_MAJOR, 1 = LONGEST_FIRST (attention.py)
 FWD_SWEEP = ((128, 64, 2, 0), (128, 64, 2, 1), (64, 128, 2, 0), (64, 128, 2, 1), (128, 128, 1, 0),
              (128, 128, 2, 0), (64, 64, 2, 0), (64, 64, 4, 0), (128, 64, 1, 0), (64, 128, 3, 0),
-             (128, 32, 2, 0))
+             (128, 32, 2, 0), (64, 64, 4, 1), (64, 64, 3, 0), (64, 32, 4, 0))
 DQ_SWEEP = ((128, 64, 2, 0), (128, 64, 2, 1), (64, 64, 2, 0), (64, 64, 2, 1), (64, 128, 2, 0),
             (128, 64, 1, 0), (128, 128, 1, 0), (64, 64, 4, 0), (128, 32, 2, 0))
 # (TILE_M inner query rows, TILE_N owned key rows, occupancy, block order)
 DKV_SWEEP = ((128, 64, 2, 0), (128, 64, 2, 1), (64, 64, 2, 0), (64, 64, 2, 1), (64, 128, 2, 0),
              (32, 128, 2, 0), (128, 64, 1, 0), (128, 128, 1, 0), (64, 64, 4, 0), (32, 64, 4, 0))
-LN_FWD_SWEEP = ((2, 4), (4, 2), (4, 4), (8, 2), (8, 4), (16, 2), (16, 4), (32, 2), (2, 8), (4, 8),
-                (1, 8), (1, 16))  # (rows, occupancy)
-# (rows, occupancy, blocks/SM, load latency hint (0: none))
-LN_BWD_SWEEP = ((16, 2, 4, 0), (16, 2, 2, 4), (16, 2, 2, 8), (32, 1, 1, 4), (8, 2, 2, 4), (8, 4, 4, 4),
-                (16, 1, 1, 6), (4, 4, 8, 0), (4, 2, 2, 6), (4, 4, 4, 6), (8, 2, 2, 8), (8, 1, 1, 10),
-                (2, 4, 4, 6), (4, 2, 4, 6))
+# (rows, occupancy, worker warps (None: the compiler's choice, 4), blocks/SM (0: one per row tile), latency)
+LN_FWD_SWEEP = ((16, 4, None, 0, 0), (8, 4, None, 0, 0), (32, 2, None, 0, 0), (16, 4, None, 4, 3),
+                (16, 4, None, 4, 6), (8, 4, None, 4, 3), (8, 4, None, 4, 6), (16, 2, None, 2, 4),
+                (16, 2, 8, 2, 4), (16, 2, 8, 2, 6), (32, 2, 8, 2, 4), (32, 1, 8, 1, 6), (16, 1, 8, 1, 4))
+# (rows, occupancy, blocks/SM, load latency hint (0: none), deferred column sums, worker warps)
+LN_BWD_SWEEP = ((32, 1, 1, 4, True, 8), (32, 1, 1, 2, True, 8), (16, 1, 1, 4, True, 8), (16, 2, 2, 4, True, None),
+                (8, 2, 2, 4, True, None), (16, 2, 2, 4, False, None), (8, 2, 2, 4, False, None),
+                (8, 2, 2, 6, False, None), (4, 2, 2, 4, False, None), (4, 4, 4, 4, False, None),
+                (16, 1, 1, 4, False, 8), (8, 1, 1, 4, False, 8), (16, 2, 8, 0, False, None))
+ATTN_TUNE_SHAPES = ((16, 12, 1024, 64), (8, 12, 2048, 64))  # the tables hold the T = 1024 winners
 
 
 def _attn_variants(base):
     out = []
     for m, n, occ, sched in FWD_SWEEP:
-        out.append(("fwd", replace(base, fwd_m=m, fwd_n=n, fwd_occ=occ, fwd_sched=sched)))
+        out.append(("fwd", replace(base, fwd_m=m, fwd_n=n, fwd_occ=occ, fwd_sched=sched, fwd_sched_long=sched)))
     for m, n, occ, sched in DQ_SWEEP:
         out.append(("dq", replace(base, dq_m=m, dq_n=n, dq_occ=occ, bwd_sched=sched)))
     for m, n, occ, sched in DKV_SWEEP:
@@ -218,11 +222,12 @@ def _attn_variants(base):
 
 def _ln_variants(base):
     out = []
-    for rows, occ in LN_FWD_SWEEP:
-        out.append(("fwd", replace(base, fwd_rows=rows, fwd_occ=occ)))
-    for rows, occ, per_sm, latency in LN_BWD_SWEEP:
+    for rows, occ, warps, per_sm, latency in LN_FWD_SWEEP:
+        out.append(("fwd", replace(base, fwd_rows=rows, fwd_occ=occ, fwd_warps=warps, fwd_blocks_per_sm=per_sm,
+                                   fwd_latency=latency)))
+    for rows, occ, per_sm, latency, defer, warps in LN_BWD_SWEEP:
         out.append(("bwd", replace(base, bwd_rows=rows, bwd_occ=occ, bwd_blocks_per_sm=per_sm,
-                                   bwd_latency=latency)))
+                                   bwd_latency=latency, bwd_defer=defer, bwd_warps=warps)))
     return out
 
 
@@ -259,7 +264,7 @@ def _warm_one(job):
             w, b = torch.ones(n, device="cuda", dtype=dtype), torch.zeros(n, device="cuda", dtype=dtype)
             y, stats = layer_norm_forward(x, w, b, 1e-5, tiles)
             if part in ("bwd", "all"):
-                layer_norm_backward(x, w, True, stats, y, tiles)
+                layer_norm_backward(x, w, b.dtype, stats, y, tiles)
         torch.cuda.synchronize()
         return None
     except Exception as e:  # noqa: BLE001
@@ -340,14 +345,15 @@ def _fastest(records, prefix: str, shape: str | None = None) -> dict:
     return best
 
 
-def best_attention_tiles(records, base):
-    """The fastest forward, dQ and dK/dV variants combined (dQ and dK/dV share one block order:
-    the order of the faster of the two winners' backward totals)."""
-    best = _fastest(records, "attention_")
+def best_attention_tiles(records, base, shape: str | None = None):
+    """The fastest forward, dQ and dK/dV variants (at `shape`, or over all records) combined (dQ and
+    dK/dV share one block order: the order of the faster of the two winners' backward totals)."""
+    best = _fastest(records, "attention_", shape)
     t = base
     if "fwd" in best:
         f = best["fwd"]["tiles"]
-        t = replace(t, fwd_m=f["fwd_m"], fwd_n=f["fwd_n"], fwd_occ=f["fwd_occ"], fwd_sched=f["fwd_sched"])
+        t = replace(t, fwd_m=f["fwd_m"], fwd_n=f["fwd_n"], fwd_occ=f["fwd_occ"], fwd_sched=f["fwd_sched"],
+                    fwd_sched_long=f["fwd_sched"])
     if "dq" in best:
         f = best["dq"]["tiles"]
         t = replace(t, dq_m=f["dq_m"], dq_n=f["dq_n"], dq_occ=f["dq_occ"])
@@ -383,15 +389,17 @@ def tune_layernorm(shapes=LN_SHAPES, dtype=torch.bfloat16) -> list[dict]:
         x, w, b, dy, stats = cache[(m, n)]
         rec = {"op": "layernorm_" + part, "shape": f"{m}x{n}", "tiles": asdict(tiles)}
         if part == "fwd":
-            rec["label"] = f"rows{tiles.fwd_rows} occ{tiles.fwd_occ}"
+            rec["label"] = (f"rows{tiles.fwd_rows} occ{tiles.fwd_occ} warps{tiles.fwd_warps or 'auto'} "
+                            f"blocks/SM{tiles.fwd_blocks_per_sm or 'all'} latency{tiles.fwd_latency}")
         else:
             rec["label"] = (f"rows{tiles.bwd_rows} occ{tiles.bwd_occ} blocks/SM{tiles.bwd_blocks_per_sm} "
-                            f"latency{tiles.bwd_latency}")
+                            f"latency{tiles.bwd_latency} warps{tiles.bwd_warps or 'auto'}"
+                            + (" deferred" if tiles.bwd_defer else ""))
         if part == "fwd":
             records.append(_timed_variant(rec, lambda: L.layer_norm_forward(x, w, b, 1e-5, tiles),
                                           repeats=25, inner=10))
         else:
-            records.append(_timed_variant(rec, lambda: L.layer_norm_backward(x, w, True, stats, dy, tiles),
+            records.append(_timed_variant(rec, lambda: L.layer_norm_backward(x, w, b.dtype, stats, dy, tiles),
                                           repeats=25, inner=10))
     return records
 
@@ -401,11 +409,12 @@ def best_layernorm_tiles(records, base, shape: str):
     t = base
     if "fwd" in best:
         f = best["fwd"]["tiles"]
-        t = replace(t, fwd_rows=f["fwd_rows"], fwd_occ=f["fwd_occ"])
+        t = replace(t, fwd_rows=f["fwd_rows"], fwd_occ=f["fwd_occ"], fwd_warps=f["fwd_warps"],
+                    fwd_blocks_per_sm=f["fwd_blocks_per_sm"], fwd_latency=f["fwd_latency"])
     if "bwd" in best:
         f = best["bwd"]["tiles"]
         t = replace(t, bwd_rows=f["bwd_rows"], bwd_occ=f["bwd_occ"], bwd_blocks_per_sm=f["bwd_blocks_per_sm"],
-                    bwd_latency=f["bwd_latency"])
+                    bwd_latency=f["bwd_latency"], bwd_defer=f["bwd_defer"], bwd_warps=f["bwd_warps"])
     return t
 
 
@@ -416,7 +425,15 @@ def apply_tuning(attn_records, ln_records) -> dict:
     arch = current_arch()
     chosen = {}
     if attn_records:
-        t = best_attention_tiles(attn_records, A.tiles_for(arch, 64))
+        shapes = [f"B{b},H{h},T{t_},D{d}" for b, h, t_, d in ATTN_TUNE_SHAPES]
+        t = best_attention_tiles(attn_records, A.tiles_for(arch, 64), shapes[0])
+        # Long sequences keep the winner's tile sizes and take the block order that was faster with them
+        # at the longest tuned shape.
+        same_tiles = [r for r in attn_records if r["op"] == "attention_fwd" and r["shape"] == shapes[-1]
+                      and all(r["tiles"][k] == getattr(t, k) for k in ("fwd_m", "fwd_n", "fwd_occ"))]
+        long_fwd = _fastest(same_tiles, "attention_").get("fwd")
+        if long_fwd:
+            t = replace(t, fwd_sched_long=long_fwd["tiles"]["fwd_sched"])
         A.ATTN_TILES[arch] = t
         chosen["attention"] = asdict(t)
     if ln_records:
@@ -503,7 +520,7 @@ def host_overhead() -> list[dict]:
 
     def ln_direct():
         L.layer_norm_forward(x, w, b, 1e-5)
-        L.layer_norm_backward(x, w, True, ln_stats, dy)
+        L.layer_norm_backward(x, w, b.dtype, ln_stats, dy)
 
     def no_mt(fn):
         def run():
@@ -630,7 +647,8 @@ def main(argv=None) -> int:
         out["host"] = host_overhead()
         print_host(out["host"])
     if args.tune:
-        out["tune_attention"] = tune_attention() if args.tune in ("all", "attention") else []
+        out["tune_attention"] = ([r for shape in ATTN_TUNE_SHAPES for r in tune_attention(shape)]
+                                 if args.tune in ("all", "attention") else [])
         print_tuning(out["tune_attention"])
         out["tune_layernorm"] = tune_layernorm() if args.tune in ("all", "layernorm") else []
         print_tuning(out["tune_layernorm"])

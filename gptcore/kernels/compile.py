@@ -66,15 +66,22 @@ def _array(ct, dtype, ndim: int):
 
 
 def jobs(archs, full: bool = False) -> list[CompileJob]:
+    from gptcore.kernels import attention
+
     out = []
     for arch in archs:
         for dt, d in (ATTN_SIGNATURES_FULL if full else ATTN_SIGNATURES):
             for kern in ("attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv"):
                 out.append(CompileJob(kern, f"{dt} D={d}", arch))
+            # The forward's block order is a kernel constant; long sequences may use another one.
+            if attention.tiles_for(arch, d).fwd_sched_long != attention.tiles_for(arch, d).fwd_sched:
+                out.append(CompileJob("attention.fwd", f"{dt} D={d} long", arch))
         for dt in LN_DTYPES:
             for n in LN_WIDTHS:
                 for kern in ("layernorm.fwd", "layernorm.bwd"):
                     out.append(CompileJob(kern, f"{dt} N={n} weight+bias", arch))
+        for dt in LN_DTYPES:  # the weight and bias gradients' final column sums, in the parameters' dtype
+            out.append(CompileJob("layernorm.colsum", f"{dt} N=any weight+bias", arch))
         # weight and bias None (bias=False models, and F.layer_norm without affine)
         out.append(CompileJob("layernorm.fwd", "bfloat16 N=384 no weight, no bias", arch))
         out.append(CompileJob("layernorm.bwd", "bfloat16 N=384 no weight, no bias", arch))
@@ -97,8 +104,9 @@ def _signature_and_kernel(job: CompileJob):
         a4, a3, stats = _array(ct, dt, 4), _array(ct, ct.float32, 3), _array(ct, ct.float32, 4)
         if job.kernel == "attention.fwd":
             kern = attention.fwd_kernel(tiles.fwd_occ)
-            params = [a4, a4, a4, a4, stats, f32, d, tiles.fwd_m, tiles.fwd_n, tiles.fwd_sched]
-            desc = f"M{tiles.fwd_m} N{tiles.fwd_n} occ{tiles.fwd_occ} sched{tiles.fwd_sched}"
+            sched = tiles.fwd_sched_long if "long" in words else tiles.fwd_sched
+            params = [a4, a4, a4, a4, stats, f32, d, tiles.fwd_m, tiles.fwd_n, sched]
+            desc = f"M{tiles.fwd_m} N{tiles.fwd_n} occ{tiles.fwd_occ} sched{sched}"
         elif job.kernel == "attention.bwd_dq":
             kern = attention.bwd_dq_kernel(tiles.dq_occ)
             params = [a4, a4, a4, a4, a4, stats, a3, a4, f32, f32, d, tiles.dq_m, tiles.dq_n, tiles.bwd_sched]
@@ -108,23 +116,30 @@ def _signature_and_kernel(job: CompileJob):
             params = [a4, a4, a4, a4, stats, a3, a4, a4, f32, f32, d, tiles.dkv_m, tiles.dkv_n, tiles.bwd_sched]
             desc = f"M{tiles.dkv_m} N{tiles.dkv_n} occ{tiles.dkv_occ} sched{tiles.bwd_sched}"
     else:
-        n = int(words[1].split("=")[1])
+        n = 0 if words[1] == "N=any" else int(words[1].split("=")[1])  # the column sums: any width
         affine = "no" not in words  # "no weight, no bias": both None, dummy fp32 arrays stand in
-        tiles = layernorm.tiles_for(job.arch, n)
+        tiles = layernorm.tiles_for(job.arch, max(n, 1))
         # Missing weight / bias: the stats array (2-D fp32) stands in, as in the launch helpers.
         x2, f2 = _array(ct, dt, 2), _array(ct, ct.float32, 2)
         p1 = _array(ct, dt, 1) if affine else f2
-        if job.kernel == "layernorm.fwd":
+        if job.kernel == "layernorm.colsum":
+            kern = layernorm.colsum_kernel()
+            params = [_array(ct, ct.float32, 3), p1, p1, layernorm.COLSUM_TILE_G, layernorm.COLSUM_TILE_N, True, True]
+            desc = f"G{layernorm.COLSUM_TILE_G} N{layernorm.COLSUM_TILE_N}"
+        elif job.kernel == "layernorm.fwd":
             tile_a, tile_b = layernorm.chunks(n)
-            kern = layernorm.fwd_kernel(tiles.fwd_occ)
-            params = [x2, p1, p1, x2, f2, f32, tile_a, tile_b, tiles.fwd_rows, affine, affine]
-            desc = f"rows{tiles.fwd_rows} chunks{tile_a}+{tile_b} occ{tiles.fwd_occ}"
+            kern = layernorm.fwd_kernel(tiles.fwd_occ, tiles.fwd_warps)
+            params = [x2, p1, p1, x2, f2, f32, tile_a, tile_b, tiles.fwd_rows, affine, affine, tiles.fwd_latency]
+            desc = (f"rows{tiles.fwd_rows} chunks{tile_a}+{tile_b} occ{tiles.fwd_occ} warps{tiles.fwd_warps or 'auto'} "
+                    f"latency{tiles.fwd_latency}")
         else:
             pad = layernorm.next_pow2(n)
-            kern = layernorm.bwd_kernel(tiles.bwd_occ)
+            kern = layernorm.bwd_kernel(tiles.bwd_occ, tiles.bwd_warps)
             f3 = _array(ct, ct.float32, 3)
-            params = [x2, p1, x2, f2, x2, f3, pad, tiles.bwd_rows, affine, affine, tiles.bwd_latency]
-            desc = f"rows{tiles.bwd_rows} pad{pad} occ{tiles.bwd_occ} latency{tiles.bwd_latency}"
+            params = [x2, p1, x2, f2, x2, f3, pad, tiles.bwd_rows, affine, affine, tiles.bwd_latency,
+                      tiles.bwd_defer]
+            desc = (f"rows{tiles.bwd_rows} pad{pad} occ{tiles.bwd_occ} warps{tiles.bwd_warps or 'auto'} "
+                    f"latency{tiles.bwd_latency}{' deferred' if tiles.bwd_defer else ''}")
     name = kern._annotated_function.pyfunc.__name__
     return kern, KernelSignature(params, cc).with_mangled_symbol(name), desc
 

@@ -6,8 +6,9 @@ Every statistic is fp32 whatever the input dtype (fp32, bf16, fp16); weight and 
 as in F.layer_norm.
 
 Backward: each block of a persistent grid walks over row tiles, writes dx, and keeps fp32 partial
-sums of dy * xhat and dy for its rows; one torch.sum over the [2, blocks, N] partials finishes
-dweight and dbias. That avoids atomics and keeps the reduction order fixed (deterministic).
+sums of dy * xhat and dy for its rows; a small column-sum kernel adds up the [2, blocks, N] partials
+and writes dweight and dbias in the parameters' dtypes (one launch where a torch.sum and two casts
+took three). That avoids atomics and keeps the reduction order fixed (deterministic).
 
 Host time: an eager call is dominated by the host, not the GPU (tens of microseconds of Python and
 launch against ~10-40 us of kernel at 16384 rows), so the launch path is kept lean; see the launch
@@ -34,13 +35,18 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # --------------------------------------------------------------------------------------------------
 # Tile configurations per architecture, keyed by the padded width ("small" <= 512 < "large" <= 1024).
-# fwd_rows / bwd_rows: rows per tile; occ: resident blocks per SM; bwd_blocks_per_sm: persistent grid;
-# bwd_latency: the latency hint of the backward's loads (0: none).
+# fwd_rows / bwd_rows: rows per tile; occ: resident blocks per SM; *_blocks_per_sm: persistent grid;
+# *_latency: the latency hint of the loads (0: none); *_warps: num_worker_warps (None: the compiler's 4).
 # sm_90 (H100): picked by measurement (`bench.py --tune layernorm`, CUDA-graph replay, 16384 rows bf16,
-# 12 forward and 14-17 backward variants per width): 384 wide, forward 16 rows occ 4 (11.3 us), backward
-# 16 rows occ 2, 2 blocks/SM, latency hint 4 (27 us, against 34 us without the hint at 4 blocks/SM);
-# 768 wide, forward 8 rows occ 4 (26.5 us), backward 4 rows occ 2, 2 blocks/SM, hint 6 (48 us). One
-# resident wave of blocks with a load latency hint won at both widths. Other architectures: untuned.
+# 13-17 forward and 13-19 backward variants per width, over four calls):
+# - 384 wide: forward 16 rows occ 4 on a persistent grid of 4 blocks/SM, hint 3 (9.3 us; one block per
+#   row tile took 10.4-11.6 us); backward 32 rows, one 8-warp block per SM, deferred column sums,
+#   hint 4 (22 us; 4 warps with per-step column sums took 26-30 us).
+# - 768 wide: forward 16 rows occ 2, 8 warps, 2 blocks/SM, hint 4 (20.7 us, against 25-26.6 us with one
+#   block per row tile; a bf16 copy of the same bytes takes 18.4 us); backward 8 rows occ 2, 2 blocks/SM,
+#   hint 4 (36 us; 8 warps or deferred sums were slower here, 48-70 us, with 1024-wide padded tiles).
+# The loads' latency hints only pay in persistent loops (none for one tile per block). Other
+# architectures: untuned.
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LNTiles:
@@ -50,10 +56,17 @@ class LNTiles:
     bwd_occ: int
     bwd_blocks_per_sm: int
     bwd_latency: int = 0
+    fwd_blocks_per_sm: int = 0  # forward grid: 0 = one block per row tile, k = a persistent k per SM
+    fwd_latency: int = 0  # the latency hint of the forward's loads (0: none)
+    bwd_defer: bool = False  # backward: keep [rows, N] column-sum tiles, reduce them once at the end
+    fwd_warps: int | None = None  # num_worker_warps of each kernel (None: the compiler's choice)
+    bwd_warps: int | None = None
 
 
 LN_TILES = {
-    "sm_90": {"small": LNTiles(16, 4, 16, 2, 2, 4), "large": LNTiles(8, 4, 4, 2, 2, 6)},
+    "sm_90": {"small": LNTiles(16, 4, 32, 1, 1, 4, fwd_blocks_per_sm=4, fwd_latency=3, bwd_defer=True,
+                               bwd_warps=8),
+              "large": LNTiles(16, 2, 8, 2, 2, 4, fwd_blocks_per_sm=2, fwd_latency=4, fwd_warps=8)},
     "default": {"small": LNTiles(8, 2, 8, 2, 4), "large": LNTiles(4, 2, 4, 2, 4)},
 }
 SM_COUNT_FALLBACK = 132
@@ -88,10 +101,10 @@ def chunks(n: int) -> tuple[int, int]:
 # B, so chunk B is tile A // B of the row), B = 0 for one chunk. The forward splits N into A, the largest
 # power of two <= N, and B, the next power of two >= N - A: 384 = 256 + 128 and 768 = 512 + 256 need no
 # padding. The backward instead takes one tile of the width padded to the next power of two: measured
-# on the H100 (16384 rows, bf16, best tiles each) it beat the split, 27 vs 40 us at 384 wide and 48 vs
-# 51 us at 768 (the split's smaller tiles double the loads, stores and reductions of every step), while
-# the forward gains from the split (11.3 vs 12.8 us at 384, 26.5 vs 27.9 us at 768). Padded columns
-# load as 0 and are masked where they would count (the variance); stores drop them.
+# on the H100 (16384 rows, bf16, best tiles each) the split was never faster, 40 vs 27 us at 384 wide and
+# 51 vs 48 us at 768 with the first tables, 22.0 vs 22.4 us at 384 and 46 vs 36 us at 768 with the
+# current ones, while the forward gains from the split (11.3 vs 12.8 us at 384, 26.5 vs 27.9 us at 768).
+# Padded columns load as 0 and are masked where they would count (the variance); stores drop them.
 # --------------------------------------------------------------------------------------------------
 def _load(A, index, shape, LATENCY):
     """A tile as fp32; the latency hint (a compile-time constant) only when set."""
@@ -110,34 +123,35 @@ def _affine(y, W, B, chunk, TILE, HAS_W, HAS_B):
 
 
 def ln_fwd_kernel_body(X, W, B, Y, STATS, eps, TILE_A: ConstInt, TILE_B: ConstInt,
-                       TILE_ROWS: ConstInt, HAS_W: ConstBool, HAS_B: ConstBool):
-    """Grid (cdiv(M, TILE_ROWS),). X, Y (M, N); W, B (N,); STATS (2, M) fp32: mean, rstd."""
+                       TILE_ROWS: ConstInt, HAS_W: ConstBool, HAS_B: ConstBool, LATENCY: ConstInt):
+    """Grid (G,) over the cdiv(M, TILE_ROWS) row tiles: one tile per block when G is that count, else a
+    persistent loop. X, Y (M, N); W, B (N,); STATS (2, M) fp32: mean, rstd."""
     n = X.shape[1]
-    r = ct.bid(0)
-    xa = _load(X, (r, 0), (TILE_ROWS, TILE_A), 0)  # [TILE_ROWS, TILE_A], all real columns
-    total = ct.sum(xa, axis=1, keepdims=True)
-    if TILE_B > 0:
-        xb = _load(X, (r, TILE_A // TILE_B), (TILE_ROWS, TILE_B), 0)  # [TILE_ROWS, TILE_B]
-        total = total + ct.sum(xb, axis=1, keepdims=True)
-    mean = total / n  # [TILE_ROWS, 1]; zero padding leaves the sum alone
-    xca = xa - mean
-    var = ct.sum(xca * xca, axis=1, keepdims=True)
-    if TILE_B > 0:
-        cols = TILE_A + ct.arange(TILE_B, dtype=ct.int32)[None, :]  # [1, TILE_B]
-        xcb = ct.where(cols < n, xb - mean, 0.0)  # padded columns would add mean^2 to the variance
-        var = var + ct.sum(xcb * xcb, axis=1, keepdims=True)
-    rstd = ct.rsqrt(var / n + eps)  # [TILE_ROWS, 1], biased variance as in torch
-    ya = _affine(xca * rstd, W, B, 0, TILE_A, HAS_W, HAS_B)
-    ct.store(Y, (r, 0), ya.astype(Y.dtype))
-    if TILE_B > 0:
-        yb = _affine(xcb * rstd, W, B, TILE_A // TILE_B, TILE_B, HAS_W, HAS_B)
-        ct.store(Y, (r, TILE_A // TILE_B), yb.astype(Y.dtype))
-    ct.store(STATS, (0, r), mean.reshape((1, TILE_ROWS)))
-    ct.store(STATS, (1, r), rstd.reshape((1, TILE_ROWS)))
+    for r in range(ct.bid(0), ct.cdiv(X.shape[0], TILE_ROWS), ct.num_blocks(0)):
+        xa = _load(X, (r, 0), (TILE_ROWS, TILE_A), LATENCY)  # [TILE_ROWS, TILE_A], all real columns
+        total = ct.sum(xa, axis=1, keepdims=True)
+        if TILE_B > 0:
+            xb = _load(X, (r, TILE_A // TILE_B), (TILE_ROWS, TILE_B), LATENCY)  # [TILE_ROWS, TILE_B]
+            total = total + ct.sum(xb, axis=1, keepdims=True)
+        mean = total / n  # [TILE_ROWS, 1]; zero padding leaves the sum alone
+        xca = xa - mean
+        var = ct.sum(xca * xca, axis=1, keepdims=True)
+        if TILE_B > 0:
+            cols = TILE_A + ct.arange(TILE_B, dtype=ct.int32)[None, :]  # [1, TILE_B]
+            xcb = ct.where(cols < n, xb - mean, 0.0)  # padded columns would add mean^2 to the variance
+            var = var + ct.sum(xcb * xcb, axis=1, keepdims=True)
+        rstd = ct.rsqrt(var / n + eps)  # [TILE_ROWS, 1], biased variance as in torch
+        ya = _affine(xca * rstd, W, B, 0, TILE_A, HAS_W, HAS_B)
+        ct.store(Y, (r, 0), ya.astype(Y.dtype))
+        if TILE_B > 0:
+            yb = _affine(xcb * rstd, W, B, TILE_A // TILE_B, TILE_B, HAS_W, HAS_B)
+            ct.store(Y, (r, TILE_A // TILE_B), yb.astype(Y.dtype))
+        ct.store(STATS, (0, r), mean.reshape((1, TILE_ROWS)))
+        ct.store(STATS, (1, r), rstd.reshape((1, TILE_ROWS)))
 
 
 def ln_bwd_kernel_body(X, W, DY, STATS, DX, PARTS, N_PAD: ConstInt, TILE_ROWS: ConstInt,
-                       HAS_W: ConstBool, HAS_B: ConstBool, LATENCY: ConstInt):
+                       HAS_W: ConstBool, HAS_B: ConstBool, LATENCY: ConstInt, DEFER: ConstBool):
     """Persistent grid (G,). PARTS (2, G, N) fp32: this block's column sums of dy*xhat and dy.
 
     dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy * xhat)), means over the N true columns.
@@ -149,8 +163,11 @@ def ln_bwd_kernel_body(X, W, DY, STATS, DX, PARTS, N_PAD: ConstInt, TILE_ROWS: C
     n_tiles = ct.cdiv(X.shape[0], TILE_ROWS)
     if HAS_W:
         w = ct.load(W, (0,), (N_PAD,), padding_mode=ZERO).astype(ct.float32)[None, :]  # [1, N_PAD]
-    dw = ct.zeros((1, N_PAD), dtype=ct.float32)  # column sums of dy * xhat and of dy
-    db = ct.zeros((1, N_PAD), dtype=ct.float32)
+    # Column sums of dy * xhat and of dy: per step into [1, N_PAD] (a cross-row reduction every step),
+    # or with DEFER into [TILE_ROWS, N_PAD] (elementwise adds; one reduction at the end, more registers).
+    acc_rows = TILE_ROWS if DEFER else 1
+    dw = ct.zeros((acc_rows, N_PAD), dtype=ct.float32)
+    db = ct.zeros((acc_rows, N_PAD), dtype=ct.float32)
     for t in range(g, n_tiles, ct.num_blocks(0)):
         mean = ct.load(STATS, (0, t), (1, TILE_ROWS), padding_mode=ZERO).reshape((TILE_ROWS, 1))
         rstd = ct.load(STATS, (1, t), (1, TILE_ROWS), padding_mode=ZERO).reshape((TILE_ROWS, 1))
@@ -161,23 +178,52 @@ def ln_bwd_kernel_body(X, W, DY, STATS, DX, PARTS, N_PAD: ConstInt, TILE_ROWS: C
         c2 = ct.sum(wdy, axis=1, keepdims=True) / n
         ct.store(DX, (t, 0), ((wdy - (xhat * c1 + c2)) * rstd).astype(DX.dtype))
         if HAS_W:
-            dw = dw + ct.sum(dy * xhat, axis=0, keepdims=True)  # [1, N_PAD]
+            dw = dw + (dy * xhat if DEFER else ct.sum(dy * xhat, axis=0, keepdims=True))
         if HAS_B:
-            db = db + ct.sum(dy, axis=0, keepdims=True)
+            db = db + (dy if DEFER else ct.sum(dy, axis=0, keepdims=True))
     if HAS_W:
-        ct.store(PARTS, (0, g, 0), dw.reshape((1, 1, N_PAD)))
+        ct.store(PARTS, (0, g, 0), ct.sum(dw, axis=0, keepdims=True).reshape((1, 1, N_PAD)))
     if HAS_B:
-        ct.store(PARTS, (1, g, 0), db.reshape((1, 1, N_PAD)))
+        ct.store(PARTS, (1, g, 0), ct.sum(db, axis=0, keepdims=True).reshape((1, 1, N_PAD)))
+
+
+def ln_colsum_kernel_body(PARTS, DW, DB, TILE_G: ConstInt, TILE_N: ConstInt, HAS_W: ConstBool,
+                          HAS_B: ConstBool):
+    """Grid (cdiv(N, TILE_N),). PARTS (2, G, N) fp32, the backward's per-block column sums: DW and DB (N,)
+    get their sums over G, in fp32, stored in their own dtypes. Padded rows of PARTS load as 0."""
+    c = ct.bid(0)
+    dw = ct.zeros((TILE_G, TILE_N), dtype=ct.float32)
+    db = ct.zeros((TILE_G, TILE_N), dtype=ct.float32)
+    for t in range(ct.cdiv(PARTS.shape[1], TILE_G)):
+        if HAS_W:
+            dw = dw + ct.load(PARTS, (0, t, c), (1, TILE_G, TILE_N),
+                              padding_mode=ZERO).reshape((TILE_G, TILE_N))  # [TILE_G, TILE_N]
+        if HAS_B:
+            db = db + ct.load(PARTS, (1, t, c), (1, TILE_G, TILE_N),
+                              padding_mode=ZERO).reshape((TILE_G, TILE_N))
+    if HAS_W:
+        ct.store(DW, (c,), ct.sum(dw, axis=0).astype(DW.dtype))
+    if HAS_B:
+        ct.store(DB, (c,), ct.sum(db, axis=0).astype(DB.dtype))
+
+
+COLSUM_TILE_G = 128  # partial rows per step: the backward grids have 132 or 264 blocks on the H100
+COLSUM_TILE_N = 32  # columns per block: 12 blocks at 384 wide, 24 at 768
 
 
 @lru_cache(maxsize=None)
-def fwd_kernel(occupancy: int):
-    return ct.kernel(ln_fwd_kernel_body, occupancy=occupancy)
+def colsum_kernel():
+    return ct.kernel(ln_colsum_kernel_body)
 
 
 @lru_cache(maxsize=None)
-def bwd_kernel(occupancy: int):
-    return ct.kernel(ln_bwd_kernel_body, occupancy=occupancy)
+def fwd_kernel(occupancy: int, warps: int | None = None):
+    return ct.kernel(ln_fwd_kernel_body, occupancy=occupancy, num_worker_warps=warps)
+
+
+@lru_cache(maxsize=None)
+def bwd_kernel(occupancy: int, warps: int | None = None):
+    return ct.kernel(ln_bwd_kernel_body, occupancy=occupancy, num_worker_warps=warps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,6 +239,7 @@ class LNPlan:
     fwd: object  # compiled-on-first-launch kernel objects
     bwd: object
     max_bwd_blocks: int  # the persistent backward grid's size cap: SMs x blocks per SM
+    max_fwd_blocks: int  # the same for the forward; 0: one block per row tile
 
 
 @lru_cache(maxsize=None)
@@ -202,8 +249,9 @@ def _plan(device_index: int, n: int, tiles: LNTiles | None) -> LNPlan:
         sms = torch.cuda.get_device_properties(device_index).multi_processor_count
     except Exception:  # pragma: no cover
         sms = SM_COUNT_FALLBACK
-    return LNPlan(tiles, chunks(n), next_pow2(n), fwd_kernel(tiles.fwd_occ), bwd_kernel(tiles.bwd_occ),
-                  sms * tiles.bwd_blocks_per_sm)
+    return LNPlan(tiles, chunks(n), next_pow2(n), fwd_kernel(tiles.fwd_occ, tiles.fwd_warps),
+                  bwd_kernel(tiles.bwd_occ, tiles.bwd_warps),
+                  sms * tiles.bwd_blocks_per_sm, sms * tiles.fwd_blocks_per_sm)
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -223,32 +271,39 @@ def layer_norm_forward(x2, weight, bias, eps: float, tiles: LNTiles | None = Non
     # A dummy array stands in for a missing weight or bias; the constant flag keeps it unread.
     ensure_cuda_context(dev)
     rows = plan.tiles.fwd_rows
-    ct.launch(stream_handle(dev), ((m + rows - 1) // rows, 1, 1), plan.fwd,
+    blocks = (m + rows - 1) // rows
+    if plan.max_fwd_blocks:
+        blocks = min(blocks, plan.max_fwd_blocks)
+    ct.launch(stream_handle(dev), (blocks, 1, 1), plan.fwd,
               (x2, stats if weight is None else weight, stats if bias is None else bias, y, stats, eps,
-               *plan.fwd_chunks, rows, weight is not None, bias is not None))
+               *plan.fwd_chunks, rows, weight is not None, bias is not None, plan.tiles.fwd_latency))
     return y, stats
 
 
-def layer_norm_backward(x2, weight, has_bias: bool, stats, dy2, tiles: LNTiles | None = None):
-    """Returns dx (M, N) in x's dtype and the fp32 column sums (dweight, dbias), each None when not needed
-    (autograd casts them to the parameters' dtypes)."""
+def layer_norm_backward(x2, weight, bias_dtype: torch.dtype | None, stats, dy2, tiles: LNTiles | None = None):
+    """Returns dx (M, N) in x's dtype, dweight in the weight's dtype (None without a weight) and dbias in
+    `bias_dtype` (None without a bias)."""
     m, n = x2.shape
     dev = x2.get_device()
     plan = _plan(dev, n, tiles)
     t = plan.tiles
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     blocks = max(1, min((m + t.bwd_rows - 1) // t.bwd_rows, plan.max_bwd_blocks))
-    has_weight = weight is not None
+    has_weight, has_bias = weight is not None, bias_dtype is not None
     parts = torch.empty(2, blocks, n, device=x2.device, dtype=torch.float32)
     ensure_cuda_context(dev)  # autograd's worker thread may have no current context
-    ct.launch(stream_handle(dev), (blocks, 1, 1), plan.bwd,
+    stream = stream_handle(dev)
+    ct.launch(stream, (blocks, 1, 1), plan.bwd,
               (x2, weight if has_weight else stats, dy2, stats, dx, parts, plan.n_pad, t.bwd_rows,
-               has_weight, has_bias, t.bwd_latency))
+               has_weight, has_bias, t.bwd_latency, t.bwd_defer))
     if not (has_weight or has_bias):
         return dx, None, None
-    # One reduction for both, in a fixed order: deterministic (no atomics).
-    dw, db = parts.sum(dim=1).unbind(0)
-    return dx, (dw if has_weight else None), (db if has_bias else None)
+    dw = torch.empty(n, device=x2.device, dtype=weight.dtype) if has_weight else None
+    db = torch.empty(n, device=x2.device, dtype=bias_dtype) if has_bias else None
+    ct.launch(stream, ((n + COLSUM_TILE_N - 1) // COLSUM_TILE_N, 1, 1), colsum_kernel(),
+              (parts, stats if dw is None else dw, stats if db is None else db, COLSUM_TILE_G, COLSUM_TILE_N,
+               has_weight, has_bias))
+    return dx, dw, db
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,14 +316,13 @@ class LayerNormFunction(torch.autograd.Function):
         x2 = _rows(x, n)
         y, stats = layer_norm_forward(x2, weight, bias, eps)
         ctx.save_for_backward(x2, weight, stats)
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, stats = ctx.saved_tensors
-        dx, dw, db = layer_norm_backward(x2, weight, ctx.has_bias, stats, _rows(dy, x2.shape[1]))
-        # fp32 sums for bf16/fp16 parameters: the autograd engine casts a gradient to its input's dtype.
+        dx, dw, db = layer_norm_backward(x2, weight, ctx.bias_dtype, stats, _rows(dy, x2.shape[1]))
         return (dx.view(dy.shape), dw if ctx.needs_input_grad[1] else None,
                 db if ctx.needs_input_grad[2] else None, None)
 
