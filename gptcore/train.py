@@ -103,11 +103,17 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a checkpoint's moments, step counts and hyperparameters, keeping this optimizer's RUNTIME_KEYS
-    (torch's load_state_dict would take them from the checkpoint too)."""
+    (torch's load_state_dict would take them from the checkpoint too). They go into the loaded groups
+    before loading, so torch places the step counts by this optimizer's policy (a capturable or fused
+    one keeps them as float32 on the parameters' device) rather than by the checkpoint's."""
     own = [{k: group[k] for k in RUNTIME_KEYS if k in group} for group in optimizer.param_groups]
+    if len(state["param_groups"]) != len(own):
+        raise ValueError(f"optimizer state has {len(state['param_groups'])} parameter groups, this optimizer "
+                         f"{len(own)}")
+    state = {**state, "param_groups": [{**group, **keep} for group, keep in zip(state["param_groups"], own)]}
     optimizer.load_state_dict(state)
     for group, keep in zip(optimizer.param_groups, own):
-        group.update(keep)
+        group.update(keep)  # a tensor learning rate stays this optimizer's own tensor
 
 
 def model_config(params: Params, vocab_size: int) -> GPTConfig:

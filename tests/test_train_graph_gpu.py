@@ -131,6 +131,22 @@ def test_resume_across_the_eager_and_the_graphed_step(root, first, then):
     assert_same_weights(final["model"], full["model"])
 
 
+def test_cpu_checkpoint_resumes_in_the_graphed_step(root):
+    """A run trained eagerly on the CPU (its optimizer neither fused nor capturable, step counts on the
+    CPU) resumes on the GPU in the graphed step and trains on from where it stopped."""
+    iters = {"max_iters": 16, "lr_decay_iters": 16}
+    cpu = graph_params(cuda_graph=False, device="cpu", dtype="float32", **iters)
+    _, ck = train_in(root, "part", cpu, stop_after=8)
+    assert ck["iter_num"] == 8
+    assert all(not g["capturable"] and not g["fused"] for g in ck["optimizer"]["param_groups"])
+
+    result, final = train_in(root, "part", graph_params(cuda_graph=True, resume=True, **iters))
+    assert final["iter_num"] == 16 and len(result.train_losses) == 8
+    assert all(torch.isfinite(torch.tensor(result.train_losses)))
+    steps = [s["step"] for s in final["optimizer"]["state"].values()]
+    assert steps and all(int(s) == 16 for s in steps)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_replays_draw_fresh_dropout_masks(dropout):
     """At learning rate 0 (and no weight decay) the weights stay put, so replaying one batch repeats the
