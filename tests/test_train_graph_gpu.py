@@ -25,7 +25,7 @@ import torch
 from gptcore import bench, data, kernels
 from gptcore.checkpoint import load_checkpoint
 from gptcore.model import GPT, GPTConfig
-from gptcore.train import LAST_CHECKPOINT, Trainer
+from gptcore.train import LAST_CHECKPOINT, Trainer, load_optimizer_state, optimizer_state
 from gptcore.train_graph import WARMUP_STEPS, GraphedTrainStep
 from pipeline_helpers import tiny_params, write_corpus
 
@@ -129,6 +129,28 @@ def test_resume_across_the_eager_and_the_graphed_step(root, first, then):
     assert [h["iter"] for h in final["history"]] == [h["iter"] for h in full["history"]]
     assert final["history"][-1]["val_loss"] == pytest.approx(full["history"][-1]["val_loss"], rel=LOSS_REL)
     assert_same_weights(final["model"], full["model"])
+
+
+def test_cpu_optimizer_state_loads_into_a_capturable_optimizer():
+    """An optimizer state whose step counts are CPU tensors (an eager CPU run's, loaded without moving it)
+    goes into a capturable CUDA AdamW with its step counts on the GPU, so the captured step can run."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=32))
+    x = torch.randint(40, (2, 16))
+    eager = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    model(x, x)[1].backward()
+    eager.step()
+    state = optimizer_state(eager)
+    assert all(s["step"].device.type == "cpu" for s in state["state"].values())
+
+    model.cuda()
+    graphed = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cuda", capturable=True)
+    load_optimizer_state(graphed, state)
+    steps = [graphed.state[p]["step"] for g in graphed.param_groups for p in g["params"]]
+    assert steps and all(s.device.type == "cuda" and int(s) == 1 for s in steps)
+    model(x.cuda(), x.cuda())[1].backward()
+    graphed.step()  # capturable AdamW refuses step counts off the parameters' device
+    assert all(int(s) == 2 for s in steps)
 
 
 def test_cpu_checkpoint_resumes_in_the_graphed_step(root):
