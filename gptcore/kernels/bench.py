@@ -3,9 +3,10 @@
     python -m gptcore.kernels.bench [--json PATH] [--graphs] [--host] [--tune [attention|layernorm]] [--quick]
 
 Attention (bf16, causal): cuTile vs SDPA's flash and cuDNN backends, forward and forward+backward ms
-and TFLOP/s. LayerNorm (bf16): cuTile vs torch, forward and forward+backward ms and GB/s.
+and TFLOP/s. LayerNorm (bf16): cuTile vs torch, forward and forward+backward ms and GB/s; with
+`--graphs` also a "memory floor" reference row: a copy and an add moving the same bytes.
 Timing: CUDA events around a batch of eager calls, after a warm-up; the median over repeats. Eager
-numbers include the host's launch cost (a Python autograd.Function plus ~15 us per ct.launch), which
+numbers include the host's launch cost (a Python autograd.Function plus ~6-10 us per ct.launch), which
 dominates at small sizes; `--graphs` adds "<impl>+graph" rows timed by CUDA-graph replay (GPU time),
 `--host` first breaks the host time of one eager forward+backward down.
 `--tune` sweeps the cuTile tile sizes (graph replay), prints the ranking and installs the winners for
@@ -181,7 +182,21 @@ def bench_layernorm(shapes=LN_SHAPES, dtype=torch.bfloat16, impls: list[str] | N
             table, impls or list(table), graphs, base, lambda fn: fn(x, w, b),
             lambda fn: torch.autograd.grad(fn(xg, wg, bg), (xg, wg, bg), dy),
             (layernorm_bytes(m, n, elt), layernorm_bytes(m, n, elt, True)), "gbps", {"repeats": 25, "inner": 10})
+        if graphs:
+            records.append(memory_floor(base, x, dy, (layernorm_bytes(m, n, elt), layernorm_bytes(m, n, elt, True))))
     return records
+
+
+def memory_floor(base: dict, x: torch.Tensor, dy: torch.Tensor, work: tuple[float, float]) -> dict:
+    """A reference row, not a LayerNorm: the GPU time (graph replay) of moving the forward's bytes (a copy:
+    read x, write y) and then the backward's (an add: read x and dy, write dx), what the memory system
+    alone allows on this card."""
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    fwd = time_graph_ms(lambda: y.copy_(x), repeats=25, inner=10)
+    bwd = time_graph_ms(lambda: torch.add(x, dy, out=dx), repeats=25, inner=10)
+    return {"implementation": "memory floor", **base, "fwd_ms": round(fwd, 4), "fwdbwd_ms": round(fwd + bwd, 4),
+            "fwd_gbps": round(work[0] / fwd / 1e6, 1), "fwdbwd_gbps": round(work[1] / (fwd + bwd) / 1e6, 1),
+            "error": None, "note": "copy x -> y, then x + dy -> dx: the bytes alone, graph replay"}
 
 
 # --------------------------------------------------------------------------------------------------
