@@ -157,7 +157,25 @@ def test_compile_gate_jobs_cover_the_model_signatures(trained):
     assert labels == [("attention.fwd", "bfloat16 D=32"), ("attention.bwd_dq", "bfloat16 D=32"),
                       ("attention.bwd_dkdv", "bfloat16 D=32"), ("attention.fwd", "float16 D=32"),
                       ("layernorm.fwd", "float32 N=32 weight+bias"), ("layernorm.bwd", "float32 N=32 weight+bias"),
-                      ("layernorm.fwd", "bfloat16 N=32 weight+bias"), ("layernorm.bwd", "bfloat16 N=32 weight+bias")]
+                      ("layernorm.colsum", "float32 N=any weight+bias"),
+                      ("layernorm.fwd", "bfloat16 N=32 weight+bias"), ("layernorm.bwd", "bfloat16 N=32 weight+bias"),
+                      ("layernorm.colsum", "bfloat16 N=any weight+bias")]
+
+
+def test_compile_gate_jobs_add_the_long_sequence_forward_order(trained):
+    """A model whose block size reaches the forward's long-sequence order (sm_90: T >= 2048) launches
+    that variant too, so the gate compiles it; labels exist in gptcore.kernels.compile's full job list."""
+    from dataclasses import replace
+
+    from gptcore.kernels.compile import jobs as all_jobs
+    _, weights, _, _ = trained
+    long_config = replace(weights.config, block_size=2048)
+    labels = [(j.kernel, j.label) for j in model_jobs(long_config, "bfloat16", "float16", ["sm_90"])]
+    assert ("attention.fwd", "bfloat16 D=32 long") in labels and ("attention.fwd", "float16 D=32 long") in labels
+    assert ("attention.fwd", "bfloat16 D=32 long") not in [(j.kernel, j.label) for j in model_jobs(
+        weights.config, "bfloat16", "float16", ["sm_90"])]
+    known = {(j.kernel, j.label) for j in all_jobs(["sm_90"], full=True)}
+    assert ("attention.fwd", "bfloat16 D=32 long") in known
 
 
 @pytest.mark.slow
@@ -173,7 +191,8 @@ def test_verify_stage_on_any_checkpoint_writes_its_report_where_told(trained, tm
     m = json.loads((out / "verify.json").read_text())
     report = (out / "verify.md").read_text()
     assert m["compile_gate"]["status"] == PASS, m["compile_gate"]
-    assert m["compile_gate"]["jobs"] == 8 and m["compile_gate"]["archs"] == "sm_90"
+    # attention fwd, dq, dkv (bf16) and fwd (fp16); LayerNorm fwd, bwd, column sums (fp32 and bf16)
+    assert m["compile_gate"]["jobs"] == 10 and m["compile_gate"]["archs"] == "sm_90"
     assert m["source"].endswith("ckpt.pt") and "| vocab | pass |" in report
     if not torch.cuda.is_available():
         assert m["status"] == "incomplete" and m["skipped"] == 5 and proc.returncode == 0

@@ -43,8 +43,10 @@ def cache_dir() -> Path:
 
 def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: list[str]):
     """The CompileJobs of the signatures the levels run this model with (labels in the format of
-    gptcore.kernels.compile): attention forward and backward in model_dtype, forward in decode_dtype;
-    LayerNorm forward and backward in float32 (autocast) and in model_dtype (a model cast to it)."""
+    gptcore.kernels.compile): attention forward and backward in model_dtype, forward in decode_dtype (and
+    the forward's long-sequence block order where the block size reaches it); LayerNorm forward, backward
+    and the weight/bias column sums in float32 (autocast) and in model_dtype (a model cast to it)."""
+    from gptcore.kernels import attention
     from gptcore.kernels.compile import CompileJob
 
     head_dim = config.n_embd // config.n_head
@@ -52,14 +54,22 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
     # (weight, no bias) is closest to the affine one.
     wanted = [("attention.fwd", model_dtype), ("attention.bwd_dq", model_dtype), ("attention.bwd_dkdv", model_dtype),
               ("attention.fwd", decode_dtype)]
-    wanted += [(kernel, dtype) for dtype in ("float32", model_dtype) for kernel in ("layernorm.fwd", "layernorm.bwd")]
+    wanted += [(kernel, dtype) for dtype in ("float32", model_dtype)
+               for kernel in ("layernorm.fwd", "layernorm.bwd", "layernorm.colsum")]
     jobs = []
     for arch in archs:
+        tiles = attention.tiles_for(arch, head_dim)
+        long_order = config.block_size >= tiles.fwd_long_from and tiles.fwd_sched_long != tiles.fwd_sched
         for kernel, dtype in dict.fromkeys(wanted):  # dedupe, keep the order
             if kernel.startswith("attention.") and dtype == "float32":
                 continue  # no fp32 attention kernel: the levels would report that themselves
-            size = f"D={head_dim}" if kernel.startswith("attention.") else f"N={config.n_embd} weight+bias"
+            if kernel.startswith("attention."):
+                size = f"D={head_dim}"
+            else:
+                size = f"N={'any' if kernel == 'layernorm.colsum' else config.n_embd} weight+bias"
             jobs.append(CompileJob(kernel, f"{dtype} {size}", arch))
+            if kernel == "attention.fwd" and long_order:
+                jobs.append(CompileJob(kernel, f"{dtype} {size} long", arch))
     return jobs
 
 
