@@ -29,7 +29,6 @@ import torch
 from gptcore.cutile_model import CuTileGPT
 from gptcore.model import GPT, filtered_probs, gpt_from_checkpoint
 from gptcore.params import ParamsError
-from gptcore.train import resolve_dtype  # noqa: F401 - the stages take it from here with resolve_device
 from gptcore.train_graph import capture
 
 TokenCallback = Callable[[list[int]], None]  # the new token of each batch row, as soon as it exists

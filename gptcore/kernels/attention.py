@@ -89,6 +89,10 @@ class AttnTiles:
     fwd_sched: int = HEAD_MAJOR  # block order of the forward kernel
     fwd_sched_long: int = HEAD_MAJOR  # the forward's block order from Tq >= fwd_long_from on
     fwd_long_from: int = 2048
+
+    def fwd_order(self, tq: int) -> int:
+        """The forward's block order for Tq query rows."""
+        return self.fwd_sched_long if tq >= self.fwd_long_from else self.fwd_sched
     bwd_sched: int = HEAD_MAJOR  # block order of both backward kernels
 
 
@@ -354,7 +358,7 @@ def attention_forward(q, k, v, scale: float, tiles: AttnTiles | None = None):
     o = _bhtd_empty_like(q, tq)
     stats = torch.empty(2, bsz, n_head, tq, device=q.device, dtype=torch.float32)
     ensure_cuda_context(dev)
-    sched = _order(tiles.fwd_sched_long if tq >= tiles.fwd_long_from else tiles.fwd_sched, bsz * n_head)
+    sched = _order(tiles.fwd_order(tq), bsz * n_head)
     grid = _grid(sched, bsz * n_head, math.ceil(tq / tiles.fwd_m))
     ct.launch(stream_handle(dev), grid, fwd_kernel(tiles.fwd_occ),
               (q, k, v, o, stats, scale * LOG2E, d, tiles.fwd_m, tiles.fwd_n, sched))

@@ -74,7 +74,8 @@ def jobs(archs, full: bool = False) -> list[CompileJob]:
             for kern in ("attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv"):
                 out.append(CompileJob(kern, f"{dt} D={d}", arch))
             # The forward's block order is a kernel constant; long sequences may use another one.
-            if attention.tiles_for(arch, d).fwd_sched_long != attention.tiles_for(arch, d).fwd_sched:
+            tiles = attention.tiles_for(arch, d)
+            if tiles.fwd_sched_long != tiles.fwd_sched:
                 out.append(CompileJob("attention.fwd", f"{dt} D={d} long", arch))
         for dt in LN_DTYPES:
             for n in LN_WIDTHS:

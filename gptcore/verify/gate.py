@@ -59,7 +59,7 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
     jobs = []
     for arch in archs:
         tiles = attention.tiles_for(arch, head_dim)
-        long_order = config.block_size >= tiles.fwd_long_from and tiles.fwd_sched_long != tiles.fwd_sched
+        long_order = tiles.fwd_order(config.block_size) != tiles.fwd_sched  # full-block sequences take another order
         for kernel, dtype in dict.fromkeys(wanted):  # dedupe, keep the order
             if kernel.startswith("attention.") and dtype == "float32":
                 continue  # no fp32 attention kernel: the levels would report that themselves
