@@ -41,14 +41,17 @@ def test_compile_gate_sm90_sm100():
     assert any(job.arch == "sm_90" and job.label == "bfloat16 D=64 long" for job in expected)
 
 
-@pytest.mark.parametrize("n, expected", [(384, (256, 128)), (768, (512, 256)), (512, (512, 0)), (100, (64, 64)),
-                                         (1, (1, 0)), (7, (4, 4)), (1600, (1024, 1024))])
-def test_layernorm_row_chunks(n, expected):
-    """The LayerNorm kernels cover a row with two power-of-two column chunks; the second starts at a
-    multiple of its own width (it is tile a // b of the row) and together they cover every column."""
+@pytest.mark.parametrize("n, chunk, expected", [(384, 128, (128, 3, False)), (768, 256, (256, 3, False)),
+                                                (384, 256, (256, 2, True)), (512, 256, (256, 2, False)),
+                                                (100, 256, (128, 1, True)), (1, 256, (1, 1, False)),
+                                                (7, 256, (8, 1, True)), (1600, 256, (256, 7, True))])
+def test_layernorm_forward_chunks(n, chunk, expected):
+    """The LayerNorm forward covers a row with K chunks of one power-of-two width C, at most the tiles'
+    chunk: together they cover every column, and only the last one may reach past the row (padded)."""
     pytest.importorskip("cuda.tile", reason="cuda-tile[tileiras] is not installed")
-    from gptcore.kernels.layernorm import chunks
-    a, b = chunks(n)
-    assert (a, b) == expected
-    assert a <= n <= a + b or (b == 0 and a == n)
-    assert b == 0 or a % b == 0
+    from gptcore.kernels.layernorm import fwd_chunks
+    c, k, pad_last = fwd_chunks(n, chunk)
+    assert (c, k, pad_last) == expected
+    assert c & (c - 1) == 0 and c <= chunk
+    assert (k - 1) * c < n <= k * c
+    assert pad_last == (k * c != n)

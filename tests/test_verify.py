@@ -154,12 +154,25 @@ def test_without_gpu_the_cutile_levels_are_skipped_with_the_reason(trained):
 def test_compile_gate_jobs_cover_the_model_signatures(trained):
     _, weights, _, _ = trained
     labels = [(j.kernel, j.label) for j in model_jobs(weights.config, "bfloat16", "float16", ["sm_90"])]
-    assert labels == [("attention.fwd", "bfloat16 D=32"), ("attention.bwd_dq", "bfloat16 D=32"),
-                      ("attention.bwd_dkdv", "bfloat16 D=32"), ("attention.fwd", "float16 D=32"),
-                      ("layernorm.fwd", "float32 N=32 weight+bias"), ("layernorm.bwd", "float32 N=32 weight+bias"),
-                      ("layernorm.colsum", "float32 N=any weight+bias"),
-                      ("layernorm.fwd", "bfloat16 N=32 weight+bias"), ("layernorm.bwd", "bfloat16 N=32 weight+bias"),
-                      ("layernorm.colsum", "bfloat16 N=any weight+bias")]
+    signatures = [("attention.fwd", "bfloat16 D=32"), ("attention.bwd_dq", "bfloat16 D=32"),
+                  ("attention.bwd_dkdv", "bfloat16 D=32"), ("attention.fwd", "float16 D=32"),
+                  ("layernorm.fwd", "float32 N=32 weight+bias"), ("layernorm.bwd", "float32 N=32 weight+bias"),
+                  ("layernorm.colsum", "float32 N=any weight+bias"),
+                  ("layernorm.fwd", "bfloat16 N=32 weight+bias"), ("layernorm.bwd", "bfloat16 N=32 weight+bias"),
+                  ("layernorm.colsum", "bfloat16 N=any weight+bias")]
+    # each also as the aligned signature that training-shaped tensors launch (sizes multiples of 16 here)
+    assert labels == [(kernel, label + suffix) for kernel, label in signatures for suffix in ("", " 16B")]
+
+
+def test_compile_gate_jobs_skip_the_aligned_signature_where_sizes_do_not_allow_it(trained):
+    """A width that is not a multiple of 16 never launches the aligned LayerNorm signature, nor a head
+    dim or block size that is not one the aligned attention signature."""
+    from dataclasses import replace
+
+    _, weights, _, _ = trained
+    odd = replace(weights.config, n_embd=36, n_head=2, block_size=30)  # head dim 18
+    labels = [j.label for j in model_jobs(odd, "bfloat16", "float16", ["sm_90"])]
+    assert labels and not [label for label in labels if "16B" in label]
 
 
 def test_compile_gate_jobs_add_the_long_sequence_forward_order(trained):

@@ -6,7 +6,10 @@ Runs on a CPU-only machine (cuda-tile[tileiras] brings the compiler; no GPU, no 
 CI catches a kernel that stops compiling. Prints one line per kernel, signature and architecture
 (OK/FAIL and the compile time) and exits non-zero if any failed. The signatures mirror what the
 launch helpers pass: the tile constants are the ones chosen for that architecture, arrays have a
-unit last stride (the model's strided q/k/v views included) and 16-byte aligned bases.
+unit last stride (the model's strided q/k/v views included) and 16-byte aligned bases. ct.launch also
+specialises a kernel on the divisibility of shapes and strides, and the model's training tensors are
+aligned (widths and sequence lengths multiples of 16): that signature compiles to other code (TMA copies),
+so the gate checks it too, as the "16B" labels.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ DEFAULT_ARCHS = ("sm_90", "sm_100")
 # kernels is fast and a changed kernel always recompiles (the cache key is the exact bytecode).
 ATTN_SIGNATURES = (("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64))
 ATTN_SIGNATURES_FULL = ATTN_SIGNATURES + (("float16", 32), ("float16", 128))
+ATTN_ALIGNED = (("bfloat16", 64),)  # also compiled with the aligned ("16B") signature, see jobs()
 LN_DTYPES = ("float32", "bfloat16", "float16")  # fp32 under autocast (residual stream), bf16/fp16 when cast
 # The widths of the tiny default model (128), shakespeare_char (384), GPT-2 small (768), and one that is
 # not a power of two (100: padded to 128 and masked). Only the padded width changes the kernel.
@@ -58,11 +62,18 @@ class CompileResult:
                 f"{self.seconds:6.1f}s{tail}")
 
 
-def _array(ct, dtype, ndim: int):
+def _array(ct, dtype, ndim: int, shape16: tuple[bool, ...] | None = None):
+    """An array parameter: unit last stride and a 16-byte aligned base. With shape16 (the "16B" signatures),
+    also what ct.launch assumes of the model's usual tensors and specialises the kernel on (it picks TMA
+    copies then): every other stride a multiple of 16 bytes and the dims flagged True multiples of 16."""
     from cuda.tile.compilation import ArrayConstraint
+    aligned = {}
+    if shape16 is not None:
+        aligned = dict(stride_divisible_by=(128 // dtype.bitwidth,) * (ndim - 1) + (1,),
+                       shape_divisible_by=tuple(16 if d else 1 for d in shape16))
     return ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0, alias_groups=(),
                            may_alias_internally=False, stride_constant=(None,) * (ndim - 1) + (1,),
-                           base_addr_divisible_by=16)
+                           base_addr_divisible_by=16, **aligned)
 
 
 def jobs(archs, full: bool = False) -> list[CompileJob]:
@@ -71,18 +82,24 @@ def jobs(archs, full: bool = False) -> list[CompileJob]:
     out = []
     for arch in archs:
         for dt, d in (ATTN_SIGNATURES_FULL if full else ATTN_SIGNATURES):
-            for kern in ("attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv"):
-                out.append(CompileJob(kern, f"{dt} D={d}", arch))
-            # The forward's block order is a kernel constant; long sequences may use another one.
-            tiles = attention.tiles_for(arch, d)
-            if tiles.fwd_sched_long != tiles.fwd_sched:
-                out.append(CompileJob("attention.fwd", f"{dt} D={d} long", arch))
+            # "16B": the aligned signature that training-shaped tensors launch (see _array); the plain one
+            # is what other shapes get (a sampled prompt of 13 tokens, say). Cold attention compiles are
+            # slow, so the aligned one is checked for the presets' signature (bf16, D=64) only.
+            for suffix in ("", " 16B") if (dt, d) in ATTN_ALIGNED else ("",):
+                for kern in ("attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv"):
+                    out.append(CompileJob(kern, f"{dt} D={d}{suffix}", arch))
+                # The forward's block order is a kernel constant; long sequences may use another one.
+                tiles = attention.tiles_for(arch, d)
+                if tiles.fwd_sched_long != tiles.fwd_sched:
+                    out.append(CompileJob("attention.fwd", f"{dt} D={d} long{suffix}", arch))
         for dt in LN_DTYPES:
             for n in LN_WIDTHS:
-                for kern in ("layernorm.fwd", "layernorm.bwd"):
-                    out.append(CompileJob(kern, f"{dt} N={n} weight+bias", arch))
+                for suffix in ("", " 16B") if n % 16 == 0 else ("",):
+                    for kern in ("layernorm.fwd", "layernorm.bwd"):
+                        out.append(CompileJob(kern, f"{dt} N={n} weight+bias{suffix}", arch))
         for dt in LN_DTYPES:  # the weight and bias gradients' final column sums, in the parameters' dtype
-            out.append(CompileJob("layernorm.colsum", f"{dt} N=any weight+bias", arch))
+            for suffix in ("", " 16B"):
+                out.append(CompileJob("layernorm.colsum", f"{dt} N=any weight+bias{suffix}", arch))
         # weight and bias None (bias=False models, and F.layer_norm without affine)
         out.append(CompileJob("layernorm.fwd", "bfloat16 N=384 no weight, no bias", arch))
         out.append(CompileJob("layernorm.bwd", "bfloat16 N=384 no weight, no bias", arch))
@@ -99,10 +116,13 @@ def _signature_and_kernel(job: CompileJob):
     f32 = ScalarConstraint(ct.float32)
     words = job.label.split()
     dt = getattr(ct, words[0])
+    aligned = "16B" in words  # (B, H, T, D) and (M, N) arrays: T, D, M and N multiples of 16, strides aligned
     if job.kernel.startswith("attention."):
         d = int(words[1].split("=")[1])
         tiles = attention.tiles_for(job.arch, d)
-        a4, a3, stats = _array(ct, dt, 4), _array(ct, ct.float32, 3), _array(ct, ct.float32, 4)
+        a4 = _array(ct, dt, 4, (False, False, True, True) if aligned else None)
+        a3 = _array(ct, ct.float32, 3, (False, False, True) if aligned else None)  # delta (B, H, T)
+        stats = _array(ct, ct.float32, 4, (False, False, False, True) if aligned else None)  # (2, B, H, T)
         if job.kernel == "attention.fwd":
             kern = attention.fwd_kernel(tiles.fwd_occ)
             sched = tiles.fwd_sched_long if "long" in words else tiles.fwd_sched
@@ -121,22 +141,23 @@ def _signature_and_kernel(job: CompileJob):
         affine = "no" not in words  # "no weight, no bias": both None, dummy fp32 arrays stand in
         tiles = layernorm.tiles_for(job.arch, max(n, 1))
         # Missing weight / bias: the stats array (2-D fp32) stands in, as in the launch helpers.
-        x2, f2 = _array(ct, dt, 2), _array(ct, ct.float32, 2)
-        p1 = _array(ct, dt, 1) if affine else f2
+        x2 = _array(ct, dt, 2, (True, True) if aligned else None)  # (M, N)
+        f2 = _array(ct, ct.float32, 2, (False, True) if aligned else None)  # stats (2, M)
+        f3 = _array(ct, ct.float32, 3, (False, False, True) if aligned else None)  # column-sum partials (2, G, N)
+        p1 = _array(ct, dt, 1, (True,) if aligned else None) if affine else f2
         if job.kernel == "layernorm.colsum":
             kern = layernorm.colsum_kernel()
-            params = [_array(ct, ct.float32, 3), p1, p1, layernorm.COLSUM_TILE_G, layernorm.COLSUM_TILE_N, True, True]
+            params = [f3, p1, p1, layernorm.COLSUM_TILE_G, layernorm.COLSUM_TILE_N, True, True]
             desc = f"G{layernorm.COLSUM_TILE_G} N{layernorm.COLSUM_TILE_N}"
         elif job.kernel == "layernorm.fwd":
-            tile_a, tile_b = layernorm.chunks(n)
+            c, k, pad_last = layernorm.fwd_chunks(n, tiles.fwd_chunk)
             kern = layernorm.fwd_kernel(tiles.fwd_occ, tiles.fwd_warps)
-            params = [x2, p1, p1, x2, f2, f32, tile_a, tile_b, tiles.fwd_rows, affine, affine, tiles.fwd_latency]
-            desc = (f"rows{tiles.fwd_rows} chunks{tile_a}+{tile_b} occ{tiles.fwd_occ} warps{tiles.fwd_warps or 'auto'} "
-                    f"latency{tiles.fwd_latency}")
+            params = [x2, p1, p1, x2, f2, f32, c, k, pad_last, tiles.fwd_rows, affine, affine, tiles.fwd_latency]
+            desc = (f"rows{tiles.fwd_rows} chunks{k}x{c}{'(padded)' if pad_last else ''} occ{tiles.fwd_occ} "
+                    f"warps{tiles.fwd_warps or 'auto'} latency{tiles.fwd_latency}")
         else:
             pad = layernorm.next_pow2(n)
             kern = layernorm.bwd_kernel(tiles.bwd_occ, tiles.bwd_warps)
-            f3 = _array(ct, ct.float32, 3)
             params = [x2, p1, x2, f2, x2, f3, pad, tiles.bwd_rows, affine, affine, tiles.bwd_latency,
                       tiles.bwd_defer]
             desc = (f"rows{tiles.bwd_rows} pad{pad} occ{tiles.bwd_occ} warps{tiles.bwd_warps or 'auto'} "

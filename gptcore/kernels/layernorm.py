@@ -1,7 +1,8 @@
 """LayerNorm in cuTile: forward (saving mean and rstd in fp32) and backward (dx, dweight, dbias).
 
-Rows are independent, so a block takes TILE_ROWS rows at once and the whole width, as two column
-chunks whose widths are powers of two (tiles are), so that 384 and 768 need no padding (see Kernels).
+Rows are independent, so a block takes TILE_ROWS rows at once and the whole width: the forward as K
+equal column chunks whose width is a power of two (tiles are), so that 384 = 3 x 128 and 768 = 3 x 256
+need no padding; the backward as one tile of the width padded to a power of two (see Kernels).
 Every statistic is fp32 whatever the input dtype (fp32, bf16, fp16); weight and bias may each be None,
 as in F.layer_norm.
 
@@ -36,15 +37,18 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # --------------------------------------------------------------------------------------------------
 # Tile configurations per architecture, keyed by the padded width ("small" <= 512 < "large" <= 1024).
 # fwd_rows / bwd_rows: rows per tile; occ: resident blocks per SM; *_blocks_per_sm: persistent grid;
-# *_latency: the latency hint of the loads (0: none); *_warps: num_worker_warps (None: the compiler's 4).
+# *_latency: the latency hint of the loads (0: none); *_warps: num_worker_warps (None: the compiler's 4);
+# fwd_chunk: the forward's column chunk (a power of two; see Kernels).
 # sm_90 (H100): picked by measurement (`bench.py --tune layernorm`, CUDA-graph replay, 16384 rows bf16,
 # 13-17 forward and 13-19 backward variants per width, over four calls):
 # - 384 wide: forward 16 rows occ 4 on a persistent grid of 4 blocks/SM, hint 3 (9.3 us; one block per
 #   row tile took 10.4-11.6 us); backward 32 rows, one 8-warp block per SM, deferred column sums,
 #   hint 4 (22 us; 4 warps with per-step column sums took 26-30 us).
-# - 768 wide: forward 16 rows occ 2, 8 warps, 2 blocks/SM, hint 4 (20.7 us, against 25-26.6 us with one
-#   block per row tile; a bf16 copy of the same bytes takes 18.4 us); backward 8 rows occ 2, 2 blocks/SM,
-#   hint 4 (36 us; 8 warps or deferred sums were slower here, 48-70 us, with 1024-wide padded tiles).
+# - 768 wide: forward 3 chunks of 256, 8 rows occ 4, 4 blocks/SM, hint 4 (18.9-19.3 us; 512 + 256 chunks
+#   with 16 rows, 8 warps, 2 blocks/SM took 20.6-21.0 us, one block per row tile 25-26.6 us; a bf16 copy of
+#   the same bytes takes 18.4 us); backward 8 rows occ 2, 2 blocks/SM, hint 4 (32-33 us + 3-4 us of column
+#   sums; 8 warps, deferred sums or fewer rows were slower here, 42-70 us, with 1024-wide padded tiles).
+# - 384 wide, forward as 3 chunks of 128: 8.4-8.6 us, against 9.0-9.3 us as 256 + 128.
 # The loads' latency hints only pay in persistent loops (none for one tile per block). Other
 # architectures: untuned.
 # --------------------------------------------------------------------------------------------------
@@ -61,13 +65,14 @@ class LNTiles:
     bwd_defer: bool = False  # backward: keep [rows, N] column-sum tiles, reduce them once at the end
     fwd_warps: int | None = None  # num_worker_warps of each kernel (None: the compiler's choice)
     bwd_warps: int | None = None
+    fwd_chunk: int = 256  # the forward's column chunk width (a power of two)
 
 
 LN_TILES = {
     "sm_90": {"small": LNTiles(16, 4, 32, 1, 1, 4, fwd_blocks_per_sm=4, fwd_latency=3, bwd_defer=True,
-                               bwd_warps=8),
-              "large": LNTiles(16, 2, 8, 2, 2, 4, fwd_blocks_per_sm=2, fwd_latency=4, fwd_warps=8)},
-    "default": {"small": LNTiles(8, 2, 8, 2, 4), "large": LNTiles(4, 2, 4, 2, 4)},
+                               bwd_warps=8, fwd_chunk=128),
+              "large": LNTiles(8, 4, 8, 2, 2, 4, fwd_blocks_per_sm=4, fwd_latency=4)},
+    "default": {"small": LNTiles(8, 2, 8, 2, 4, fwd_chunk=128), "large": LNTiles(4, 2, 4, 2, 4)},
 }
 SM_COUNT_FALLBACK = 132
 
@@ -82,28 +87,31 @@ def tiles_for(arch: str, n: int) -> LNTiles:
     # Wider rows: shrink the row count so a tile stays within ~8K fp32 values.
     base = table["large"]
     rows = max(1, min(base.fwd_rows, 8192 // pad))
-    return LNTiles(rows, 1, max(1, min(base.bwd_rows, 4096 // pad)), 1, base.bwd_blocks_per_sm)
+    return LNTiles(rows, 1, max(1, min(base.bwd_rows, 4096 // pad)), 1, base.bwd_blocks_per_sm,
+                   fwd_chunk=base.fwd_chunk)
 
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def chunks(n: int) -> tuple[int, int]:
-    """The forward's two column chunks (TILE_A, TILE_B) of a row of width n: 384 -> (256, 128),
-    768 -> (512, 256), 512 -> (512, 0), 100 -> (64, 64)."""
-    a = 1 << (n.bit_length() - 1)
-    return a, (next_pow2(n - a) if n > a else 0)
+def fwd_chunks(n: int, chunk: int) -> tuple[int, int, bool]:
+    """The forward's column chunks of a row of width n: (width C, count K, last chunk padded). C is the
+    tiles' chunk, or the padded width where that is narrower: 768 by 256 -> (256, 3, False), 384 by 128 ->
+    (128, 3, False), 100 by 256 -> (128, 1, True), 1600 by 256 -> (256, 7, True)."""
+    c = min(chunk, next_pow2(n))
+    return c, -(-n // c), n % c != 0
 
 
 # --------------------------------------------------------------------------------------------------
-# Kernels. A row of width N is up to two column chunks: A, then B starting at column A (a multiple of
-# B, so chunk B is tile A // B of the row), B = 0 for one chunk. The forward splits N into A, the largest
-# power of two <= N, and B, the next power of two >= N - A: 384 = 256 + 128 and 768 = 512 + 256 need no
-# padding. The backward instead takes one tile of the width padded to the next power of two: measured
-# on the H100 (16384 rows, bf16, best tiles each) the split was never faster, 40 vs 27 us at 384 wide and
-# 51 vs 48 us at 768 with the first tables, 22.0 vs 22.4 us at 384 and 46 vs 36 us at 768 with the
-# current ones, while the forward gains from the split (11.3 vs 12.8 us at 384, 26.5 vs 27.9 us at 768).
+# Kernels. The forward covers a row of width N with K chunks of C columns (a power of two; K is a
+# compile-time constant, so the chunk loop is unrolled with ct.static_iter and every chunk stays in
+# registers between the mean, the variance and the output). Where C does not divide N the last chunk is
+# padded, its padded columns loading as 0 and masked out of the variance. The backward instead takes one
+# tile of the width padded to the next power of two: measured on the H100 (16384 rows, bf16, best tiles
+# each) chunked backwards were never faster: two chunks (512 + 256) took 46 vs 36 us at 768 wide and 22.4
+# vs 22.0 us at 384; three equal chunks of 256, 63-83 us at 768. The forward gains from chunks: 3 x 256
+# takes 19 us at 768 against 20.7 us as 512 + 256 and 27.9 us padded to 1024.
 # Padded columns load as 0 and are masked where they would count (the variance); stores drop them.
 # --------------------------------------------------------------------------------------------------
 def _load(A, index, shape, LATENCY):
@@ -113,39 +121,40 @@ def _load(A, index, shape, LATENCY):
     return ct.load(A, index, shape, padding_mode=ZERO).astype(ct.float32)
 
 
-def _affine(y, W, B, chunk, TILE, HAS_W, HAS_B):
-    """y * w + b over one column chunk ([rows, TILE]); chunk is the tile index of the chunk in the row."""
+def _affine(y, W, B, chunk, C, HAS_W, HAS_B):
+    """y * w + b over one column chunk ([rows, C]); chunk is the tile index of the chunk in the row."""
     if HAS_W:
-        y = y * ct.load(W, (chunk,), (TILE,), padding_mode=ZERO).astype(ct.float32)[None, :]
+        y = y * ct.load(W, (chunk,), (C,), padding_mode=ZERO).astype(ct.float32)[None, :]
     if HAS_B:
-        y = y + ct.load(B, (chunk,), (TILE,), padding_mode=ZERO).astype(ct.float32)[None, :]
+        y = y + ct.load(B, (chunk,), (C,), padding_mode=ZERO).astype(ct.float32)[None, :]
     return y
 
 
-def ln_fwd_kernel_body(X, W, B, Y, STATS, eps, TILE_A: ConstInt, TILE_B: ConstInt,
+def ln_fwd_kernel_body(X, W, B, Y, STATS, eps, C: ConstInt, K: ConstInt, PAD_LAST: ConstBool,
                        TILE_ROWS: ConstInt, HAS_W: ConstBool, HAS_B: ConstBool, LATENCY: ConstInt):
     """Grid (G,) over the cdiv(M, TILE_ROWS) row tiles: one tile per block when G is that count, else a
-    persistent loop. X, Y (M, N); W, B (N,); STATS (2, M) fp32: mean, rstd."""
+    persistent loop. X, Y (M, N), N covered by K chunks of C columns; W, B (N,); STATS (2, M) fp32: mean,
+    rstd."""
     n = X.shape[1]
     for r in range(ct.bid(0), ct.cdiv(X.shape[0], TILE_ROWS), ct.num_blocks(0)):
-        xa = _load(X, (r, 0), (TILE_ROWS, TILE_A), LATENCY)  # [TILE_ROWS, TILE_A], all real columns
-        total = ct.sum(xa, axis=1, keepdims=True)
-        if TILE_B > 0:
-            xb = _load(X, (r, TILE_A // TILE_B), (TILE_ROWS, TILE_B), LATENCY)  # [TILE_ROWS, TILE_B]
-            total = total + ct.sum(xb, axis=1, keepdims=True)
+        xs = ()
+        total = ct.zeros((TILE_ROWS, 1), dtype=ct.float32)
+        for k in ct.static_iter(range(K)):
+            xk = _load(X, (r, k), (TILE_ROWS, C), LATENCY)  # [TILE_ROWS, C]
+            xs += (xk,)
+            total = total + ct.sum(xk, axis=1, keepdims=True)
         mean = total / n  # [TILE_ROWS, 1]; zero padding leaves the sum alone
-        xca = xa - mean
-        var = ct.sum(xca * xca, axis=1, keepdims=True)
-        if TILE_B > 0:
-            cols = TILE_A + ct.arange(TILE_B, dtype=ct.int32)[None, :]  # [1, TILE_B]
-            xcb = ct.where(cols < n, xb - mean, 0.0)  # padded columns would add mean^2 to the variance
-            var = var + ct.sum(xcb * xcb, axis=1, keepdims=True)
+        var = ct.zeros((TILE_ROWS, 1), dtype=ct.float32)
+        centred = ()
+        for k in ct.static_iter(range(K)):
+            xc = xs[k] - mean
+            if PAD_LAST and k == K - 1:  # padded columns would add mean^2 to the variance
+                xc = ct.where(k * C + ct.arange(C, dtype=ct.int32)[None, :] < n, xc, 0.0)
+            centred += (xc,)
+            var = var + ct.sum(xc * xc, axis=1, keepdims=True)
         rstd = ct.rsqrt(var / n + eps)  # [TILE_ROWS, 1], biased variance as in torch
-        ya = _affine(xca * rstd, W, B, 0, TILE_A, HAS_W, HAS_B)
-        ct.store(Y, (r, 0), ya.astype(Y.dtype))
-        if TILE_B > 0:
-            yb = _affine(xcb * rstd, W, B, TILE_A // TILE_B, TILE_B, HAS_W, HAS_B)
-            ct.store(Y, (r, TILE_A // TILE_B), yb.astype(Y.dtype))
+        for k in ct.static_iter(range(K)):
+            ct.store(Y, (r, k), _affine(centred[k] * rstd, W, B, k, C, HAS_W, HAS_B).astype(Y.dtype))
         ct.store(STATS, (0, r), mean.reshape((1, TILE_ROWS)))
         ct.store(STATS, (1, r), rstd.reshape((1, TILE_ROWS)))
 
@@ -234,7 +243,7 @@ def bwd_kernel(occupancy: int, warps: int | None = None):
 @dataclass(frozen=True)
 class LNPlan:
     tiles: LNTiles
-    fwd_chunks: tuple[int, int]  # the forward's column chunks (TILE_A, TILE_B)
+    fwd_chunks: tuple[int, int, bool]  # the forward's column chunks: width, count, last one padded
     n_pad: int  # the backward's padded width
     fwd: object  # compiled-on-first-launch kernel objects
     bwd: object
@@ -249,7 +258,7 @@ def _plan(device_index: int, n: int, tiles: LNTiles | None) -> LNPlan:
         sms = torch.cuda.get_device_properties(device_index).multi_processor_count
     except Exception:  # pragma: no cover
         sms = SM_COUNT_FALLBACK
-    return LNPlan(tiles, chunks(n), next_pow2(n), fwd_kernel(tiles.fwd_occ, tiles.fwd_warps),
+    return LNPlan(tiles, fwd_chunks(n, tiles.fwd_chunk), next_pow2(n), fwd_kernel(tiles.fwd_occ, tiles.fwd_warps),
                   bwd_kernel(tiles.bwd_occ, tiles.bwd_warps),
                   sms * tiles.bwd_blocks_per_sm, sms * tiles.fwd_blocks_per_sm)
 

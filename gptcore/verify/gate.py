@@ -45,7 +45,8 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
     """The CompileJobs of the signatures the levels run this model with (labels in the format of
     gptcore.kernels.compile): attention forward and backward in model_dtype, forward in decode_dtype (and
     the forward's long-sequence block order where the block size reaches it); LayerNorm forward, backward
-    and the weight/bias column sums in float32 (autocast) and in model_dtype (a model cast to it)."""
+    and the weight/bias column sums in float32 (autocast) and in model_dtype (a model cast to it); each
+    also with the aligned ("16B") signature where the model's sizes give it."""
     from gptcore.kernels import attention
     from gptcore.kernels.compile import CompileJob
 
@@ -56,6 +57,10 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
               ("attention.fwd", decode_dtype)]
     wanted += [(kernel, dtype) for dtype in ("float32", model_dtype)
                for kernel in ("layernorm.fwd", "layernorm.bwd", "layernorm.colsum")]
+    # Training-shaped tensors (block_size tokens, widths multiples of 16) launch the aligned "16B" signature,
+    # other shapes (sampled prompts) the plain one: both where the model's sizes allow the aligned one.
+    attn_suffixes = ("", " 16B") if head_dim % 16 == 0 and config.block_size % 16 == 0 else ("",)
+    ln_suffixes = ("", " 16B") if config.n_embd % 16 == 0 else ("",)
     jobs = []
     for arch in archs:
         tiles = attention.tiles_for(arch, head_dim)
@@ -64,12 +69,14 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
             if kernel.startswith("attention.") and dtype == "float32":
                 continue  # no fp32 attention kernel: the levels would report that themselves
             if kernel.startswith("attention."):
-                size = f"D={head_dim}"
+                size, suffixes = f"D={head_dim}", attn_suffixes
             else:
                 size = f"N={'any' if kernel == 'layernorm.colsum' else config.n_embd} weight+bias"
-            jobs.append(CompileJob(kernel, f"{dtype} {size}", arch))
-            if kernel == "attention.fwd" and long_order:
-                jobs.append(CompileJob(kernel, f"{dtype} {size} long", arch))
+                suffixes = ln_suffixes
+            for suffix in suffixes:
+                jobs.append(CompileJob(kernel, f"{dtype} {size}{suffix}", arch))
+                if kernel == "attention.fwd" and long_order:
+                    jobs.append(CompileJob(kernel, f"{dtype} {size} long{suffix}", arch))
     return jobs
 
 
