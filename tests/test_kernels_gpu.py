@@ -248,9 +248,11 @@ def _check_layer_norm(shape, dtype, affine, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("n", [384, 768, 100, 1000])
+@pytest.mark.parametrize("n", [384, 768, 100, 1000, 1600])
 @pytest.mark.parametrize("affine", ["wb", "none"])
 def test_layer_norm(n, dtype, affine):
+    """Widths: 384 and 768, the presets' (three unpadded forward chunks each); 100 and 1000, not powers of
+    two (one padded chunk; four, the last padded); 1600 (GPT-2 XL), wider than the tables' 1024."""
     _check_layer_norm((3, 37, n), dtype, affine, seed=n)
 
 

@@ -214,7 +214,7 @@ DKV_SWEEP = ((128, 64, 2, 0), (128, 64, 2, 1), (64, 64, 2, 0), (64, 64, 2, 1), (
              (32, 128, 2, 0), (128, 64, 1, 0), (128, 128, 1, 0), (64, 64, 4, 0), (32, 64, 4, 0))
 # (rows, occupancy, worker warps (None: the compiler's choice, 4), blocks/SM (0: one per row tile), latency)
 LN_FWD_SWEEP = ((16, 4, None, 0, 0), (8, 4, None, 0, 0), (32, 2, None, 0, 0), (16, 4, None, 4, 3),
-                (16, 4, None, 4, 6), (8, 4, None, 4, 3), (8, 4, None, 4, 6), (16, 2, None, 2, 4),
+                (16, 4, None, 4, 6), (8, 4, None, 4, 3), (8, 4, None, 4, 4), (8, 4, None, 4, 6), (16, 2, None, 2, 4),
                 (16, 2, 8, 2, 4), (16, 2, 8, 2, 6), (32, 2, 8, 2, 4), (32, 1, 8, 1, 6), (16, 1, 8, 1, 4))
 # (rows, occupancy, blocks/SM, load latency hint (0: none), deferred column sums, worker warps)
 LN_BWD_SWEEP = ((32, 1, 1, 4, True, 8), (32, 1, 1, 2, True, 8), (16, 1, 1, 4, True, 8), (16, 2, 2, 4, True, None),

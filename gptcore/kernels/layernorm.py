@@ -49,6 +49,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #   the same bytes takes 18.4 us); backward 8 rows occ 2, 2 blocks/SM, hint 4 (32-33 us + 3-4 us of column
 #   sums; 8 warps, deferred sums or fewer rows were slower here, 42-70 us, with 1024-wide padded tiles).
 # - 384 wide, forward as 3 chunks of 128: 8.4-8.6 us, against 9.0-9.3 us as 256 + 128.
+# The forward's chunking and its 768 tiles come from a later sweep (9 variants per width, equal chunks
+# against the 512 + 256 split, in one call, confirmed by the next two); `--tune` sweeps its tiles.
 # The loads' latency hints only pay in persistent loops (none for one tile per block). Other
 # architectures: untuned.
 # --------------------------------------------------------------------------------------------------
@@ -111,7 +113,8 @@ def fwd_chunks(n: int, chunk: int) -> tuple[int, int, bool]:
 # tile of the width padded to the next power of two: measured on the H100 (16384 rows, bf16, best tiles
 # each) chunked backwards were never faster: two chunks (512 + 256) took 46 vs 36 us at 768 wide and 22.4
 # vs 22.0 us at 384; three equal chunks of 256, 63-83 us at 768. The forward gains from chunks: 3 x 256
-# takes 19 us at 768 against 20.7 us as 512 + 256 and 27.9 us padded to 1024.
+# takes 19 us at 768 against 20.7 us as 512 + 256 (and with earlier tables one tile padded to 1024 took
+# 27.9 us against 26.5 us for 512 + 256).
 # Padded columns load as 0 and are masked where they would count (the variance); stores drop them.
 # --------------------------------------------------------------------------------------------------
 def _load(A, index, shape, LATENCY):
