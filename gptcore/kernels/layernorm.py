@@ -47,7 +47,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # - 768 wide: forward 3 chunks of 256, 8 rows occ 4, 4 blocks/SM, hint 4 (18.9-19.3 us; 512 + 256 chunks
 #   with 16 rows, 8 warps, 2 blocks/SM took 20.6-21.0 us, one block per row tile 25-26.6 us; a bf16 copy of
 #   the same bytes takes 18.4 us); backward 8 rows occ 2, 2 blocks/SM, hint 4 (32-33 us + 3-4 us of column
-#   sums; 8 warps, deferred sums or fewer rows were slower here, 42-70 us, with 1024-wide padded tiles).
+#   sums; 8 warps, deferred sums or fewer rows were slower here, 42-70 us, with 1024-wide padded tiles;
+#   a later sweep of this backward over rows 4-16, 1-4 blocks/SM and hints 1-6 found nothing under 32 us:
+#   the next best, 4 rows occ 2, took 34 us, 3-4 blocks/SM 39-46 us; loads without TMA 43-100 us).
 # - 384 wide, forward as 3 chunks of 128: 8.4-8.6 us, against 9.0-9.3 us as 256 + 128.
 # The forward's chunking and its 768 tiles come from a later sweep (9 variants per width, equal chunks
 # against the 512 + 256 split, in one call, confirmed by the next two); `--tune` sweeps its tiles.
@@ -242,6 +244,10 @@ def bwd_kernel(occupancy: int, warps: int | None = None):
 # Launch helpers. Every call costs host time that, at these sizes, is longer than the kernels, so the
 # work that depends only on (device, width, tiles) is done once per key (`_plan`), the stream handle is
 # taken raw, and each direction allocates what it writes in as few tensors as it can.
+# Programmatic dependent launch (ct.launch(..., programmatic_dependent_launch=True), each kernel waiting in
+# ct.grid_dependency_control_wait) was measured and is not used: at 768 wide it saved 0.4 us on backward +
+# column sums (2-3 us only between a forward and a backward launched back to back, as in no model), and at
+# 384 it slowed the backward from 18.6 to 22.9 us.
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LNPlan:
