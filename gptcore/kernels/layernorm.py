@@ -49,7 +49,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #   the same bytes takes 18.4 us); backward 8 rows occ 2, 2 blocks/SM, hint 4 (32-33 us + 3-4 us of column
 #   sums; 8 warps, deferred sums or fewer rows were slower here, 42-70 us, with 1024-wide padded tiles;
 #   a later sweep of this backward over rows 4-16, 1-4 blocks/SM and hints 1-6 found nothing under 32 us:
-#   the next best, 4 rows occ 2, took 34 us, 3-4 blocks/SM 39-46 us; loads without TMA 43-100 us).
+#   the next best, 4 rows occ 2, took 34 us, 3-4 blocks/SM 39-46 us; loads without TMA 48-102 us).
 # - 384 wide, forward as 3 chunks of 128: 8.4-8.6 us, against 9.0-9.3 us as 256 + 128.
 # The forward's chunking and its 768 tiles come from a later sweep (9 variants per width, equal chunks
 # against the 512 + 256 split, in one call, confirmed by the next two); `--tune` sweeps its tiles.
