@@ -76,6 +76,15 @@ def _array(ct, dtype, ndim: int, shape16: tuple[bool, ...] | None = None):
                            base_addr_divisible_by=16, **aligned)
 
 
+ALIGNED = "16B"  # the label word of the aligned signatures
+
+
+def signature_suffixes(*sizes: int) -> tuple[str, ...]:
+    """The label suffixes of a kernel launched on tensors of these sizes: the plain signature, and the
+    aligned one (see _array) when every size is a multiple of 16."""
+    return ("", f" {ALIGNED}") if all(size % 16 == 0 for size in sizes) else ("",)
+
+
 def jobs(archs, full: bool = False) -> list[CompileJob]:
     from gptcore.kernels import attention
 
@@ -85,20 +94,20 @@ def jobs(archs, full: bool = False) -> list[CompileJob]:
             # "16B": the aligned signature that training-shaped tensors launch (see _array); the plain one
             # is what other shapes get (a sampled prompt of 13 tokens, say). Cold attention compiles are
             # slow, so the aligned one is checked for the presets' signature (bf16, D=64) only.
-            for suffix in ("", " 16B") if (dt, d) in ATTN_ALIGNED else ("",):
+            tiles = attention.tiles_for(arch, d)
+            for suffix in signature_suffixes(d) if (dt, d) in ATTN_ALIGNED else ("",):
                 for kern in ("attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv"):
                     out.append(CompileJob(kern, f"{dt} D={d}{suffix}", arch))
                 # The forward's block order is a kernel constant; long sequences may use another one.
-                tiles = attention.tiles_for(arch, d)
                 if tiles.fwd_sched_long != tiles.fwd_sched:
                     out.append(CompileJob("attention.fwd", f"{dt} D={d} long{suffix}", arch))
         for dt in LN_DTYPES:
             for n in LN_WIDTHS:
-                for suffix in ("", " 16B") if n % 16 == 0 else ("",):
+                for suffix in signature_suffixes(n):
                     for kern in ("layernorm.fwd", "layernorm.bwd"):
                         out.append(CompileJob(kern, f"{dt} N={n} weight+bias{suffix}", arch))
         for dt in LN_DTYPES:  # the weight and bias gradients' final column sums, in the parameters' dtype
-            for suffix in ("", " 16B"):
+            for suffix in signature_suffixes():
                 out.append(CompileJob("layernorm.colsum", f"{dt} N=any weight+bias{suffix}", arch))
         # weight and bias None (bias=False models, and F.layer_norm without affine)
         out.append(CompileJob("layernorm.fwd", "bfloat16 N=384 no weight, no bias", arch))
@@ -116,7 +125,7 @@ def _signature_and_kernel(job: CompileJob):
     f32 = ScalarConstraint(ct.float32)
     words = job.label.split()
     dt = getattr(ct, words[0])
-    aligned = "16B" in words  # (B, H, T, D) and (M, N) arrays: T, D, M and N multiples of 16, strides aligned
+    aligned = ALIGNED in words  # (B, H, T, D) and (M, N) arrays: T, D, M and N multiples of 16, strides aligned
     if job.kernel.startswith("attention."):
         d = int(words[1].split("=")[1])
         tiles = attention.tiles_for(job.arch, d)

@@ -48,7 +48,7 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
     and the weight/bias column sums in float32 (autocast) and in model_dtype (a model cast to it); each
     also with the aligned ("16B") signature where the model's sizes give it."""
     from gptcore.kernels import attention
-    from gptcore.kernels.compile import CompileJob
+    from gptcore.kernels.compile import CompileJob, signature_suffixes
 
     head_dim = config.n_embd // config.n_head
     # compile.py has LayerNorm signatures with weight and bias, or neither; a bias=False model's LayerNorm
@@ -59,8 +59,8 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
                for kernel in ("layernorm.fwd", "layernorm.bwd", "layernorm.colsum")]
     # Training-shaped tensors (block_size tokens, widths multiples of 16) launch the aligned "16B" signature,
     # other shapes (sampled prompts) the plain one: both where the model's sizes allow the aligned one.
-    attn_suffixes = ("", " 16B") if head_dim % 16 == 0 and config.block_size % 16 == 0 else ("",)
-    ln_suffixes = ("", " 16B") if config.n_embd % 16 == 0 else ("",)
+    attn_suffixes = signature_suffixes(head_dim, config.block_size)
+    ln_suffixes = signature_suffixes(config.n_embd)
     jobs = []
     for arch in archs:
         tiles = attention.tiles_for(arch, head_dim)
