@@ -28,23 +28,9 @@ import torch
 
 from gptcore.cutile_model import CuTileGPT
 from gptcore.model import GPT, filtered_probs, gpt_from_checkpoint
-from gptcore.params import ParamsError
 from gptcore.train_graph import capture
 
 TokenCallback = Callable[[list[int]], None]  # the new token of each batch row, as soon as it exists
-
-
-def resolve_device(name: str, key: str) -> torch.device:
-    """`auto` -> CUDA when present, else CPU; a CUDA device asked for on a machine without one is an error
-    that names the parameter `key`."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ParamsError(f"{key}: {name!r} asked for, but this machine has no CUDA GPU")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ParamsError(f"{key}: {name!r} is not a device ({e})") from None
 
 
 class BackendUnavailable(RuntimeError):

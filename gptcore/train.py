@@ -28,6 +28,7 @@ from tqdm import tqdm
 from gptcore import data as gdata
 from gptcore.checkpoint import load_checkpoint, save_checkpoint
 from gptcore.cutile_model import build_model, require_cutile
+from gptcore.devices import resolve_device
 from gptcore.model import GPT, GPTConfig
 from gptcore.params import Params, ParamsError
 from gptcore.train_graph import GraphedTrainStep
@@ -52,17 +53,6 @@ class Dist:
         if "RANK" not in os.environ:
             return cls()
         return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
-
-
-def resolve_device(name: str, d: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ParamsError(f"train.device: {name!r} asked for, but this machine has no CUDA GPU")
-        if d.world_size > 1:
-            return torch.device("cuda", d.local_rank)
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -144,7 +134,8 @@ class Trainer:
         self.p = params.train
         self.root = root
         self.d = dist_info or Dist.from_env()
-        self.device = resolve_device(self.p.device, self.d)
+        self.device = resolve_device(self.p.device, "train.device",
+                                     self.d.local_rank if self.d.world_size > 1 else None)
         if self.p.backend == "cutile":
             require_cutile(self.device)
         self.dtype = resolve_dtype(self.p.dtype, self.device)

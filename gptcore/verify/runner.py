@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from gptcore import data as gdata
+from gptcore.devices import resolve_device
 from gptcore.model import GPT
 from gptcore.transplant import CheckedWeights
 from gptcore.verify import gate, l1_kernels, l2_blocks, l3_logits, l4_decode, l5_grads
@@ -45,14 +46,6 @@ class Verification:
         if self.count(FAIL):
             return FAIL
         return PASS if self.count(PASS) == len(self.results) else "incomplete"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VerifyError(f"verify.device: {name!r} asked for, but this machine has no CUDA GPU")
-    return torch.device(name)
 
 
 def val_batches(val: np.ndarray, block_size: int, batches: int, batch_size: int, device) -> list:
@@ -99,7 +92,7 @@ def verify(weights: CheckedWeights, val: np.ndarray, vp, candidate: Candidate | 
     on `weights`: the compile gate, then L1-L5 as `vp` (the `verify` params) sets them.
     `val` is the validation split's token ids; `decode` turns ids into text for the report."""
     t0 = time.perf_counter()
-    device = resolve_device(str(device) if device is not None else vp.device)
+    device = resolve_device(str(device) if device is not None else vp.device, "verify.device")
     candidate = candidate or cutile_candidate(device)
     config, dtype = weights.config, DTYPES[vp.model_dtype]
     v = Verification(weights, candidate.name, _describe(device), vp.model_dtype, vp.decode_dtype)
