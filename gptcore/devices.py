@@ -1,4 +1,5 @@
-"""Which torch device a stage runs on: one rule for every `*.device` parameter."""
+"""Which torch device and autocast dtype a stage runs with: one rule for every `*.device` and `*.dtype`
+parameter."""
 
 from __future__ import annotations
 
@@ -22,3 +23,12 @@ def resolve_device(name: str, key: str, local_rank: int | None = None) -> torch.
     if device.type == "cuda" and local_rank is not None:
         return torch.device("cuda", local_rank)
     return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from gptcore import data as gdata
 from gptcore.checkpoint import load_checkpoint, save_checkpoint
 from gptcore.cutile_model import build_model, require_cutile
-from gptcore.devices import resolve_device
+from gptcore.devices import resolve_device, resolve_dtype
 from gptcore.model import GPT, GPTConfig
 from gptcore.params import Params, ParamsError
 from gptcore.train_graph import GraphedTrainStep
@@ -53,15 +53,6 @@ class Dist:
         if "RANK" not in os.environ:
             return cls()
         return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def learning_rate(it: int, p) -> float:

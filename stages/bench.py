@@ -18,11 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptcore import bench, stage  # noqa: E402
 from gptcore.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from gptcore.devices import resolve_device  # noqa: E402
+from gptcore.devices import resolve_device, resolve_dtype  # noqa: E402
 from gptcore.manifest import checkpoint_tags  # noqa: E402
 from gptcore.model import GPTConfig  # noqa: E402
 from gptcore.params import parse_assignments, repo_root, with_overrides, with_preset  # noqa: E402
-from gptcore.train import resolve_dtype  # noqa: E402
 
 SECTIONS = ["bench"]
 PLOT = Path("plots") / "bench.csv"

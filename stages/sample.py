@@ -19,11 +19,10 @@ import torch  # noqa: E402
 from gptcore import stage  # noqa: E402
 from gptcore.checkpoint import CheckpointError, atomic_write_text, load_checkpoint  # noqa: E402
 from gptcore.data import CharVocab, DataError  # noqa: E402
-from gptcore.devices import resolve_device  # noqa: E402
+from gptcore.devices import resolve_device, resolve_dtype  # noqa: E402
 from gptcore.manifest import checkpoint_tags  # noqa: E402
 from gptcore.params import ParamsError, parse_assignments, repo_root, with_overrides, with_preset  # noqa: E402
 from gptcore.sampling import BackendUnavailable, Decoder, load_for_inference  # noqa: E402
-from gptcore.train import resolve_dtype  # noqa: E402
 
 SECTIONS = ["data", "sample"]
 stage.register_user_error(CheckpointError, DataError, BackendUnavailable)
