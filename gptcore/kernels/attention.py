@@ -89,11 +89,11 @@ class AttnTiles:
     fwd_sched: int = HEAD_MAJOR  # block order of the forward kernel
     fwd_sched_long: int = HEAD_MAJOR  # the forward's block order from Tq >= fwd_long_from on
     fwd_long_from: int = 2048
+    bwd_sched: int = HEAD_MAJOR  # block order of both backward kernels
 
     def fwd_order(self, tq: int) -> int:
         """The forward's block order for Tq query rows."""
         return self.fwd_sched_long if tq >= self.fwd_long_from else self.fwd_sched
-    bwd_sched: int = HEAD_MAJOR  # block order of both backward kernels
 
 
 ATTN_TILES = {

@@ -117,12 +117,12 @@ def fwd_chunks(n: int, chunk: int) -> tuple[int, int, bool]:
 # vs 22.0 us at 384; three equal chunks of 256, 63-83 us at 768. The forward gains from chunks: 3 x 256
 # takes 19 us at 768 against 20.7 us as 512 + 256 (and with earlier tables one tile padded to 1024 took
 # 27.9 us against 26.5 us for 512 + 256).
+# Padded columns load as 0 and are masked where they would count (the variance); stores drop them.
 # What the chunks cost the backward is the column sums: at 768, without them (dx only) 3 x 256 chunks take
 # 29-30 us against 31 us for the padded tile, but every chunked form with them was slower than the padded
 # one (33 us + 3 us of column-sum kernel): deferred sums 44-87 us, per-step sums 133-269 us (14 variants of
 # rows, occupancy, hints and store order, in one call). The padded backward is also at cuTile's own floor
 # for its tiling: a plain cuTile add on the same tiles (8 rows, 2 blocks/SM) takes 34 us, torch's add 27 us.
-# Padded columns load as 0 and are masked where they would count (the variance); stores drop them.
 # --------------------------------------------------------------------------------------------------
 def _load(A, index, shape, LATENCY):
     """A tile as fp32; the latency hint (a compile-time constant) only when set."""
