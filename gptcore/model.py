@@ -1,8 +1,9 @@
 """The reference GPT: GPT-2 architecture with nanoGPT semantics, in plain PyTorch.
 
 This is the source of truth that the cuTile model (gptcore/cutile_model.py) is verified against.
-Parameter names follow karpathy/nanoGPT's model.py, so its `ckpt.pt` files load here and a state dict
-moves unchanged between this model and the cuTile one.
+Parameter names follow karpathy/nanoGPT's model.py, so its `ckpt.pt` files load here
+(gptcore.checkpoint.gpt_from_checkpoint) and a state dict moves unchanged between this model and the
+cuTile one. Generation lives in gptcore/sampling.py.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     @classmethod
-    def from_dict(cls, args: dict) -> "GPTConfig":
+    def from_dict(cls, args: dict) -> GPTConfig:
         """Build from a checkpoint's `model_args`, naming missing or unknown keys."""
         names = {f.name for f in fields(cls)}
         required = names - {"dropout", "bias"}
@@ -113,7 +114,7 @@ class CausalSelfAttention(nn.Module):
         att = self.attn_dropout(torch.softmax(scores, dim=-1).to(v.dtype))
         return att @ v
 
-    def forward(self, x: torch.Tensor, kv_cache: "LayerKVCache | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -147,7 +148,7 @@ class Block(nn.Module):
         self.ln_2 = layer_norm_cls(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: "LayerKVCache | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -165,8 +166,8 @@ class LayerKVCache:
         end = self.length + k.size(2)
         if end > self.k.size(2):
             raise ValueError(f"KV cache overflow: {end} positions, the cache holds {self.k.size(2)}")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -178,13 +179,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config, self.layer_norm_cls, self.attention_cls) for _ in range(config.n_layer)),
-            ln_f=self.layer_norm_cls(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, self.layer_norm_cls, self.attention_cls) for _ in range(config.n_layer)),
+                ln_f=self.layer_norm_cls(config.n_embd, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: one tensor serves as the input embedding and the output projection.
         self.transformer.wte.weight = self.lm_head.weight
@@ -207,8 +210,9 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: list[LayerKVCache] | None = None):
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: list[LayerKVCache] | None = None
+    ):
         """Logits for every position when `targets` is given (with the cross-entropy loss), otherwise
         for the last position only (all that generation needs). With `kv_cache`, `idx` continues the
         cached prefix and positions count on from it."""
@@ -236,8 +240,14 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                             device_type: str, capturable: bool = False) -> torch.optim.AdamW:
+    def configure_optimizers(
+        self,
+        weight_decay: float,
+        learning_rate: float,
+        betas: tuple[float, float],
+        device_type: str,
+        capturable: bool = False,
+    ) -> torch.optim.AdamW:
         """AdamW with weight decay on matrices (2-D and up) and none on biases and LayerNorm gains.
 
         `capturable`: for a step captured in a CUDA graph (gptcore/train_graph.py): fused and capturable,
@@ -249,8 +259,9 @@ class GPT(nn.Module):
         ]
         if capturable:
             if device_type != "cuda" or params[0].device.type != "cuda":
-                raise ValueError(f"a capturable optimizer needs the parameters on a CUDA device, not on "
-                                 f"{params[0].device}")
+                raise ValueError(
+                    f"a capturable optimizer needs the parameters on a CUDA device, not on {params[0].device}"
+                )
             lr = torch.tensor(learning_rate, dtype=torch.float32, device=params[0].device)
             return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True, capturable=True)
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
@@ -260,66 +271,6 @@ class GPT(nn.Module):
         c = self.config
         device = device or self.lm_head.weight.device
         dtype = dtype or self.lm_head.weight.dtype
-        return [LayerKVCache(batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype)
-                for _ in range(c.n_layer)]
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample `max_new_tokens` tokens after `idx` (B, T), cropping the context to the block size as
-        nanoGPT does. temperature 0 means greedy decoding."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
-
-
-def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                   top_p: float | None = None) -> torch.Tensor:
-    """The sampling distribution of (B, V) logits at temperature > 0, after top-k and top-p filtering.
-    Slices, not index lists, so nothing is copied from the host and a CUDA graph can capture it."""
-    logits = logits.float() / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, -1:], -float("inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs_sorted = torch.softmax(sorted_logits, dim=-1)
-        drop = probs_sorted.cumsum(dim=-1) - probs_sorted > top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
-    return torch.softmax(logits, dim=-1)
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from (B, V) logits: greedy at temperature 0, else top-k / top-p sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = filtered_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-def clean_state_dict(state_dict: dict) -> dict:
-    """Strip the prefixes that torch.compile (`_orig_mod.`) and DDP (`module.`) add to parameter names,
-    and nanoGPT's non-parameter causal-mask buffers (`attn.bias` of its slow attention path)."""
-    out = {}
-    for name, tensor in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while name.startswith(prefix):
-                name = name[len(prefix):]
-        if name.endswith(".attn.bias") and tensor.dim() == 4:
-            continue
-        out[name] = tensor
-    return out
-
-
-def gpt_from_checkpoint(checkpoint: dict, cls: type[GPT] = GPT) -> GPT:
-    """A model built from a checkpoint dict with `model_args` and `model` (ours or nanoGPT's train.py),
-    strictly: every parameter present, none left over."""
-    model = cls(GPTConfig.from_dict(dict(checkpoint["model_args"])))
-    model.load_state_dict(clean_state_dict(checkpoint["model"]), strict=True)
-    return model
+        return [
+            LayerKVCache(batch, c.n_head, c.block_size, c.n_embd // c.n_head, device, dtype) for _ in range(c.n_layer)
+        ]

@@ -14,9 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-
-class ParamsError(ValueError):
-    """A params.yaml problem, worded for the user: which key, what was expected, what was found."""
+from gptcore.errors import ParamsError
 
 
 class Section(BaseModel):
@@ -38,7 +36,7 @@ class ModelParams(Section):
     bias: bool = True
 
     @model_validator(mode="after")
-    def heads_divide_width(self) -> "ModelParams":
+    def heads_divide_width(self) -> ModelParams:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         return self
@@ -75,15 +73,19 @@ class TrainParams(Section):
     @classmethod
     def graph_fits_the_other_settings(cls, on: bool, info: ValidationInfo) -> bool:
         if on and info.data.get("compile"):
-            raise ValueError("cannot be combined with train.compile: true (the graph records the eager model's "
-                             "kernels; compiling inside a capture is not supported here); switch one of them off")
+            raise ValueError(
+                "cannot be combined with train.compile: true (the graph records the eager model's "
+                "kernels; compiling inside a capture is not supported here); switch one of them off"
+            )
         if on and info.data.get("dtype") == "float16":
-            raise ValueError("cannot be combined with train.dtype: float16 (its GradScaler checks for inf on the "
-                             "host every step); use bfloat16, float32 or auto")
+            raise ValueError(
+                "cannot be combined with train.dtype: float16 (its GradScaler checks for inf on the "
+                "host every step); use bfloat16, float32 or auto"
+            )
         return on
 
     @model_validator(mode="after")
-    def lr_schedule_is_possible(self) -> "TrainParams":
+    def lr_schedule_is_possible(self) -> TrainParams:
         if self.min_lr > self.learning_rate:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
         return self
@@ -101,30 +103,61 @@ class Tolerances(Section):
     """Pass/fail bounds of one compute dtype. "max"/"mean" bounds are scaled errors:
     max|cand - ref| / max(1, max|ref|) and mean|cand - ref| / max(1, mean|ref|), so they are relative for
     large values and absolute for small ones (an all-zero gradient must come out as ~0, not 0/0)."""
-    kernel_fwd: float = Field(gt=0)   # L1: kernel output vs the float64 functional reference
+
+    kernel_fwd: float = Field(gt=0)  # L1: kernel output vs the float64 functional reference
     kernel_grad: float = Field(gt=0)  # L1: each input gradient, same measure
-    block_max: float = Field(gt=0)    # L2: one block's output hidden state, fed the reference's input
+    block_max: float = Field(gt=0)  # L2: one block's output hidden state, fed the reference's input
     block_mean: float = Field(gt=0)
-    stack_max: float = Field(gt=0)    # L2: the final hidden state after the whole stack (drift)
+    stack_max: float = Field(gt=0)  # L2: the final hidden state after the whole stack (drift)
     stack_mean: float = Field(gt=0)
-    logits_max: float = Field(gt=0)   # L3: logits on validation text
+    logits_max: float = Field(gt=0)  # L3: logits on validation text
     logits_mean: float = Field(gt=0)
-    kl_mean: float = Field(gt=0)      # L3: mean KL(ref || cand) of the next-token distributions, nats
+    kl_mean: float = Field(gt=0)  # L3: mean KL(ref || cand) of the next-token distributions, nats
     top1_min: float = Field(gt=0, le=1)  # L3: fraction of positions whose argmax agrees
-    grad_rel: float = Field(gt=0)     # L5: max over parameters of ||g_cand - g_ref|| / ||g_ref||
+    grad_rel: float = Field(gt=0)  # L5: max over parameters of ||g_cand - g_ref|| / ||g_ref||
 
 
 class ToleranceTable(Section):
     # float32 serves the CPU test doubles and the LayerNorm kernel on fp32 input (what autocast feeds it).
-    float32: Tolerances = Tolerances(kernel_fwd=1e-5, kernel_grad=1e-4, block_max=1e-4, block_mean=1e-5,
-                                     stack_max=1e-4, stack_mean=1e-5, logits_max=1e-4, logits_mean=1e-5,
-                                     kl_mean=1e-6, top1_min=0.999, grad_rel=1e-3)
-    bfloat16: Tolerances = Tolerances(kernel_fwd=2e-2, kernel_grad=5e-2, block_max=5e-2, block_mean=1e-2,
-                                      stack_max=1e-1, stack_mean=2e-2, logits_max=1e-1, logits_mean=2e-2,
-                                      kl_mean=1e-3, top1_min=0.98, grad_rel=1e-1)
-    float16: Tolerances = Tolerances(kernel_fwd=3e-3, kernel_grad=1e-2, block_max=1e-2, block_mean=2e-3,
-                                     stack_max=2e-2, stack_mean=4e-3, logits_max=2e-2, logits_mean=4e-3,
-                                     kl_mean=1e-4, top1_min=0.99, grad_rel=2e-2)
+    float32: Tolerances = Tolerances(
+        kernel_fwd=1e-5,
+        kernel_grad=1e-4,
+        block_max=1e-4,
+        block_mean=1e-5,
+        stack_max=1e-4,
+        stack_mean=1e-5,
+        logits_max=1e-4,
+        logits_mean=1e-5,
+        kl_mean=1e-6,
+        top1_min=0.999,
+        grad_rel=1e-3,
+    )
+    bfloat16: Tolerances = Tolerances(
+        kernel_fwd=2e-2,
+        kernel_grad=5e-2,
+        block_max=5e-2,
+        block_mean=1e-2,
+        stack_max=1e-1,
+        stack_mean=2e-2,
+        logits_max=1e-1,
+        logits_mean=2e-2,
+        kl_mean=1e-3,
+        top1_min=0.98,
+        grad_rel=1e-1,
+    )
+    float16: Tolerances = Tolerances(
+        kernel_fwd=3e-3,
+        kernel_grad=1e-2,
+        block_max=1e-2,
+        block_mean=2e-3,
+        stack_max=2e-2,
+        stack_mean=4e-3,
+        logits_max=2e-2,
+        logits_mean=4e-3,
+        kl_mean=1e-4,
+        top1_min=0.99,
+        grad_rel=2e-2,
+    )
 
 
 class VerifyParams(Section):
@@ -158,7 +191,7 @@ class VerifyParams(Section):
     tolerances: ToleranceTable = ToleranceTable()
 
     @model_validator(mode="after")
-    def positive_lengths(self) -> "VerifyParams":
+    def positive_lengths(self) -> VerifyParams:
         bad = [n for n in self.seq_lens + self.widths if n < 1]
         if bad:
             raise ValueError(f"seq_lens and widths must be positive, got {bad}")
@@ -191,7 +224,7 @@ class BenchParams(Section):
     min_repeat_ms: float = Field(10.0, ge=0.0)  # a repeat loops a short call until it lasts this long
 
     @model_validator(mode="after")
-    def positive_batches(self) -> "BenchParams":
+    def positive_batches(self) -> BenchParams:
         if not self.decode_batch_sizes or min(self.decode_batch_sizes) < 1:
             raise ValueError(f"decode_batch_sizes must be positive integers, got {self.decode_batch_sizes}")
         return self

@@ -1,8 +1,8 @@
 """Switch params.yaml to a preset, in place, keeping its comments and every key the preset leaves alone.
 
-    python -m gptcore.presets shakespeare_char     # nanoGPT's shakespeare_char settings, for a GPU
-    python -m gptcore.presets gpt2_small           # GPT-2 small: 12 layers, 12 heads, 768 dims, block 1024
-    python -m gptcore.presets tiny_cpu             # back to the CPU-sized defaults
+python -m gptcore.presets shakespeare_char     # nanoGPT's shakespeare_char settings, for a GPU
+python -m gptcore.presets gpt2_small           # GPT-2 small: 12 layers, 12 heads, 768 dims, block 1024
+python -m gptcore.presets tiny_cpu             # back to the CPU-sized defaults
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from ruamel.yaml import YAML
 
-from gptcore.checkpoint import atomic_write_text
+from gptcore.files import atomic_write_text
 from gptcore.params import ParamsError, parse_params
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"

@@ -32,14 +32,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gptcore.checkpoint import CheckpointError
-from gptcore.manifest import (ManifestMismatch, Manifest, manifest_candidates, mismatch_message, parse_manifest,
-                              verify_checkpoint)
+from gptcore.errors import CheckpointError, UserError
+from gptcore.manifest import (
+    Manifest,
+    ManifestMismatch,
+    manifest_candidates,
+    mismatch_message,
+    parse_manifest,
+    verify_checkpoint,
+)
 
 VERSION_RE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
 
 
-class ReleaseError(RuntimeError):
+class ReleaseError(UserError, RuntimeError):
     """A release that cannot be made; the message says why and what to do."""
 
 
@@ -79,13 +85,21 @@ def check_clean(root: Path, allow_untracked: bool = False) -> str:
     changed = [line[3:] for line in status if not line.startswith("??")]
     untracked = [line[3:] for line in status if line.startswith("??")]
     if changed:
-        raise ReleaseError("uncommitted changes: " + ", ".join(changed[:10]) + (" ..." if len(changed) > 10 else "")
-                           + "\ncommit them (git add ... && git commit) so the version's commit holds the code, "
-                           "params.yaml and dvc.lock that made the checkpoint")
+        raise ReleaseError(
+            "uncommitted changes: "
+            + ", ".join(changed[:10])
+            + (" ..." if len(changed) > 10 else "")
+            + "\ncommit them (git add ... && git commit) so the version's commit holds the code, "
+            "params.yaml and dvc.lock that made the checkpoint"
+        )
     if untracked and not allow_untracked:
-        raise ReleaseError("untracked files: " + ", ".join(untracked[:10]) + (" ..." if len(untracked) > 10 else "")
-                           + "\ncommit them or add them to .gitignore (or pass --allow-untracked if they played no "
-                           "part in making the checkpoint)")
+        raise ReleaseError(
+            "untracked files: "
+            + ", ".join(untracked[:10])
+            + (" ..." if len(untracked) > 10 else "")
+            + "\ncommit them or add them to .gitignore (or pass --allow-untracked if they played no "
+            "part in making the checkpoint)"
+        )
     return head.stdout.strip()
 
 
@@ -119,13 +133,23 @@ def check_pipeline(root: Path, paths: list[str]) -> None:
     stale = {stage: changes for stage, changes in status.items() if changes != ["always changed"]}
     if stale:
         detail = "; ".join(f"{stage}: {json.dumps(changes)}" for stage, changes in stale.items())
-        raise ReleaseError(f"the pipeline is not up to date for {', '.join(paths)} ({detail})\n"
-                           "run `dvc repro` (`dvc pull` for files not in the cache), commit dvc.lock, then release")
+        raise ReleaseError(
+            f"the pipeline is not up to date for {', '.join(paths)} ({detail})\n"
+            "run `dvc repro` (`dvc pull` for files not in the cache), commit dvc.lock, then release"
+        )
 
 
-def release(names: list[str], version: str, root: Path | None = None, message: str = "", push: bool = True,
-            remote: str | None = None, allow_untracked: bool = False, push_tag: str | None = None,
-            out=print) -> list[str]:
+def release(
+    names: list[str],
+    version: str,
+    root: Path | None = None,
+    message: str = "",
+    push: bool = True,
+    remote: str | None = None,
+    allow_untracked: bool = False,
+    push_tag: str | None = None,
+    out=print,
+) -> list[str]:
     """Check, `dvc push`, then tag each artifact `<name>@<version>` on HEAD; return the tags."""
     root = git_root(root or Path.cwd())
     if not VERSION_RE.match(version):
@@ -133,14 +157,16 @@ def release(names: list[str], version: str, root: Path | None = None, message: s
     declared = declared_artifacts(root)
     unknown = [n for n in names if n not in declared]
     if unknown:
-        raise ReleaseError(f"unknown artifact {', '.join(unknown)}: dvc.yaml declares "
-                           + (", ".join(sorted(declared)) or "none"))
+        raise ReleaseError(
+            f"unknown artifact {', '.join(unknown)}: dvc.yaml declares " + (", ".join(sorted(declared)) or "none")
+        )
     tags = [f"{n}@{version}" for n in names]
     existing = set(_run(["git", "tag", "--list"], root).stdout.split())
     taken = [t for t in tags if t in existing]
     if taken:
-        raise ReleaseError(f"{', '.join(taken)} exists already: a version names one checkpoint forever; "
-                           "choose the next version")
+        raise ReleaseError(
+            f"{', '.join(taken)} exists already: a version names one checkpoint forever; choose the next version"
+        )
     commit = check_clean(root, allow_untracked)
     paths = [declared[n]["path"] for n in names]
     missing = [p for p in paths if not (root / p).is_file()]
@@ -161,7 +187,8 @@ def release(names: list[str], version: str, root: Path | None = None, message: s
         m = manifests[name]
         body = (f"{message}\n\n" if message else "") + (
             f"artifact: {name}\npath: {path}\nsha256: {m.sha256}\nmlflow_run_id: {m.run_id}\n"
-            f"made at git commit: {m.git_commit}\nreleased at git commit: {commit}\n")
+            f"made at git commit: {m.git_commit}\nreleased at git commit: {commit}\n"
+        )
         _run(["git", "tag", "-a", tag, "-m", f"Release {tag}\n\n{body}"], root)
         out(f"tagged {tag} -> {commit[:12]}: {path} sha256 {m.sha256[:16]}..., MLflow run {m.run_id}")
     if push_tag:
@@ -231,8 +258,16 @@ def read_version(name: str, version: str, repo: str | None = None) -> tuple[byte
         data = f.read()
     actual = hashlib.sha256(data).hexdigest()
     if actual != manifest.sha256:
-        raise ManifestMismatch(mismatch_message(f"{repo}:{info['path']}@{name}@{version}", str(manifest.path),
-                                                manifest.sha256, actual, manifest.size, len(data)))
+        raise ManifestMismatch(
+            mismatch_message(
+                f"{repo}:{info['path']}@{name}@{version}",
+                str(manifest.path),
+                manifest.sha256,
+                actual,
+                manifest.size,
+                len(data),
+            )
+        )
     return data, manifest, info["path"]
 
 
@@ -244,6 +279,7 @@ def load_version(name: str, version: str, repo: str | None = None, map_location=
     data, manifest, path = read_version(name, version, repo)
     if path.endswith(".safetensors"):
         from safetensors.torch import load
+
         return load(data), manifest
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True), manifest
 
@@ -263,16 +299,27 @@ def main(argv=None) -> int:
         if args.list:
             rows = list_versions(args.root)
             for r in rows:
-                extra = (f"sha256 {r['sha256']}  run {r['mlflow_run_id']}" if "sha256" in r
-                         else r.get("error", "no manifest"))
+                extra = (
+                    f"sha256 {r['sha256']}  run {r['mlflow_run_id']}"
+                    if "sha256" in r
+                    else r.get("error", "no manifest")
+                )
                 print(f"{r['tag']:32s} {r['commit'][:12]}  {r.get('path', '?'):28s} {extra}")
             if not rows:
                 print("no versions yet: python -m gptcore.release ARTIFACT vX.Y.Z")
             return 0
         if len(args.names) < 2:
             ap.error("give one or more artifact names and a version: gptcore-char v1.0.0")
-        release(args.names[:-1], args.names[-1], args.root, args.message, args.push, args.remote,
-                args.allow_untracked, args.push_tag)
+        release(
+            args.names[:-1],
+            args.names[-1],
+            args.root,
+            args.message,
+            args.push,
+            args.remote,
+            args.allow_untracked,
+            args.push_tag,
+        )
         return 0
     except ReleaseError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,14 +1,16 @@
-"""Text generation: incremental decoding with a key/value cache, for the reference and the cuTile model.
+"""Text generation: one sampler and one decoding loop, for the reference and the cuTile model.
 
-The reference (`GPT.generate`, nanoGPT's loop) runs the whole context through the model for every new
-token. `Decoder` runs the prompt once (prefill) and then each new token alone against the cached keys and
+`Decoder` runs the prompt once (prefill) and then each new token alone against the cached keys and
 values of the tokens before it. The model has learned absolute positions (`wpe`), so the context cannot
-grow past `block_size`: like the reference, the context then becomes the last `block_size` tokens. Every
-token of that window sits one position earlier than before, so the cached keys are stale; the cache is
-rebuilt from the window, which is a full-block forward, exactly the computation the reference does.
+grow past `block_size`: as in nanoGPT's generate, the context then becomes the last `block_size` tokens.
+Every token of that window sits one position earlier than before, so the cached keys are stale; the cache
+is rebuilt from the window, which is a full-block forward, exactly the computation nanoGPT does.
+`Decoder(..., kv_cache=False)` runs the whole window through the model for every token instead (nanoGPT's
+loop, the baseline the cache is measured against); both give the same tokens.
 
-Sampling (`sample_tokens`) draws the same numbers from the same generator as the reference's
-`sample_next`, so with the same seed cached and uncached generation give the same tokens, at any length.
+Sampling (`sample_tokens`) draws from the same generator exactly as nanoGPT's
+`torch.multinomial(softmax(logits / temperature))` does, so with the same seed every path gives the same
+tokens, at any length.
 
 CUDA graphs: at batch 1 a small model spends its time launching ~100 small kernels per token, not
 computing. A step at a given window position always has the same shapes (the cache lives in static,
@@ -22,30 +24,20 @@ example a kernel launcher that the CUDA runtime refuses to record), decoding goe
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from gptcore.cutile_model import CuTileGPT
-from gptcore.model import GPT, filtered_probs, gpt_from_checkpoint
+from gptcore.checkpoint import gpt_from_checkpoint
+from gptcore.cutile_model import model_class
+from gptcore.errors import BackendUnavailable
+from gptcore.kernels.runtime import attention_dtype_unsupported, cutile_unavailable
+from gptcore.model import GPT
 from gptcore.train_graph import capture
 
+__all__ = ["BackendUnavailable", "Decoder", "filtered_probs", "load_for_inference", "sample_tokens"]
+
 TokenCallback = Callable[[list[int]], None]  # the new token of each batch row, as soon as it exists
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend cannot run here; the message says why (never a silent fallback to the other one)."""
-
-
-def cutile_unavailable_reason(device: torch.device) -> str | None:
-    """Why the cuTile model cannot run on `device`, or None when it can."""
-    if device.type != "cuda":
-        return f"cuTile needs a CUDA GPU; this run is on {device.type}"
-    try:
-        from gptcore import kernels
-        return kernels.cutile_available()
-    except Exception as e:  # noqa: BLE001 - an import problem is a reason too
-        return f"gptcore.kernels cannot be used: {type(e).__name__}: {e}"
 
 
 def load_for_inference(checkpoint: dict, backend: str, device: torch.device, dtype: torch.dtype) -> GPT:
@@ -54,27 +46,44 @@ def load_for_inference(checkpoint: dict, backend: str, device: torch.device, dty
     Cast rather than autocast: decoding runs a few small kernels per layer, and autocast would add a cast
     of every weight to every step. Dropout is set to 0 (eval mode ignores it; the cuTile attention would
     warn that it applies none)."""
+    cls = model_class(backend)
     if backend == "cutile":
-        reason = cutile_unavailable_reason(device)
-        if reason is None and dtype not in (torch.bfloat16, torch.float16):
-            reason = f"the cuTile attention kernel runs in bfloat16/float16, not {str(dtype).removeprefix('torch.')}"
+        reason = cutile_unavailable(device) or attention_dtype_unsupported(dtype)
         if reason:
             raise BackendUnavailable(f"backend 'cutile' cannot run: {reason}")
-    elif backend != "torch":
-        raise ValueError(f"unknown backend {backend!r}: expected torch or cutile")
     ck = {**checkpoint, "model_args": {**checkpoint["model_args"], "dropout": 0.0}}
-    model = gpt_from_checkpoint(ck, CuTileGPT if backend == "cutile" else GPT)
-    return model.to(device=device, dtype=dtype).eval()
+    return gpt_from_checkpoint(ck, cls).to(device=device, dtype=dtype).eval()
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def filtered_probs(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The sampling distribution of (B, V) logits at temperature > 0, after top-k and top-p filtering.
+    Slices, not index lists, so nothing is copied from the host and a CUDA graph can capture it."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, -1:], -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs_sorted = torch.softmax(sorted_logits, dim=-1)
+        drop = probs_sorted.cumsum(dim=-1) - probs_sorted > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One token per row from (B, V) logits: greedy at temperature 0, else top-k / top-p sampling.
 
-    The same draws as `gptcore.model.sample_next`, written so that a CUDA graph can capture it:
-    `torch.multinomial(probs, 1)` is implemented in ATen as argmax(probs / E) with E ~ Exp(1) drawn from
-    the generator (the "exponential race"); writing that out consumes the generator identically and
-    avoids multinomial's validity checks.
+    The draws of `torch.multinomial(probs, 1)`, written so that a CUDA graph can capture it: ATen
+    implements that as argmax(probs / E) with E ~ Exp(1) drawn from the generator (the "exponential race");
+    writing it out consumes the generator identically and avoids multinomial's validity checks.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -85,39 +94,34 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return (probs / race).argmax(dim=-1, keepdim=True)
 
 
-@torch.no_grad()
-def generate_uncached(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                      top_k: int | None = None, top_p: float | None = None,
-                      generator: torch.Generator | None = None, on_token: TokenCallback | None = None) -> torch.Tensor:
-    """The reference loop: the whole (cropped) context through the model for every new token."""
-    block = model.config.block_size
-    for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -block:])
-        nxt = sample_tokens(logits[:, -1, :], temperature, top_k, top_p, generator)
-        idx = torch.cat((idx, nxt), dim=1)
-        if on_token is not None:
-            on_token(nxt[:, 0].tolist())
-    return idx
-
-
 class Decoder:
-    """Incremental generation for one model and batch size, with the KV cache in static buffers.
+    """Generation for one model and batch size: the one decoding loop, with or without the KV cache.
 
     State between steps: `window` holds the last `n` tokens of the context (n <= block_size), and the
     cache holds the keys/values of the first `cached` of them. A step runs window[:, cached:n] through
     the model (the whole prompt at first, then one token, or the whole window after it slid), samples
-    the next token and appends it to the window, sliding the window by one when it is full.
+    the next token and appends it to the window, sliding the window by one when it is full. Without the
+    cache (`kv_cache=False`) `cached` stays 0: every step runs the whole window.
     """
 
-    def __init__(self, model: GPT, batch: int = 1, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None, cuda_graph: bool = False):
+    def __init__(
+        self,
+        model: GPT,
+        batch: int = 1,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        cuda_graph: bool = False,
+        kv_cache: bool = True,
+    ):
         self.model = model
         self.batch = batch
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.generator = generator
         self.block = model.config.block_size
         self.device = model.lm_head.weight.device
-        self.cache = model.new_kv_cache(batch)
+        self.cache = model.new_kv_cache(batch) if kv_cache else None
         self.window = torch.zeros(batch, self.block, dtype=torch.long, device=self.device)
         self.n = 0
         self.cached = 0
@@ -134,12 +138,12 @@ class Decoder:
     def _step(self, start: int, n: int) -> None:
         """Run window[:, start:n] against a cache holding positions [0, start), sample the next token and
         append it to the window. Fixed shapes, no host synchronisation: capturable in a CUDA graph."""
-        for layer in self.cache:
+        for layer in self.cache or ():
             layer.length = start  # python state only: the slices the forward reads and writes
         logits, _ = self.model(self.window[:, start:n], kv_cache=self.cache)
         nxt = sample_tokens(logits[:, -1, :], self.temperature, self.top_k, self.top_p, self.generator)
         if n < self.block:
-            self.window[:, n:n + 1].copy_(nxt)
+            self.window[:, n : n + 1].copy_(nxt)
         else:  # the window is full: slide it by one, as the reference's crop does
             self.window.copy_(torch.cat((self.window[:, 1:], nxt), dim=1))
 
@@ -180,24 +184,24 @@ class Decoder:
     # ---- generation -------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, on_token: TokenCallback | None = None) -> torch.Tensor:
-        """`idx` (batch, T) followed by `max_new_tokens` sampled tokens, like GPT.generate."""
+        """`idx` (batch, T) followed by `max_new_tokens` sampled tokens (nanoGPT's `generate`)."""
         if idx.dim() != 2 or idx.size(0) != self.batch:
             raise ValueError(f"expected token ids of shape ({self.batch}, T), got {tuple(idx.shape)}")
         if idx.size(1) == 0:
             raise ValueError("generation needs at least one prompt token")
-        context = idx[:, -self.block:]
+        context = idx[:, -self.block :]
         self.n = context.size(1)
         self.cached = 0
-        self.window[:, :self.n].copy_(context)
+        self.window[:, : self.n].copy_(context)
         new = []
         for _ in range(max_new_tokens):
             self._run(self.cached, self.n)
             if self.n < self.block:  # the token went to window[:, n]; everything before it is cached
-                self.cached = self.n
+                self.cached = self.n if self.cache is not None else 0
                 self.n += 1
             else:  # the window slid: the cached keys are at the wrong positions now
                 self.cached = 0
-            token = self.window[:, self.n - 1:self.n]
+            token = self.window[:, self.n - 1 : self.n]
             new.append(token.clone())
             if on_token is not None:
                 on_token(token[:, 0].tolist())

@@ -9,25 +9,17 @@ import io
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from gptcore.checkpoint import atomic_write_text
-from gptcore.params import Params, ParamsError, load_params, repo_root
+from gptcore.errors import UserError
+from gptcore.files import atomic_write_text
+from gptcore.params import Params, load_params, repo_root
 from gptcore.tracking import stage_run
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A failure the user can act on; its message is the whole report."""
-
-
-# Errors whose message already says what is wrong and where: print it, not a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, StageError, FileNotFoundError)
-
-
-def register_user_error(*types: type[BaseException]) -> None:
-    global USER_ERRORS
-    USER_ERRORS = USER_ERRORS + types
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -74,6 +66,6 @@ def write_plot(path: Path, rows: list[dict]) -> Path:
 def main(fn: Callable[[], int]) -> int:
     try:
         return fn()
-    except USER_ERRORS as e:
+    except (UserError, FileNotFoundError) as e:  # the message says what is wrong and where: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
+from gptcore.environment import git_commit
 from gptcore.params import Params, repo_root
 
 
@@ -24,19 +24,6 @@ def tracking_uri(params: Params, root: Path | None = None) -> str:
     if params.mlflow.tracking_uri:
         return params.mlflow.tracking_uri
     return f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
-
-
-def git_commit(root: Path | None = None) -> str:
-    """The commit the code ran at (with '-dirty' when the work tree differs), or 'unknown' outside git."""
-    cwd = root or repo_root()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
 
 
 def flatten(prefix: str, value) -> dict[str, object]:
@@ -70,32 +57,40 @@ class StageRun:
     def log_params(self, params: dict):
         if self._run:
             import mlflow
+
             mlflow.log_params(params)
         self.records["params"].update(params)
 
     def log_metrics(self, metrics: dict, step: int | None = None):
-        numeric = {k: float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        numeric = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         if self._run:
             import mlflow
+
             mlflow.log_metrics(numeric, step=step)
         self.records["metrics"].append({"step": step, **numeric})
 
     def set_tags(self, tags: dict):
         if self._run:
             import mlflow
+
             mlflow.set_tags(tags)
         self.records["tags"].update(tags)
 
     def log_artifact(self, path: str | Path):
         if self._run:
             import mlflow
+
             mlflow.log_artifact(str(path))
         self.records["artifacts"].append(str(path))
 
     def log_text(self, text: str, name: str):
         if self._run:
             import mlflow
+
             mlflow.log_text(text, name)
         self.records["artifacts"].append(name)
 
@@ -158,25 +153,32 @@ def import_offline(path: Path, params: Params, experiment: str | None = None) ->
         raise ValueError(f"{path}: not a readable offline MLflow record ({e})") from e
     missing = [k for k in ("run_name", "params", "metrics", "tags") if k not in record]
     if missing:
-        raise ValueError(f"{path}: offline record lacks {missing} (expected the JSON that "
-                         "GPTCORE_MLFLOW=off writes)")
+        raise ValueError(f"{path}: offline record lacks {missing} (expected the JSON that GPTCORE_MLFLOW=off writes)")
     mlflow.set_tracking_uri(tracking_uri(params))
     client = mlflow.MlflowClient()
     name = experiment or params.mlflow.experiment
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else client.create_experiment(name)
-    tags = {**{k: str(v) for k, v in record["tags"].items()}, "offline.source": str(path),
-            "offline.imported": "true", "offline.artifacts": ", ".join(record.get("artifacts", []))[:5000]}
+    tags = {
+        **{k: str(v) for k, v in record["tags"].items()},
+        "offline.source": str(path),
+        "offline.imported": "true",
+        "offline.artifacts": ", ".join(record.get("artifacts", []))[:5000],
+    }
     run = client.create_run(exp_id, run_name=record["run_name"], tags=tags)
     now = int(time.time() * 1000)
-    metrics = [Metric(key, float(value), now, int(row["step"] or 0))
-               for row in record["metrics"] for key, value in row.items() if key != "step"]
+    metrics = [
+        Metric(key, float(value), now, int(row["step"] or 0))
+        for row in record["metrics"]
+        for key, value in row.items()
+        if key != "step"
+    ]
     params_ = [Param(k, str(v)[:6000]) for k, v in record["params"].items()]
     # MLflow caps one batch at 100 params and 1000 metrics.
     for i in range(0, len(params_), 100):
-        client.log_batch(run.info.run_id, params=params_[i:i + 100])
+        client.log_batch(run.info.run_id, params=params_[i : i + 100])
     for i in range(0, len(metrics), 1000):
-        client.log_batch(run.info.run_id, metrics=metrics[i:i + 1000])
+        client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000])
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
@@ -201,4 +203,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     import sys
+
     sys.exit(main())

@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from gptcore import data as gdata
 from gptcore.checkpoint import load_checkpoint, save_checkpoint
-from gptcore.cutile_model import build_model, require_cutile
-from gptcore.devices import resolve_device, resolve_dtype
+from gptcore.cutile_model import build_model
+from gptcore.devices import autocast, resolve_device, resolve_dtype
+from gptcore.kernels import require_cutile
 from gptcore.model import GPT, GPTConfig
 from gptcore.params import Params, ParamsError
 from gptcore.train_graph import GraphedTrainStep
@@ -40,6 +41,7 @@ LAST_CHECKPOINT = "last.pt"  # the latest evaluation point, with RNG states: wha
 @dataclass
 class Dist:
     """Where this process stands in a torchrun launch (rank 0 of 1 when run plainly)."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -49,7 +51,7 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls) -> Dist:
         if "RANK" not in os.environ:
             return cls()
         return cls(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
@@ -89,8 +91,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     one keeps them as float32 on the parameters' device) rather than by the checkpoint's."""
     own = [{k: group[k] for k in RUNTIME_KEYS if k in group} for group in optimizer.param_groups]
     if len(state["param_groups"]) != len(own):
-        raise ValueError(f"optimizer state has {len(state['param_groups'])} parameter groups, this optimizer "
-                         f"{len(own)}")
+        raise ValueError(
+            f"optimizer state has {len(state['param_groups'])} parameter groups, this optimizer {len(own)}"
+        )
     state = {**state, "param_groups": [{**group, **keep} for group, keep in zip(state["param_groups"], own)]}
     optimizer.load_state_dict(state)
     for group, keep in zip(optimizer.param_groups, own):
@@ -99,8 +102,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 def model_config(params: Params, vocab_size: int) -> GPTConfig:
     m = params.model
-    return GPTConfig(block_size=m.block_size, vocab_size=vocab_size, n_layer=m.n_layer, n_head=m.n_head,
-                     n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
+    return GPTConfig(
+        block_size=m.block_size,
+        vocab_size=vocab_size,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_embd=m.n_embd,
+        dropout=m.dropout,
+        bias=m.bias,
+    )
 
 
 @dataclass
@@ -125,16 +135,19 @@ class Trainer:
         self.p = params.train
         self.root = root
         self.d = dist_info or Dist.from_env()
-        self.device = resolve_device(self.p.device, "train.device",
-                                     self.d.local_rank if self.d.world_size > 1 else None)
+        self.device = resolve_device(
+            self.p.device, "train.device", self.d.local_rank if self.d.world_size > 1 else None
+        )
         if self.p.backend == "cutile":
             require_cutile(self.device)
         self.dtype = resolve_dtype(self.p.dtype, self.device)
         if self.p.cuda_graph:
             self.check_cuda_graph()
         if self.dtype != torch.float32 and self.device.type != "cuda":
-            raise ParamsError(f"train.dtype: {self.p.dtype} autocast needs a CUDA device, training runs on "
-                              f"{self.device}; use dtype auto or float32")
+            raise ParamsError(
+                f"train.dtype: {self.p.dtype} autocast needs a CUDA device, training runs on "
+                f"{self.device}; use dtype auto or float32"
+            )
 
         data_dir = root / params.data.out_dir
         self.vocab = gdata.CharVocab.load(data_dir / "meta.json")
@@ -143,13 +156,17 @@ class Trainer:
         self.data_sha256 = gdata.data_sha256(data_dir)
         for split, arr in (("train", self.train_data), ("val", self.val_data)):
             if len(arr) <= params.model.block_size:
-                raise ParamsError(f"model.block_size: {params.model.block_size} is not shorter than the {split} "
-                                  f"split ({len(arr)} tokens); lower block_size or use a larger corpus")
+                raise ParamsError(
+                    f"model.block_size: {params.model.block_size} is not shorter than the {split} "
+                    f"split ({len(arr)} tokens); lower block_size or use a larger corpus"
+                )
         world = self.d.world_size
         if self.p.gradient_accumulation_steps % world:
-            raise ParamsError(f"train.gradient_accumulation_steps: {self.p.gradient_accumulation_steps} must be a "
-                              f"multiple of the number of processes ({world}): it counts micro-batches of the "
-                              "global batch")
+            raise ParamsError(
+                f"train.gradient_accumulation_steps: {self.p.gradient_accumulation_steps} must be a "
+                f"multiple of the number of processes ({world}): it counts micro-batches of the "
+                "global batch"
+            )
         self.micro_steps = self.p.gradient_accumulation_steps // world
         self.tokens_per_iter = self.p.gradient_accumulation_steps * self.p.batch_size * params.model.block_size
         self.out_dir = root / self.p.out_dir
@@ -158,21 +175,22 @@ class Trainer:
         """What train.cuda_graph needs that params.yaml alone cannot tell (compile and float16 are refused
         when the params are loaded)."""
         if self.device.type != "cuda":
-            raise ParamsError(f"train.cuda_graph: true needs a CUDA device, training runs on {self.device} "
-                              f"(train.device: {self.p.device}); set train.cuda_graph: false")
+            raise ParamsError(
+                f"train.cuda_graph: true needs a CUDA device, training runs on {self.device} "
+                f"(train.device: {self.p.device}); set train.cuda_graph: false"
+            )
         if self.d.world_size > 1:
-            raise ParamsError(f"train.cuda_graph: true runs one process, this launch has {self.d.world_size} "
-                              "(the DDP gradient all-reduce is not captured); set train.cuda_graph: false")
+            raise ParamsError(
+                f"train.cuda_graph: true runs one process, this launch has {self.d.world_size} "
+                "(the DDP gradient all-reduce is not captured); set train.cuda_graph: false"
+            )
         if self.dtype == torch.float16:
-            raise ParamsError(f"train.cuda_graph: true needs bfloat16 or float32, train.dtype: {self.p.dtype} is "
-                              "float16 on this GPU (its GradScaler checks for inf on the host every step)")
+            raise ParamsError(
+                f"train.cuda_graph: true needs bfloat16 or float32, train.dtype: {self.p.dtype} is "
+                "float16 on this GPU (its GradScaler checks for inf on the host every step)"
+            )
 
     # ---- pieces -------------------------------------------------------------------------------------
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
     def draw_batches(self, data: np.ndarray, count: int, generator: torch.Generator):
         """`count` micro-batches' offsets from one generator: (count, batch_size)."""
         T = self.params.model.block_size
@@ -193,15 +211,24 @@ class Trainer:
             losses = []
             for row in offsets:
                 x, y = self.to_batch(data, row)
-                with self.autocast():
+                with autocast(self.device, self.dtype):
                     _, loss = model(x, y)
                 losses.append(loss.item())
             out[split] = float(np.mean(losses))
         model.train()
         return out
 
-    def checkpoint(self, raw: GPT, optimizer, scaler, it: int, best_val: float, best_iter: int,
-                   history: list[dict], generator: torch.Generator) -> dict:
+    def checkpoint(
+        self,
+        raw: GPT,
+        optimizer,
+        scaler,
+        it: int,
+        best_val: float,
+        best_iter: int,
+        history: list[dict],
+        generator: torch.Generator,
+    ) -> dict:
         return {
             "model_args": raw.config.to_dict(),
             "model": raw.state_dict(),
@@ -233,7 +260,7 @@ class Trainer:
                 x, y = self.to_batch(self.train_data, row)
                 sync = micro == self.micro_steps - 1
                 ctx = model.no_sync() if d.world_size > 1 and not sync else contextlib.nullcontext()
-                with ctx, self.autocast():
+                with ctx, autocast(self.device, self.dtype):
                     _, loss = model(x, y)
                     loss = loss / self.micro_steps
                 scaler.scale(loss).backward()
@@ -247,18 +274,27 @@ class Trainer:
             if d.world_size > 1:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             return loss_sum
+
         return step
 
     def graphed_step(self, raw: GPT, optimizer):
         """The same step captured once as a CUDA graph and replayed (train.cuda_graph; one process)."""
         T = self.params.model.block_size
-        graphed = GraphedTrainStep(raw, optimizer, dtype=self.dtype, micro_steps=self.micro_steps,
-                                   batch_size=self.p.batch_size, block_size=T, grad_clip=self.p.grad_clip)
+        graphed = GraphedTrainStep(
+            raw,
+            optimizer,
+            dtype=self.dtype,
+            micro_steps=self.micro_steps,
+            batch_size=self.p.batch_size,
+            block_size=T,
+            grad_clip=self.p.grad_clip,
+        )
 
         def step(offsets: torch.Tensor, lr: float) -> torch.Tensor:
             x, y = self.to_batch(self.train_data, offsets.reshape(-1))  # every micro-batch in one copy
             shape = (self.micro_steps, self.p.batch_size, T)
             return graphed.step(x.view(shape), y.view(shape), lr)
+
         return step
 
     # ---- the loop -----------------------------------------------------------------------------------
@@ -271,8 +307,9 @@ class Trainer:
         torch.manual_seed(p.seed)  # same initial weights on every process
         config = model_config(self.params, self.vocab.vocab_size)
         raw = build_model(config, p.backend).to(self.device)
-        optimizer = raw.configure_optimizers(p.weight_decay, p.learning_rate, (p.beta1, p.beta2), self.device.type,
-                                             capturable=p.cuda_graph)
+        optimizer = raw.configure_optimizers(
+            p.weight_decay, p.learning_rate, (p.beta1, p.beta2), self.device.type, capturable=p.cuda_graph
+        )
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         generator = torch.Generator().manual_seed(p.seed)
         start, best_val, best_iter, history = 0, float("inf"), -1, []
@@ -280,8 +317,10 @@ class Trainer:
         if p.resume:
             ck = load_checkpoint(self.out_dir / LAST_CHECKPOINT, map_location=self.device)
             if ck["model_args"] != config.to_dict():
-                raise ParamsError(f"train.resume: {self.out_dir / LAST_CHECKPOINT} was trained with model "
-                                  f"{ck['model_args']}, params ask for {config.to_dict()}")
+                raise ParamsError(
+                    f"train.resume: {self.out_dir / LAST_CHECKPOINT} was trained with model "
+                    f"{ck['model_args']}, params ask for {config.to_dict()}"
+                )
             raw.load_state_dict(ck["model"])
             load_optimizer_state(optimizer, ck["optimizer"])
             scaler.load_state_dict(ck["scaler"])
@@ -299,6 +338,7 @@ class Trainer:
         model = torch.compile(raw) if p.compile else raw
         if d.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
+
             model = DDP(model, device_ids=[d.local_rank] if self.device.type == "cuda" else None)
         if p.cuda_graph:
             train_step = self.graphed_step(raw, optimizer)
@@ -308,8 +348,15 @@ class Trainer:
         step_ms: list[float] = []
         train_losses: list[float] = []
         end = p.max_iters if stop_after is None else min(p.max_iters, start + stop_after)
-        bar = tqdm(total=p.max_iters, initial=start, disable=not d.master, desc="train", unit="it",
-                   dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            total=p.max_iters,
+            initial=start,
+            disable=not d.master,
+            desc="train",
+            unit="it",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         for it in range(start, end + 1):
             lr = learning_rate(it, p)
             resumed_here = p.resume and it == start
@@ -319,11 +366,15 @@ class Trainer:
                 if losses["val"] < best_val:
                     best_val, best_iter = losses["val"], it
                     if d.master:
-                        save_checkpoint(self.checkpoint(raw, optimizer, scaler, it, best_val, best_iter, history,
-                                                        generator), self.out_dir / BEST_CHECKPOINT)
+                        save_checkpoint(
+                            self.checkpoint(raw, optimizer, scaler, it, best_val, best_iter, history, generator),
+                            self.out_dir / BEST_CHECKPOINT,
+                        )
                 if d.master:
-                    save_checkpoint(self.checkpoint(raw, optimizer, scaler, it, best_val, best_iter, history,
-                                                    generator), self.out_dir / LAST_CHECKPOINT)
+                    save_checkpoint(
+                        self.checkpoint(raw, optimizer, scaler, it, best_val, best_iter, history, generator),
+                        self.out_dir / LAST_CHECKPOINT,
+                    )
                     bar.write(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}, lr {lr:.2e}")
                     if on_eval:
                         on_eval(it, losses, lr)
@@ -332,27 +383,37 @@ class Trainer:
 
             t0 = time.perf_counter()
             offsets = self.draw_batches(self.train_data, p.gradient_accumulation_steps, generator)
-            mine = offsets[d.rank * self.micro_steps:(d.rank + 1) * self.micro_steps]
+            mine = offsets[d.rank * self.micro_steps : (d.rank + 1) * self.micro_steps]
             loss_value = train_step(mine, lr).item()  # also waits for the GPU, so the step time is real
             step_ms.append((time.perf_counter() - t0) * 1000)
             train_losses.append(loss_value)
             bar.update(1)
             if it % p.log_interval == 0 and d.master:
-                steady = statistics.median(step_ms[-p.log_interval:])
-                bar.set_postfix(loss=f"{loss_value:.4f}", ms_iter=f"{steady:.1f}",
-                                tok_s=f"{self.tokens_per_iter / steady * 1000:,.0f}")
+                steady = statistics.median(step_ms[-p.log_interval :])
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    ms_iter=f"{steady:.1f}",
+                    tok_s=f"{self.tokens_per_iter / steady * 1000:,.0f}",
+                )
         bar.close()
 
         # Steady-state speed: skip the first steps (compilation, allocator warm-up) when there are enough.
         steady = step_ms[5:] if len(step_ms) > 10 else step_ms
         ms = statistics.median(steady) if steady else float("nan")
         return TrainResult(
-            best_val_loss=best_val, best_iter=best_iter, iterations=end, ms_per_iter=ms,
+            best_val_loss=best_val,
+            best_iter=best_iter,
+            iterations=end,
+            ms_per_iter=ms,
             tokens_per_sec=self.tokens_per_iter / ms * 1000 if steady else float("nan"),
             device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            dtype=str(self.dtype).removeprefix("torch."), world_size=d.world_size,
-            n_params=raw.num_params(), history=history, checkpoint=str(self.out_dir / BEST_CHECKPOINT),
-            train_losses=train_losses)
+            dtype=str(self.dtype).removeprefix("torch."),
+            world_size=d.world_size,
+            n_params=raw.num_params(),
+            history=history,
+            checkpoint=str(self.out_dir / BEST_CHECKPOINT),
+            train_losses=train_losses,
+        )
 
 
 def init_distributed(d: Dist) -> None:

@@ -1,7 +1,8 @@
 """The training step captured once as a CUDA graph and replayed (`train.cuda_graph: true`).
 
-A step of a small model is bound by the host, not the GPU: every kernel costs Python and launch time, and
-a cuTile launch costs 12-16 us of it, with hundreds of kernels a step. Replayed as a graph, the whole
+A step of a small model is bound by the host, not the GPU: every kernel costs Python and launch time (a
+cuTile launch more than most; `python -m gptcore.bench.kernels --host` measures it), with hundreds of
+kernels a step. Replayed as a graph, the whole
 optimizer step (forward and backward of every micro-batch, gradient clipping, AdamW) is one launch.
 
 PyTorch's whole-network capture (https://pytorch.org/docs/stable/notes/cuda.html#whole-network-capture):
@@ -31,9 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
+from gptcore.devices import autocast
 
 # Warm-up steps before capture: the docs' recipe uses 3, enough for cuBLAS and SDPA to settle.
 WARMUP_STEPS = 3
@@ -67,18 +70,30 @@ class GraphedTrainStep:
     """One optimizer step of `model` with `optimizer`, captured as a CUDA graph after `warmup_steps` eager
     steps. The optimizer must be capturable (`GPT.configure_optimizers(..., capturable=True)`)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, dtype: torch.dtype,
-                 micro_steps: int, batch_size: int, block_size: int, grad_clip: float,
-                 warmup_steps: int = WARMUP_STEPS):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        dtype: torch.dtype,
+        micro_steps: int,
+        batch_size: int,
+        block_size: int,
+        grad_clip: float,
+        warmup_steps: int = WARMUP_STEPS,
+    ):
         self.device = next(model.parameters()).device
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {self.device}")
         if dtype == torch.float16:
-            raise ValueError("the graphed step runs bfloat16 or float32: float16 needs a GradScaler, whose inf "
-                             "check reads the device every step")
+            raise ValueError(
+                "the graphed step runs bfloat16 or float32: float16 needs a GradScaler, whose inf "
+                "check reads the device every step"
+            )
         if not all(group.get("capturable") for group in optimizer.param_groups):
-            raise ValueError("the optimizer is not capturable: build it with configure_optimizers(..., "
-                             "capturable=True)")
+            raise ValueError(
+                "the optimizer is not capturable: build it with configure_optimizers(..., capturable=True)"
+            )
         self.model, self.optimizer = model, optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype, self.micro_steps, self.grad_clip = dtype, micro_steps, grad_clip
@@ -105,8 +120,10 @@ class GraphedTrainStep:
         Returns the loss summed over the micro-steps (each divided by micro_steps): a static tensor that
         the next step overwrites, so read it before then. Nothing here waits for the GPU."""
         if xs.shape != self.x.shape or ys.shape != self.y.shape:
-            raise ValueError(f"the graphed step takes batches of shape {tuple(self.x.shape)}, got "
-                             f"{tuple(xs.shape)} and {tuple(ys.shape)}")
+            raise ValueError(
+                f"the graphed step takes batches of shape {tuple(self.x.shape)}, got "
+                f"{tuple(xs.shape)} and {tuple(ys.shape)}"
+            )
         self.x.copy_(xs, non_blocking=True)
         self.y.copy_(ys, non_blocking=True)
         self.lr.fill_(lr)
@@ -121,16 +138,11 @@ class GraphedTrainStep:
         return self.loss
 
     # ---- the step, as recorded ---------------------------------------------------------------------
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.dtype, cache_enabled=False)
-
     def _body(self) -> None:
         """Forward and backward of every micro-batch, clipping, AdamW: device work only, fixed shapes."""
         self.loss.zero_()
         for micro in range(self.micro_steps):
-            with self._autocast():
+            with autocast(self.device, self.dtype, cache_enabled=False):
                 _, loss = self.model(self.x[micro], self.y[micro])
                 loss = loss / self.micro_steps
             loss.backward()
@@ -158,6 +170,7 @@ class GraphedTrainStep:
         try:
             capture(graph, self.stream, self._body)
         except Exception as e:  # noqa: BLE001 - reported with the cause, never a silent eager fallback
-            raise GraphCaptureError(f"the training step could not be captured as a CUDA graph: "
-                                    f"{type(e).__name__}: {e}") from e
+            raise GraphCaptureError(
+                f"the training step could not be captured as a CUDA graph: {type(e).__name__}: {e}"
+            ) from e
         self.graph = graph

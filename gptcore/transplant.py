@@ -27,9 +27,11 @@ from pathlib import Path
 
 import torch
 
-from gptcore.checkpoint import CheckpointError, atomic_write, atomic_write_text, load_checkpoint, sha256_file
+from gptcore.checkpoint import CheckpointError, clean_state_dict, load_checkpoint
+from gptcore.errors import UserError
+from gptcore.files import atomic_write, atomic_write_text, sha256_file
 from gptcore.manifest import find_manifest, verify_checkpoint
-from gptcore.model import GPT, GPTConfig, clean_state_dict
+from gptcore.model import GPT, GPTConfig
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -38,7 +40,7 @@ EMBEDDING, LM_HEAD = "transformer.wte.weight", "lm_head.weight"  # one tensor in
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TransplantError(ValueError):
+class TransplantError(UserError, ValueError):
     """A checkpoint that cannot be transplanted; the message names the file, the check and the culprits."""
 
 
@@ -53,6 +55,7 @@ class Check:
 class CheckedWeights:
     """A checkpoint that passed every check: its config, its full state dict (both tied names present,
     float tensors as stored) and where it came from."""
+
     config: GPTConfig
     state_dict: dict[str, torch.Tensor]
     source: Path
@@ -82,6 +85,7 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 # ---- reading a source -------------------------------------------------------------------------------------
 
+
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
     """(model_args, state_dict) of a transplant's safetensors file; the header carries the config."""
     from safetensors import safe_open
@@ -100,8 +104,10 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     except Exception as e:  # safetensors raises its own error types for a truncated or corrupted file
         raise TransplantError(f"{path}: cannot be read as safetensors: {type(e).__name__}: {e}") from None
     if "config" not in header:
-        raise TransplantError(f"{path}: the safetensors header has no 'config' (not written by the transplant "
-                              "stage); verify the torch checkpoint it came from instead")
+        raise TransplantError(
+            f"{path}: the safetensors header has no 'config' (not written by the transplant "
+            "stage); verify the torch checkpoint it came from instead"
+        )
     try:
         model_args = json.loads(header["config"])
     except json.JSONDecodeError as e:
@@ -130,8 +136,9 @@ def read_source(path: str | Path) -> tuple[dict, dict, str, dict]:
     if not isinstance(ckpt.get("model"), dict):
         raise TransplantError(f"{path}: no 'model' state dict in the checkpoint (it has: {_names(ckpt)})")
     if "model_args" not in ckpt:
-        raise TransplantError(f"{path}: model config is missing: the checkpoint has no 'model_args' "
-                              f"(it has: {_names(ckpt)})")
+        raise TransplantError(
+            f"{path}: model config is missing: the checkpoint has no 'model_args' (it has: {_names(ckpt)})"
+        )
     fmt = "gptcore" if "params" in ckpt else "nanogpt" if "config" in ckpt else "torch"
     info = {}
     for key in ("iter_num", "best_val_loss", "data_sha256"):
@@ -144,6 +151,7 @@ def read_source(path: str | Path) -> tuple[dict, dict, str, dict]:
 
 
 # ---- the checks -------------------------------------------------------------------------------------------
+
 
 def check_weights(path: str | Path, vocab_size: int | None, vocab_source: str = "meta.json") -> CheckedWeights:
     """Read `path` and run every check; raise TransplantError at the first that fails.
@@ -174,33 +182,44 @@ def check_weights(path: str | Path, vocab_size: int | None, vocab_source: str = 
             parts.append(f"missing parameters: {_names(missing)}")
         if unexpected:
             parts.append(f"unexpected parameters: {_names(unexpected)}")
-        raise TransplantError(f"{file}: state dict does not match the config ({config.n_layer} layers): "
-                              + "; ".join(parts))
+        raise TransplantError(
+            f"{file}: state dict does not match the config ({config.n_layer} layers): " + "; ".join(parts)
+        )
     checks.append(Check("keys", "pass", f"all {len(shapes)} parameters present, none unexpected"))
 
-    wrong = [f"{name} is {tuple(sd[name].shape)}, expected {shape}" for name, shape in shapes.items()
-             if tuple(sd[name].shape) != shape]
+    wrong = [
+        f"{name} is {tuple(sd[name].shape)}, expected {shape}"
+        for name, shape in shapes.items()
+        if tuple(sd[name].shape) != shape
+    ]
     if wrong:
-        raise TransplantError(f"{file}: shape mismatch with the config (n_embd={config.n_embd}, "
-                              f"block_size={config.block_size}, vocab_size={config.vocab_size}): "
-                              + "; ".join(wrong[:8]) + (f"; and {len(wrong) - 8} more" if len(wrong) > 8 else ""))
+        raise TransplantError(
+            f"{file}: shape mismatch with the config (n_embd={config.n_embd}, "
+            f"block_size={config.block_size}, vocab_size={config.vocab_size}): "
+            + "; ".join(wrong[:8])
+            + (f"; and {len(wrong) - 8} more" if len(wrong) > 8 else "")
+        )
     checks.append(Check("shapes", "pass", "every tensor has the shape the config implies"))
 
     if vocab_size is None:
         checks.append(Check("vocab", "skipped", "no prepared data given to compare with"))
     elif config.vocab_size != vocab_size:
-        raise TransplantError(f"{file}: vocab_size mismatch: the checkpoint's model has {config.vocab_size} "
-                              f"tokens, the prepared data ({vocab_source}) has {vocab_size}; the checkpoint was "
-                              "trained on other data (prepare that data, or point data.out_dir at it)")
+        raise TransplantError(
+            f"{file}: vocab_size mismatch: the checkpoint's model has {config.vocab_size} "
+            f"tokens, the prepared data ({vocab_source}) has {vocab_size}; the checkpoint was "
+            "trained on other data (prepare that data, or point data.out_dir at it)"
+        )
     else:
         checks.append(Check("vocab", "pass", f"vocab_size {vocab_size} = {vocab_source}"))
 
     emb, head = sd[EMBEDDING], sd[LM_HEAD]
     if not torch.equal(emb, head):
         diff = (emb.float() - head.float()).abs()
-        raise TransplantError(f"{file}: weight tying broken: {EMBEDDING} and {LM_HEAD} differ "
-                              f"({int((diff > 0).sum())} of {diff.numel()} values, max abs diff "
-                              f"{diff.max().item():.3g}); the model holds one tensor for both")
+        raise TransplantError(
+            f"{file}: weight tying broken: {EMBEDDING} and {LM_HEAD} differ "
+            f"({int((diff > 0).sum())} of {diff.numel()} values, max abs diff "
+            f"{diff.max().item():.3g}); the model holds one tensor for both"
+        )
     checks.append(Check("tie", "pass", f"{EMBEDDING} == {LM_HEAD}"))
 
     bad = []
@@ -208,30 +227,50 @@ def check_weights(path: str | Path, vocab_size: int | None, vocab_source: str = 
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad.append(f"{name} ({int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} inf)")
     if bad:
-        raise TransplantError(f"{file}: non-finite values in {len(bad)} tensors: " + "; ".join(bad[:8])
-                              + (f"; and {len(bad) - 8} more" if len(bad) > 8 else ""))
+        raise TransplantError(
+            f"{file}: non-finite values in {len(bad)} tensors: "
+            + "; ".join(bad[:8])
+            + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
+        )
     checks.append(Check("finite", "pass", "no NaN or inf"))
 
-    return CheckedWeights(config=config, state_dict=sd, source=file, source_sha256=sha256_file(file),
-                          source_format=fmt, checks=checks, info=info)
+    return CheckedWeights(
+        config=config,
+        state_dict=sd,
+        source=file,
+        source_sha256=sha256_file(file),
+        source_format=fmt,
+        checks=checks,
+        info=info,
+    )
 
 
 # ---- writing the transplant -------------------------------------------------------------------------------
+
 
 def save_weights(weights: CheckedWeights, path: Path, dtype: torch.dtype) -> Path:
     """The state dict as safetensors in `dtype`, the tied embedding stored once, the config in the header."""
     from safetensors.torch import save_file
 
-    tensors = {name: t.detach().to(dtype).contiguous() for name, t in weights.state_dict.items()
-               if name != LM_HEAD}
-    header = {"format": FORMAT, "config": json.dumps(weights.config.to_dict()), "tied": f"{LM_HEAD}={EMBEDDING}",
-              "source_sha256": weights.source_sha256}
+    tensors = {name: t.detach().to(dtype).contiguous() for name, t in weights.state_dict.items() if name != LM_HEAD}
+    header = {
+        "format": FORMAT,
+        "config": json.dumps(weights.config.to_dict()),
+        "tied": f"{LM_HEAD}={EMBEDDING}",
+        "source_sha256": weights.source_sha256,
+    }
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
-def transplant(source: str | Path, out_dir: str | Path, vocab_size: int | None, dtype: str = "float32",
-               vocab_source: str = "meta.json", source_label: str | None = None,
-               provenance: dict | None = None) -> dict:
+def transplant(
+    source: str | Path,
+    out_dir: str | Path,
+    vocab_size: int | None,
+    dtype: str = "float32",
+    vocab_source: str = "meta.json",
+    source_label: str | None = None,
+    provenance: dict | None = None,
+) -> dict:
     """Check `source`, write `<out_dir>/model.safetensors` and `<out_dir>/manifest.json`; return the manifest.
     `source_label` is the path recorded in the manifest (the stage gives it relative to the repo);
     `provenance` (the stage's mlflow_run_id, git_commit, dvc_stage) goes into the manifest as it is."""
@@ -243,10 +282,18 @@ def transplant(source: str | Path, out_dir: str | Path, vocab_size: int | None, 
     weights_path = save_weights(weights, out_dir / WEIGHTS_FILE, DTYPES[dtype])
     manifest = {
         "format": FORMAT,
-        "source": {"path": source_label or str(source), "sha256": weights.source_sha256,
-                   "format": weights.source_format, **weights.info},
-        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights_path), "dtype": dtype,
-                    "bytes": weights_path.stat().st_size},
+        "source": {
+            "path": source_label or str(source),
+            "sha256": weights.source_sha256,
+            "format": weights.source_format,
+            **weights.info,
+        },
+        "weights": {
+            "file": WEIGHTS_FILE,
+            "sha256": sha256_file(weights_path),
+            "dtype": dtype,
+            "bytes": weights_path.stat().st_size,
+        },
         "config": weights.config.to_dict(),
         "n_params": weights.n_params(),
         "tied": [EMBEDDING, LM_HEAD],

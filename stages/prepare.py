@@ -1,18 +1,13 @@
 """Prepare stage: turn the corpus into a character vocabulary and uint16 train/val token files.
 
-    python stages/prepare.py [--params params.yaml]
+python stages/prepare.py [--params params.yaml]
 """
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gptcore import data, stage  # noqa: E402
-from gptcore.params import repo_root  # noqa: E402
-
-stage.register_user_error(data.DataError)
+from gptcore import data, stage
+from gptcore.params import repo_root
 
 
 def main(argv=None) -> int:
@@ -27,8 +22,10 @@ def main(argv=None) -> int:
         stage.write_metrics("prepare", stats, root)
         run.log_metrics(stats)
         run.set_tags({"data.sha256": stats["data_sha256"]})
-    print(f"prepared {stats['characters']:,} characters, vocab {stats['vocab_size']}, "
-          f"train {stats['train_tokens']:,} / val {stats['val_tokens']:,} tokens")
+    print(
+        f"prepared {stats['characters']:,} characters, vocab {stats['vocab_size']}, "
+        f"train {stats['train_tokens']:,} / val {stats['val_tokens']:,} tokens"
+    )
     return 0
 
 

@@ -10,28 +10,26 @@ Run by hand in a terminal, the text streams to the console as it is generated.
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from gptcore import stage  # noqa: E402
-from gptcore.checkpoint import CheckpointError, atomic_write_text, load_checkpoint  # noqa: E402
-from gptcore.data import CharVocab, DataError  # noqa: E402
-from gptcore.devices import resolve_device, resolve_dtype  # noqa: E402
-from gptcore.manifest import checkpoint_tags  # noqa: E402
-from gptcore.params import ParamsError, parse_assignments, repo_root, with_overrides, with_preset  # noqa: E402
-from gptcore.sampling import BackendUnavailable, Decoder, load_for_inference  # noqa: E402
+from gptcore import stage
+from gptcore.checkpoint import CheckpointError, load_checkpoint
+from gptcore.data import CharVocab, DataError
+from gptcore.devices import resolve_device, resolve_dtype
+from gptcore.files import atomic_write_text
+from gptcore.manifest import checkpoint_tags
+from gptcore.params import ParamsError, parse_assignments, repo_root, with_overrides, with_preset
+from gptcore.sampling import Decoder, load_for_inference
 
 SECTIONS = ["data", "sample"]
-stage.register_user_error(CheckpointError, DataError, BackendUnavailable)
 
 
 def parse_args(argv):
     ap = stage.parser(__doc__)
-    ap.add_argument("--preset", metavar="NAME",
-                    help="take the sample section of presets/NAME.yaml without editing params.yaml")
+    ap.add_argument(
+        "--preset", metavar="NAME", help="take the sample section of presets/NAME.yaml without editing params.yaml"
+    )
     ap.add_argument("--out", default="samples/samples.txt", help="the samples file (default: %(default)s)")
     ap.add_argument("--checkpoint", help="sample.checkpoint")
     ap.add_argument("--backend", choices=["torch", "cutile"], help="sample.backend")
@@ -44,10 +42,20 @@ def parse_args(argv):
     ap.add_argument("--top-k", type=int, dest="top_k", help="sample.top_k")
     ap.add_argument("--top-p", type=float, dest="top_p", help="sample.top_p")
     ap.add_argument("--seed", type=int, help="sample.seed")
-    ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
-                    help="decode eagerly (sample.cuda_graph: false)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="any sample key, value in YAML (repeatable): --set top_p=null")
+    ap.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_const",
+        const=False,
+        help="decode eagerly (sample.cuda_graph: false)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any sample key, value in YAML (repeatable): --set top_p=null",
+    )
     return ap.parse_args(argv)
 
 
@@ -56,10 +64,26 @@ def main(argv=None) -> int:
     params = stage.load(args.params)
     if args.preset:
         params = with_preset(params, args.preset, ["sample"])
-    flags = {k: getattr(args, k) for k in ("checkpoint", "backend", "device", "dtype", "prompt", "num_samples",
-                                           "max_new_tokens", "temperature", "top_k", "top_p", "seed", "cuda_graph")}
-    params = with_overrides(params, "sample", {**{k: v for k, v in flags.items() if v is not None},
-                                               **parse_assignments(args.set, "sample")})
+    flags = {
+        k: getattr(args, k)
+        for k in (
+            "checkpoint",
+            "backend",
+            "device",
+            "dtype",
+            "prompt",
+            "num_samples",
+            "max_new_tokens",
+            "temperature",
+            "top_k",
+            "top_p",
+            "seed",
+            "cuda_graph",
+        )
+    }
+    params = with_overrides(
+        params, "sample", {**{k: v for k, v in flags.items() if v is not None}, **parse_assignments(args.set, "sample")}
+    )
     s = params.sample
     root = repo_root()
     device = resolve_device(s.device, "sample.device")
@@ -67,8 +91,9 @@ def main(argv=None) -> int:
 
     vocab = CharVocab.load(root / params.data.out_dir / "meta.json")
     if not s.prompt:
-        raise ParamsError("sample.prompt: must not be empty (the model needs one token to start from; "
-                          "nanoGPT's default is a newline)")
+        raise ParamsError(
+            "sample.prompt: must not be empty (the model needs one token to start from; nanoGPT's default is a newline)"
+        )
     try:
         prompt_ids = vocab.encode(s.prompt)
     except DataError as e:
@@ -78,8 +103,10 @@ def main(argv=None) -> int:
     ckpt_tags = checkpoint_tags(ckpt_path)
     vocab_size = checkpoint["model_args"].get("vocab_size")
     if vocab_size != vocab.vocab_size:
-        raise CheckpointError(f"{ckpt_path}: trained with a vocabulary of {vocab_size} tokens, but "
-                              f"{params.data.out_dir}/meta.json has {vocab.vocab_size}: not the same data")
+        raise CheckpointError(
+            f"{ckpt_path}: trained with a vocabulary of {vocab_size} tokens, but "
+            f"{params.data.out_dir}/meta.json has {vocab.vocab_size}: not the same data"
+        )
     model = load_for_inference(checkpoint, s.backend, device, dtype)
     generator = torch.Generator(device=device).manual_seed(s.seed)
     decoder = Decoder(model, 1, s.temperature, s.top_k, s.top_p, generator, cuda_graph=s.cuda_graph)
@@ -111,24 +138,36 @@ def main(argv=None) -> int:
         # later ones replay the graphs: their speed is the steady state.
         steady = seconds[1:] or seconds
         metrics = {
-            "backend": s.backend, "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-            "dtype": str(dtype).removeprefix("torch."), "num_samples": s.num_samples,
-            "max_new_tokens": s.max_new_tokens, "tokens_generated": total,
-            "tokens_per_sec": total / sum(seconds), "ms_per_token": 1000 * sum(seconds) / total,
+            "backend": s.backend,
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+            "dtype": str(dtype).removeprefix("torch."),
+            "num_samples": s.num_samples,
+            "max_new_tokens": s.max_new_tokens,
+            "tokens_generated": total,
+            "tokens_per_sec": total / sum(seconds),
+            "ms_per_token": 1000 * sum(seconds) / total,
             "steady_tokens_per_sec": len(steady) * s.max_new_tokens / sum(steady),
             "first_sample_sec": seconds[0],
-            "cuda_graph": decoder.use_graph, "cuda_graph_error": decoder.graph_error,
-            "seed": s.seed, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
-            "checkpoint": s.checkpoint, "checkpoint_sha256": ckpt_tags["checkpoint.sha256"],
-            "samples_file": args.out, "mlflow_run_id": run.run_id,
+            "cuda_graph": decoder.use_graph,
+            "cuda_graph_error": decoder.graph_error,
+            "seed": s.seed,
+            "temperature": s.temperature,
+            "top_k": s.top_k,
+            "top_p": s.top_p,
+            "checkpoint": s.checkpoint,
+            "checkpoint_sha256": ckpt_tags["checkpoint.sha256"],
+            "samples_file": args.out,
+            "mlflow_run_id": run.run_id,
         }
         stage.write_metrics("sample", metrics, root)
         run.log_metrics(metrics)
         run.set_tags({"sample.backend": s.backend, "sample.device": metrics["device"], **ckpt_tags})
         run.log_text(samples_text, "samples.txt")
-    print(f"sample: {s.num_samples} samples of {s.max_new_tokens} tokens -> {args.out}; "
-          f"{metrics['steady_tokens_per_sec']:,.0f} tokens/s ({s.backend} on {metrics['device']}"
-          f"{', CUDA graphs' if decoder.use_graph else ''})")
+    print(
+        f"sample: {s.num_samples} samples of {s.max_new_tokens} tokens -> {args.out}; "
+        f"{metrics['steady_tokens_per_sec']:,.0f} tokens/s ({s.backend} on {metrics['device']}"
+        f"{', CUDA graphs' if decoder.use_graph else ''})"
+    )
     if decoder.graph_error and device.type == "cuda":
         print(f"note: decoding ran without CUDA graphs: {decoder.graph_error}", file=sys.stderr)
     return 0

@@ -18,17 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gptcore import data, stage  # noqa: E402
-from gptcore.checkpoint import atomic_write_text  # noqa: E402
-from gptcore.manifest import checkpoint_tags  # noqa: E402
-from gptcore.params import parse_assignments, repo_root, with_overrides, with_preset  # noqa: E402
-from gptcore.tracking import flatten  # noqa: E402
-from gptcore.transplant import WEIGHTS_FILE, TransplantError, check_weights  # noqa: E402
-from gptcore.verify import FAIL, VerifyError, metrics, render, verify  # noqa: E402
-
-stage.register_user_error(data.DataError, TransplantError, VerifyError)
+from gptcore import data, stage
+from gptcore.files import atomic_write_text
+from gptcore.manifest import checkpoint_tags
+from gptcore.params import parse_assignments, repo_root, with_overrides, with_preset
+from gptcore.tracking import flatten
+from gptcore.transplant import WEIGHTS_FILE, check_weights
+from gptcore.verify import FAIL, metrics, render, verify
 
 REPORT = Path("reports") / "verify.md"
 
@@ -38,11 +34,19 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", help="verify this checkpoint instead of the pipeline's transplant")
     ap.add_argument("--data", help="prepared data folder (meta.json, val.bin); default: data.out_dir")
     ap.add_argument("--out", help="where --checkpoint writes verify.md and verify.json")
-    ap.add_argument("--preset", metavar="NAME",
-                    help="take the verify section of presets/NAME.yaml (GPU sizes) without editing params.yaml")
+    ap.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="take the verify section of presets/NAME.yaml (GPU sizes) without editing params.yaml",
+    )
     ap.add_argument("--device", help="verify.device: auto | cpu | cuda | cuda:N")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="any other verify key, value in YAML (repeatable): --set decode_tokens=500")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other verify key, value in YAML (repeatable): --set decode_tokens=500",
+    )
     args = ap.parse_args(argv)
     if args.out and not args.checkpoint:
         ap.error("--out goes with --checkpoint (the pipeline writes reports/verify.md and metrics/verify.json)")
@@ -68,10 +72,14 @@ def main(argv=None) -> int:
         report_path, metrics_path = root / REPORT, root / "metrics" / "verify.json"
 
     with stage.tracked("verify", params, ["verify"]) as run:
-        run.set_tags({"verify.mode": "checkpoint" if args.checkpoint else "pipeline",
-                      # the file verified (its sha256 was checked against its manifest, when it has one)
-                      # and the MLflow run and commit that made it, from that manifest
-                      **checkpoint_tags(weights.source, weights.source_sha256)})
+        run.set_tags(
+            {
+                "verify.mode": "checkpoint" if args.checkpoint else "pipeline",
+                # the file verified (its sha256 was checked against its manifest, when it has one)
+                # and the MLflow run and commit that made it, from that manifest
+                **checkpoint_tags(weights.source, weights.source_sha256),
+            }
+        )
         result = verify(weights, val, vp, decode=vocab.decode)
         summary = metrics(result)
         summary["mlflow_run_id"] = run.run_id

@@ -1,20 +1,10 @@
 import pytest
-import torch
 
-
-def cuda_skip_reason() -> str | None:
-    """Why the cuTile GPU tests cannot run here, or None when they can."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU on this machine: the cuTile kernels need one"
-    try:
-        import cuda.tile  # noqa: F401
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        return f"cuda.tile is not importable: {e}"
-    return None
+from gptcore.kernels.runtime import cutile_unavailable
 
 
 def pytest_collection_modifyitems(config, items):
-    reason = cuda_skip_reason()
+    reason = cutile_unavailable()  # why the GPU tests cannot run here, or None when they can
     if reason is None:
         return
     skip = pytest.mark.skip(reason=reason)

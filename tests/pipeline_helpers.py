@@ -36,8 +36,17 @@ With bats and clubs? The matter? speak, I pray you.
 # Head dim 32: the smallest the cuTile attention kernel takes, so the tiny project also runs on a GPU.
 TINY = {
     "model": {"n_layer": 1, "n_head": 1, "n_embd": 32, "block_size": 16, "dropout": 0.0, "bias": True},
-    "train": {"batch_size": 8, "max_iters": 30, "warmup_iters": 5, "lr_decay_iters": 30, "eval_interval": 10,
-              "eval_iters": 4, "log_interval": 5, "learning_rate": 3e-3, "min_lr": 3e-4},
+    "train": {
+        "batch_size": 8,
+        "max_iters": 30,
+        "warmup_iters": 5,
+        "lr_decay_iters": 30,
+        "eval_interval": 10,
+        "eval_iters": 4,
+        "log_interval": 5,
+        "learning_rate": 3e-3,
+        "min_lr": 3e-4,
+    },
 }
 
 

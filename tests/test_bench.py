@@ -8,14 +8,16 @@ import time
 import pytest
 import torch
 import yaml
-
-from gptcore import bench
-from gptcore.model import GPT, GPTConfig
 from pipeline_helpers import ROOT, env_for, make_project, run
+
+from gptcore.bench import kernels as kernel_bench
+from gptcore.bench import model as model_bench
+from gptcore.bench.timing import Recorder, Timer, add_speedups
+from gptcore.model import GPT, GPTConfig
 
 
 def test_timer_reports_median_and_spread_and_loops_short_calls():
-    timer = bench.Timer(torch.device("cpu"), warmup=1, repeats=3, min_repeat_ms=5.0)
+    timer = Timer(torch.device("cpu"), warmup=1, repeats=3, min_repeat_ms=5.0)
     t = timer(lambda: time.sleep(0.001))
     assert 1.0 <= t["ms"] < 50 and t["ms_min"] <= t["ms"] <= t["ms_max"]
     assert t["repeats"] == 3 and t["calls_per_repeat"] >= 2  # 1 ms calls looped to last >= 5 ms
@@ -25,17 +27,22 @@ def test_rows_on_cpu_measure_pytorch_and_skip_the_gpu_rows():
     torch.manual_seed(0)
     config = GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=32)
     checkpoint = {"model_args": config.to_dict(), "model": GPT(config).state_dict()}
-    rec = bench.Recorder(torch.device("cpu"), bench.Timer(torch.device("cpu"), 1, 2, 0.0), log=lambda _: None)
-    bench.kernel_rows(rec, config, ["model"], 2, 1, [torch.float32])
-    bench.train_step_rows(rec, checkpoint, 2, torch.float32, ["torch", "cutile"])
-    bench.inference_rows(rec, checkpoint, torch.float32, ["torch", "cutile"], [1, 2], 4, cuda_graph=True)
-    bench.add_speedups(rec.records)
+    rec = Recorder(torch.device("cpu"), Timer(torch.device("cpu"), 1, 2, 0.0), log=lambda _: None)
+    kernel_bench.kernel_rows(rec, config, ["model"], 2, 1, [torch.float32])
+    model_bench.train_step_rows(rec, checkpoint, 2, torch.float32, ["torch", "cutile"])
+    model_bench.inference_rows(rec, checkpoint, torch.float32, ["torch", "cutile"], [1, 2], 4, cuda_graph=True)
+    add_speedups(rec.records, {**kernel_bench.REFERENCE, **model_bench.REFERENCE})
     rows = {(r["case"], r["shape"], r["implementation"]): r for r in rec.records}
 
-    for key in [("attention_fwd", "B2xH2xT16xD16", "sdpa-math"), ("attention_fwd_bwd", "B2xH2xT16xD16", "sdpa-flash"),
-                ("layernorm_fwd_bwd", "N32xC32", "torch"), ("train_step", "B2xT16", "torch eager"),
-                ("prefill", "B2xT16", "torch"), ("decode", "B1xP4+12", "torch kv_cache"),
-                ("decode", "B2xP4+12", "torch uncached")]:
+    for key in [
+        ("attention_fwd", "B2xH2xT16xD16", "sdpa-math"),
+        ("attention_fwd_bwd", "B2xH2xT16xD16", "sdpa-flash"),
+        ("layernorm_fwd_bwd", "N32xC32", "torch"),
+        ("train_step", "B2xT16", "torch eager"),
+        ("prefill", "B2xT16", "torch"),
+        ("decode", "B1xP4+12", "torch kv_cache"),
+        ("decode", "B2xP4+12", "torch uncached"),
+    ]:
         r = rows[key]
         assert r["status"] == "ok" and r["ms"] > 0 and r["speedup"] > 0, r
     assert rows[("attention_fwd", "B2xH2xT16xD16", "sdpa-math")]["tflops"] > 0
@@ -44,9 +51,13 @@ def test_rows_on_cpu_measure_pytorch_and_skip_the_gpu_rows():
     decode = rows[("decode", "B1xP4+12", "torch kv_cache")]
     assert decode["tokens_per_sec"] > 0 and decode["speedup_vs_uncached"] > 0 and decode["same_tokens_as_uncached"]
 
-    for key in [("attention_fwd", "B2xH2xT16xD16", "cutile"), ("layernorm_fwd", "N32xC32", "cutile"),
-                ("train_step", "B2xT16", "cutile"), ("prefill", "B1xT16", "cutile"),
-                ("decode", "B1xP4+12", "cutile kv_cache+cuda_graph")]:
+    for key in [
+        ("attention_fwd", "B2xH2xT16xD16", "cutile"),
+        ("layernorm_fwd", "N32xC32", "cutile"),
+        ("train_step", "B2xT16", "cutile"),
+        ("prefill", "B1xT16", "cutile"),
+        ("decode", "B1xP4+12", "cutile kv_cache+cuda_graph"),
+    ]:
         assert rows[key]["status"] == "skipped" and "CUDA GPU" in rows[key]["reason"], rows[key]
     assert "CUDA only" in rows[("attention_fwd", "B2xH2xT16xD16", "sdpa-cudnn")]["reason"]
     assert "CUDA graphs need a CUDA device" in rows[("decode", "B1xP4+12", "torch kv_cache+cuda_graph")]["reason"]
@@ -72,8 +83,17 @@ def test_dvc_stage_reruns_on_every_machine_and_declares_its_outputs():
 
 @pytest.mark.slow
 def test_bench_stage_on_cpu(tmp_path):
-    proj = make_project(tmp_path / "proj", bench={"kernel_shapes": ["model"], "model_batch": 2, "decode_batch_sizes": [1],
-                                                  "warmup": 1, "repeats": 2, "min_repeat_ms": 0.0})
+    proj = make_project(
+        tmp_path / "proj",
+        bench={
+            "kernel_shapes": ["model"],
+            "model_batch": 2,
+            "decode_batch_sizes": [1],
+            "warmup": 1,
+            "repeats": 2,
+            "min_repeat_ms": 0.0,
+        },
+    )
     torch.manual_seed(0)
     config = GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=32)
     (proj / "out").mkdir()
@@ -87,8 +107,15 @@ def test_bench_stage_on_cpu(tmp_path):
     records = m["records"].values()
     measured = [r for r in records if r["status"] == "ok"]
     skipped = [r for r in records if r["status"] == "skipped"]
-    assert {r["case"] for r in measured} == {"attention_fwd", "attention_fwd_bwd", "layernorm_fwd",
-                                             "layernorm_fwd_bwd", "train_step", "prefill", "decode"}
+    assert {r["case"] for r in measured} == {
+        "attention_fwd",
+        "attention_fwd_bwd",
+        "layernorm_fwd",
+        "layernorm_fwd_bwd",
+        "train_step",
+        "prefill",
+        "decode",
+    }
     assert all(r["ms"] > 0 and r["repeats"] == 3 for r in measured)  # --repeats overrode params.yaml
     cutile = [r for r in records if r["implementation"].startswith("cutile")]
     # kernels 4, train_step 2 (eager, +graph), prefill 1, decode 3

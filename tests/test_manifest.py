@@ -8,9 +8,17 @@ import subprocess
 import pytest
 import torch
 
-from gptcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
-from gptcore.manifest import (ManifestMismatch, checkpoint_tags, find_manifest, main, manifest_path,
-                              verify_checkpoint, write_manifest)
+from gptcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gptcore.files import sha256_file
+from gptcore.manifest import (
+    ManifestMismatch,
+    checkpoint_tags,
+    find_manifest,
+    main,
+    manifest_path,
+    verify_checkpoint,
+    write_manifest,
+)
 from gptcore.model import GPT, GPTConfig
 from gptcore.release import ReleaseError, release
 from gptcore.transplant import TransplantError, check_weights, transplant
@@ -22,8 +30,10 @@ CONFIG = GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16)
 def ckpt(tmp_path):
     torch.manual_seed(0)
     model = GPT(CONFIG)
-    path = save_checkpoint({"model_args": CONFIG.to_dict(), "model": model.state_dict(), "iter_num": 3,
-                            "params": {}}, tmp_path / "out" / "ckpt.pt")
+    path = save_checkpoint(
+        {"model_args": CONFIG.to_dict(), "model": model.state_dict(), "iter_num": 3, "params": {}},
+        tmp_path / "out" / "ckpt.pt",
+    )
     write_manifest(path, dvc_stage="train", mlflow_run_id="run123", git_commit="abc", iteration=3)
     return path
 
@@ -46,8 +56,11 @@ def test_manifest_records_the_file_and_its_provenance(ckpt):
     assert m["bytes"] == ckpt.stat().st_size and m["mlflow_run_id"] == "run123" and m["git_commit"] == "abc"
     assert m["dvc_stage"] == "train" and m["iteration"] == 3 and m["created"]
     assert load_checkpoint(ckpt)["iter_num"] == 3
-    assert checkpoint_tags(ckpt) == {"checkpoint.sha256": m["sha256"], "checkpoint.run_id": "run123",
-                                     "checkpoint.git_commit": "abc"}
+    assert checkpoint_tags(ckpt) == {
+        "checkpoint.sha256": m["sha256"],
+        "checkpoint.run_id": "run123",
+        "checkpoint.git_commit": "abc",
+    }
 
 
 def test_changed_bytes_are_refused_with_both_hashes(ckpt):

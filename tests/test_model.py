@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from gptcore.model import (GPT, GPTConfig, causal_attention_reference, clean_state_dict, gpt_from_checkpoint,
-                           sample_next)
+from gptcore.checkpoint import clean_state_dict, gpt_from_checkpoint
+from gptcore.model import GPT, GPTConfig, causal_attention_reference
 
 TINY = dict(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=True)
 
@@ -89,8 +89,10 @@ def test_nanogpt_format_checkpoint_loads():
     sd = {f"_orig_mod.{k}": v.clone() for k, v in m.state_dict().items()}
     sd["_orig_mod.lm_head.weight"] = sd["_orig_mod.transformer.wte.weight"]
     sd["_orig_mod.transformer.h.0.attn.bias"] = torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)
-    ckpt = {"model_args": dict(n_layer=2, n_head=4, n_embd=64, block_size=32, bias=False, vocab_size=50,
-                               dropout=0.0), "model": sd}
+    ckpt = {
+        "model_args": dict(n_layer=2, n_head=4, n_embd=64, block_size=32, bias=False, vocab_size=50, dropout=0.0),
+        "model": sd,
+    }
     m2 = gpt_from_checkpoint(ckpt).eval()
     idx = torch.randint(0, 50, (1, 8))
     torch.testing.assert_close(m(idx)[0], m2(idx)[0])
@@ -120,20 +122,6 @@ def test_kv_cache_decoding_matches_full_forward():
     logits, _ = m(idx[:, :12], kv_cache=cache)  # prefill
     torch.testing.assert_close(logits[:, -1], m(idx[:, :12])[0][:, -1], rtol=1e-5, atol=1e-5)
     for t in range(12, 20):  # one token at a time against the cache
-        step, _ = m(idx[:, t:t + 1], kv_cache=cache)
-        full, _ = m(idx[:, :t + 1])
+        step, _ = m(idx[:, t : t + 1], kv_cache=cache)
+        full, _ = m(idx[:, : t + 1])
         torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
-
-
-def test_generate_greedy_and_sampling():
-    m = tiny()
-    idx = torch.zeros(1, 1, dtype=torch.long)
-    out = m.generate(idx, 40, temperature=0)  # longer than block_size: the context window slides
-    assert out.shape == (1, 41)
-    assert torch.equal(out, m.generate(idx, 40, temperature=0))
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(m.generate(idx, 10, 0.8, 5, g1), m.generate(idx, 10, 0.8, 5, g2))
-    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
-    for _ in range(20):
-        assert sample_next(logits, 1.0, top_k=1).item() == 2
-        assert sample_next(logits, 1.0, top_p=0.5).item() == 2

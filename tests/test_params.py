@@ -16,19 +16,27 @@ def defaults() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def test_repo_params_are_valid():
+def test_repo_params_are_the_cpu_preset():
+    """params.yaml loads and holds the tiny CPU-sized model the quickstart promises (the tiny_cpu preset)."""
     p = load_params(ROOT / "params.yaml")
-    assert p.model.n_embd % p.model.n_head == 0
+    preset = yaml.safe_load((ROOT / "presets" / "tiny_cpu.yaml").read_text())
+    for section, values in preset.items():
+        for key, value in values.items():
+            assert getattr(getattr(p, section), key) == value, f"{section}.{key}"
+    assert (p.model.n_layer, p.model.n_embd, p.train.device, p.train.backend) == (2, 128, "auto", "torch")
 
 
-@pytest.mark.parametrize("section,key,value,message", [
-    ("train", "learning_rate", -1e-3, r"train\.learning_rate: Input should be greater than 0"),
-    ("train", "batch_size", "big", r"train\.batch_size: Input should be a valid integer"),
-    ("train", "backend", "jax", r"train\.backend: Input should be 'torch' or 'cutile'"),
-    ("train", "lerning_rate", 1e-3, r"train\.lerning_rate: unknown key"),
-    ("model", "n_embd", 130, r"model: .*n_embd \(130\) must be divisible by n_head \(4\)"),
-    ("data", "val_fraction", 1.5, r"data\.val_fraction: Input should be less than 1"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,message",
+    [
+        ("train", "learning_rate", -1e-3, r"train\.learning_rate: Input should be greater than 0"),
+        ("train", "batch_size", "big", r"train\.batch_size: Input should be a valid integer"),
+        ("train", "backend", "jax", r"train\.backend: Input should be 'torch' or 'cutile'"),
+        ("train", "lerning_rate", 1e-3, r"train\.lerning_rate: unknown key"),
+        ("model", "n_embd", 130, r"model: .*n_embd \(130\) must be divisible by n_head \(4\)"),
+        ("data", "val_fraction", 1.5, r"data\.val_fraction: Input should be less than 1"),
+    ],
+)
 def test_bad_values_name_the_key(section, key, value, message):
     raw = defaults()
     raw[section][key] = value
@@ -47,10 +55,13 @@ def test_unknown_section_and_min_lr_above_lr():
         parse_params(raw)
 
 
-@pytest.mark.parametrize("other,message", [
-    ({"compile": True}, r"train\.cuda_graph: .*cannot be combined with train\.compile: true"),
-    ({"dtype": "float16"}, r"train\.cuda_graph: .*cannot be combined with train\.dtype: float16"),
-])
+@pytest.mark.parametrize(
+    "other,message",
+    [
+        ({"compile": True}, r"train\.cuda_graph: .*cannot be combined with train\.compile: true"),
+        ({"dtype": "float16"}, r"train\.cuda_graph: .*cannot be combined with train\.dtype: float16"),
+    ],
+)
 def test_cuda_graph_conflicts_are_refused_when_params_load(other, message):
     raw = defaults()
     assert raw["train"]["cuda_graph"] is False  # off by default, listed in params.yaml

@@ -9,7 +9,6 @@ import time
 import urllib.request
 
 import pytest
-
 from pipeline_helpers import env_for, make_project, run
 
 pytestmark = pytest.mark.slow
@@ -70,10 +69,27 @@ def test_mlflow_server_lists_the_pipeline_runs(project, tmp_path):
     proj, _ = project
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{proj / 'mlflow.db'}", "--default-artifact-root", str(tmp_path / "art"),
-         "--workers", "1"],
-        cwd=tmp_path, env=env_for(proj), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{proj / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(tmp_path / "art"),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env_for(proj),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -82,7 +98,9 @@ def test_mlflow_server_lists_the_pipeline_runs(project, tmp_path):
                 break
             except OSError:
                 if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError(f"mlflow server did not come up: {server.stderr.read().decode()[-2000:]}")
+                    raise AssertionError(
+                        f"mlflow server did not come up: {server.stderr.read().decode()[-2000:]}"
+                    ) from None
                 time.sleep(1)
         ids = [e["experiment_id"] for e in exp["experiments"] if e["name"] == "gptcore"]
         assert ids, exp

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
+from pipeline_helpers import SPEECHES, env_for, make_project, run
 
 from gptcore.data import CharVocab
-from gptcore.model import GPT, GPTConfig, sample_next
-from gptcore.sampling import Decoder, generate_uncached, sample_tokens
-from pipeline_helpers import SPEECHES, env_for, make_project, run
+from gptcore.model import GPT, GPTConfig
+from gptcore.sampling import Decoder, filtered_probs, sample_tokens
 
 BLOCK = 16
 
@@ -23,6 +23,27 @@ def tiny_model(dtype=torch.float32) -> GPT:
         # the decoding, not about which of two near-equal logits rounding happens to favour.
         model.transformer.wte.weight.mul_(10)
     return model.to(dtype)
+
+
+def nanogpt_generate(model, idx, max_new_tokens, temperature, top_k, generator):
+    """karpathy/nanoGPT's `generate`, written out: the reference the one decoding loop must reproduce."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size :])
+        logits = logits[:, -1, :]
+        if temperature == 0:
+            idx_next = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits.float() / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx_next = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+def uncached(model, prompt, new, temperature, top_k, top_p, generator):
+    return Decoder(model, prompt.size(0), temperature, top_k, top_p, generator, kv_cache=False).generate(prompt, new)
 
 
 SETTINGS = [  # temperature, top_k, top_p
@@ -38,16 +59,16 @@ def test_cached_decoding_gives_the_uncached_tokens(temperature, top_k, top_p, pr
     model = tiny_model()
     prompt = torch.randint(0, 50, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     new = 2 * BLOCK + 3  # well past the block: the window slides and the cache is rebuilt every step
-    uncached = generate_uncached(model, prompt, new, temperature, top_k, top_p, torch.Generator().manual_seed(7))
+    full = uncached(model, prompt, new, temperature, top_k, top_p, torch.Generator().manual_seed(7))
     decoder = Decoder(model, 2, temperature, top_k, top_p, torch.Generator().manual_seed(7))
     cached = decoder.generate(prompt, new)
     assert cached.shape == (2, prompt_len + new)
-    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, full)
     # and the same decoder again, same seed: the static buffers carry nothing over between generations
     decoder.generator.manual_seed(7)
-    assert torch.equal(decoder.generate(prompt, new), uncached)
+    assert torch.equal(decoder.generate(prompt, new), full)
     if top_p is None:  # the reference's own loop (nanoGPT's generate, which has no top_p)
-        reference = model.generate(prompt, new, temperature, top_k, torch.Generator().manual_seed(7))
+        reference = nanogpt_generate(model, prompt, new, temperature, top_k, torch.Generator().manual_seed(7))
         assert torch.equal(cached, reference)
 
 
@@ -55,9 +76,9 @@ def test_cached_decoding_within_the_block_in_float64():
     model = tiny_model(torch.float64)
     prompt = torch.tensor([[3, 1, 4]])
     new = BLOCK - 3  # exactly fills the block: no sliding at all
-    uncached = generate_uncached(model, prompt, new, 0.8, 200, None, torch.Generator().manual_seed(1))
+    full = uncached(model, prompt, new, 0.8, 200, None, torch.Generator().manual_seed(1))
     cached = Decoder(model, 1, 0.8, 200, None, torch.Generator().manual_seed(1)).generate(prompt, new)
-    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, full)
 
 
 def test_decoder_runs_one_token_per_step_then_rebuilds_the_window():
@@ -78,13 +99,36 @@ def test_decoder_runs_one_token_per_step_then_rebuilds_the_window():
     assert lengths == expected
 
 
-def test_sample_tokens_draws_like_sample_next():
+def test_sample_tokens_draws_like_multinomial():
+    """The one sampler draws exactly what torch.multinomial (nanoGPT's draw) gives with the same generator."""
     logits = torch.randn(4, 65, generator=torch.Generator().manual_seed(0)) * 3
     for temperature, top_k, top_p in [(0.0, None, None), (1.0, None, None), (0.8, 200, None), (0.7, 5, 0.8)]:
         for seed in range(5):
             ours = sample_tokens(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
-            ref = sample_next(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+            if temperature == 0:
+                ref = logits.argmax(dim=-1, keepdim=True)
+            else:
+                ref = torch.multinomial(
+                    filtered_probs(logits, temperature, top_k, top_p), 1, generator=torch.Generator().manual_seed(seed)
+                )
             assert torch.equal(ours, ref), (temperature, top_k, top_p, seed)
+
+
+def test_generate_greedy_and_sampling():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64)).eval()
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    out = Decoder(m, 1, temperature=0).generate(idx, 40)  # longer than block_size: the context window slides
+    assert out.shape == (1, 41)
+    assert torch.equal(out, Decoder(m, 1, temperature=0).generate(idx, 40))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(
+        Decoder(m, 1, 0.8, 5, generator=g1).generate(idx, 10), Decoder(m, 1, 0.8, 5, generator=g2).generate(idx, 10)
+    )
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    for _ in range(20):
+        assert sample_tokens(logits, 1.0, top_k=1).item() == 2
+        assert sample_tokens(logits, 1.0, top_p=0.5).item() == 2
 
 
 def test_cuda_graph_request_on_cpu_is_reported_not_faked():
@@ -96,6 +140,7 @@ def test_cuda_graph_request_on_cpu_is_reported_not_faked():
 
 # ---- the stage ---------------------------------------------------------------------------------------------
 
+
 def write_model(project, vocab: CharVocab) -> None:
     """A tiny untrained checkpoint over the corpus vocabulary (the stage does not care how good it is)."""
     torch.manual_seed(0)
@@ -106,8 +151,9 @@ def write_model(project, vocab: CharVocab) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    proj = make_project(tmp_path_factory.mktemp("sample"), sample={"num_samples": 3, "max_new_tokens": 40,
-                                                                   "prompt": "MENENIUS:\n"})
+    proj = make_project(
+        tmp_path_factory.mktemp("sample"), sample={"num_samples": 3, "max_new_tokens": 40, "prompt": "MENENIUS:\n"}
+    )
     vocab = CharVocab.from_text(SPEECHES)
     (proj / "data").mkdir(exist_ok=True)
     vocab.save(proj / "data" / "meta.json")
@@ -123,7 +169,7 @@ def test_sample_stage_writes_the_samples_and_metrics(project):
     assert [line for line in text.splitlines() if line.startswith("==> sample ")] == headers
     starts = [text.index(h + "\n") for h in headers] + [len(text) + 1]
     for i, h in enumerate(headers):  # each sample: the prompt, then exactly max_new_tokens characters
-        body = text[starts[i] + len(h) + 1:starts[i + 1] - 1].removesuffix("\n")
+        body = text[starts[i] + len(h) + 1 : starts[i + 1] - 1].removesuffix("\n")
         assert body.startswith("MENENIUS:\n") and len(body) == len("MENENIUS:\n") + 40, repr(body)
     m = json.loads((project / "metrics" / "sample.json").read_text())
     assert m["num_samples"] == 3 and m["tokens_generated"] == 120 and m["tokens_per_sec"] > 0
@@ -147,14 +193,21 @@ def test_sample_stage_is_reproducible_and_takes_command_line_overrides(project):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,message", [
-    (["--prompt", "MENENIUS: ¿é?"], "characters not in the vocabulary: '¿', 'é' (2 distinct"),
-    (["--backend", "cutile"], "backend 'cutile' cannot run"),
-    (["--top-k", "0"], "sample.top_k: Input should be greater than or equal to 1"),
-    (["--checkpoint", "out/missing.pt"], "checkpoint not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--prompt", "MENENIUS: ¿é?"], "characters not in the vocabulary: '¿', 'é' (2 distinct"),
+        (["--backend", "cutile"], "backend 'cutile' cannot run"),
+        (["--top-k", "0"], "sample.top_k: Input should be greater than or equal to 1"),
+        (["--checkpoint", "out/missing.pt"], "checkpoint not found"),
+    ],
+)
 def test_sample_stage_errors_are_clear(project, args, message):
-    out = run([sys.executable, "stages/sample.py", *args], project, check=False,
-              env={**env_for(project), "GPTCORE_MLFLOW": "off"})
+    out = run(
+        [sys.executable, "stages/sample.py", *args],
+        project,
+        check=False,
+        env={**env_for(project), "GPTCORE_MLFLOW": "off"},
+    )
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr

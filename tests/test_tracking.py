@@ -29,13 +29,18 @@ def test_offline_record_imports_with_its_curve(tmp_path, monkeypatch):
 
     # A fresh process imports it, as a user would: python -m gptcore.tracking import <file>
     (tmp_path / "params.yaml").write_text("{}\n")
-    out = subprocess.run([sys.executable, "-m", "gptcore.tracking", "import", str(record), "--params",
-                          str(tmp_path / "params.yaml")], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "DVC_ROOT": str(tmp_path)})
+    out = subprocess.run(
+        [sys.executable, "-m", "gptcore.tracking", "import", str(record), "--params", str(tmp_path / "params.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "DVC_ROOT": str(tmp_path)},
+    )
     assert out.returncode == 0, out.stderr
     run_id = out.stdout.split("imported as run ")[1].split()[0]
 
     import mlflow
+
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.run_name == "train" and run.data.tags["offline.imported"] == "true"

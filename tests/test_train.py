@@ -4,15 +4,21 @@ import sys
 
 import pytest
 import torch
+from pipeline_helpers import ROOT, run, tiny_params, write_corpus
 
 from gptcore import data
 from gptcore.checkpoint import load_checkpoint
-from gptcore.params import ParamsError
 from gptcore.model import GPT, GPTConfig
-from gptcore.train import (BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, learning_rate, load_optimizer_state,
-                           optimizer_state)
+from gptcore.params import ParamsError
+from gptcore.train import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    Trainer,
+    learning_rate,
+    load_optimizer_state,
+    optimizer_state,
+)
 from gptcore.train_graph import GraphedTrainStep
-from pipeline_helpers import ROOT, run, tiny_params, write_corpus
 
 
 @pytest.fixture
@@ -92,8 +98,15 @@ def test_graphed_step_and_capturable_optimizer_need_cuda():
     with pytest.raises(ValueError, match="capturable optimizer needs the parameters on a CUDA device"):
         model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", capturable=True)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
-        GraphedTrainStep(model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu"), dtype=torch.float32,
-                         micro_steps=1, batch_size=2, block_size=16, grad_clip=1.0)
+        GraphedTrainStep(
+            model,
+            model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu"),
+            dtype=torch.float32,
+            micro_steps=1,
+            batch_size=2,
+            block_size=16,
+            grad_clip=1.0,
+        )
 
 
 def test_optimizer_state_moves_between_the_eager_and_the_graphed_step():
@@ -146,11 +159,22 @@ def test_two_gloo_processes_agree_with_one(root, tmp_path_factory):
     two.mkdir()
     (two / "data").symlink_to(root / "data")
     (two / "params.yaml").write_text(yaml.safe_dump(raw))
-    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "stages" / "train.py")]
-    env = {"DVC_ROOT": str(two), "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{two}/mlflow.db",
-           "OMP_NUM_THREADS": "1"}
+    env_cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "stages" / "train.py"),
+    ]
+    env = {
+        "DVC_ROOT": str(two),
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{two}/mlflow.db",
+        "OMP_NUM_THREADS": "1",
+    }
     import os
+
     run(env_cmd, two, env={**os.environ, **env}, timeout=600)
     a = load_checkpoint(one / "out" / LAST_CHECKPOINT)["model"]
     b = load_checkpoint(two / "out" / LAST_CHECKPOINT)["model"]
@@ -161,8 +185,9 @@ def test_two_gloo_processes_agree_with_one(root, tmp_path_factory):
             # Adam turns the rounding noise left there into full-size steps whose sign depends on the
             # summation order. Compare the query and value biases, which carry real gradients.
             n = x.numel() // 3
-            x, y = torch.cat([x[:n], x[2 * n:]]), torch.cat([y[:n], y[2 * n:]])
+            x, y = torch.cat([x[:n], x[2 * n :]]), torch.cat([y[:n], y[2 * n :]])
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
     import json
+
     metrics = json.loads((two / "metrics" / "train.json").read_text())
     assert metrics["world_size"] == 2

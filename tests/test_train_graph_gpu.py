@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pipeline_helpers import tiny_params, write_corpus
 
-from gptcore import bench, data, kernels
+from gptcore import data, kernels
+from gptcore.bench.model import train_step_rows
+from gptcore.bench.timing import Recorder, Timer
 from gptcore.checkpoint import load_checkpoint
 from gptcore.model import GPT, GPTConfig
 from gptcore.train import LAST_CHECKPOINT, Trainer, load_optimizer_state, optimizer_state
 from gptcore.train_graph import WARMUP_STEPS, GraphedTrainStep
-from pipeline_helpers import tiny_params, write_corpus
 
 pytestmark = pytest.mark.gpu
 
@@ -52,13 +54,14 @@ def replays(monkeypatch):
     def replay(self):
         count.append(1)
         return original(self)
+
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", replay)
     return count
 
 
 def require_backend(backend: str) -> None:
     if backend == "cutile":
-        reason = kernels.cutile_available()
+        reason = kernels.cutile_unavailable()
         if reason:
             pytest.skip(reason)
 
@@ -66,10 +69,23 @@ def require_backend(backend: str) -> None:
 def graph_params(backend: str = "torch", cuda_graph: bool = True, **train):
     """The tiny project (head dim 32, the cuTile kernel's smallest) with the settings of the brief: bf16,
     dropout 0, two micro-batches, gradient clipping at 1.0."""
-    return tiny_params(model={"dropout": 0.0}, train={
-        "backend": backend, "device": "cuda", "dtype": "bfloat16", "cuda_graph": cuda_graph,
-        "gradient_accumulation_steps": 2, "grad_clip": 1.0, "max_iters": ITERS, "lr_decay_iters": ITERS,
-        "warmup_iters": 3, "eval_interval": 4, "eval_iters": 2, **train})
+    return tiny_params(
+        model={"dropout": 0.0},
+        train={
+            "backend": backend,
+            "device": "cuda",
+            "dtype": "bfloat16",
+            "cuda_graph": cuda_graph,
+            "gradient_accumulation_steps": 2,
+            "grad_clip": 1.0,
+            "max_iters": ITERS,
+            "lr_decay_iters": ITERS,
+            "warmup_iters": 3,
+            "eval_interval": 4,
+            "eval_iters": 2,
+            **train,
+        },
+    )
 
 
 def train_in(root, name: str, params, **run):
@@ -88,7 +104,7 @@ def assert_same_weights(got: dict, ref: dict) -> None:
         g = got[name]
         if name.endswith("attn.c_attn.bias"):  # keep the query and value biases: the key bias's gradient is 0
             n = r.numel() // 3
-            g, r = torch.cat([g[:n], g[2 * n:]]), torch.cat([r[:n], r[2 * n:]])
+            g, r = torch.cat([g[:n], g[2 * n :]]), torch.cat([r[:n], r[2 * n :]])
         torch.testing.assert_close(g, r, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=name)
 
 
@@ -111,8 +127,11 @@ def test_graphed_training_matches_eager(root, backend, replays):
     assert_same_weights(graph_ck["model"], eager_ck["model"])
 
 
-@pytest.mark.parametrize("first,then", [(True, True), (True, False), (False, True)],
-                         ids=["graph-then-graph", "graph-then-eager", "eager-then-graph"])
+@pytest.mark.parametrize(
+    "first,then",
+    [(True, True), (True, False), (False, True)],
+    ids=["graph-then-graph", "graph-then-eager", "eager-then-graph"],
+)
 def test_resume_across_the_eager_and_the_graphed_step(root, first, then):
     """Interrupted after the evaluation at iteration 8 and resumed (in the same or the other mode), a run
     ends where the uninterrupted run ends."""
@@ -179,8 +198,16 @@ def test_replays_draw_fresh_dropout_masks(dropout):
     model = model.cuda().train()
     optimizer = model.configure_optimizers(0.0, 0.0, (0.9, 0.99), "cuda", capturable=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    step = GraphedTrainStep(model, optimizer, dtype=torch.bfloat16, micro_steps=2, batch_size=4, block_size=16,
-                            grad_clip=1.0, warmup_steps=1)
+    step = GraphedTrainStep(
+        model,
+        optimizer,
+        dtype=torch.bfloat16,
+        micro_steps=2,
+        batch_size=4,
+        block_size=16,
+        grad_clip=1.0,
+        warmup_steps=1,
+    )
     g = torch.Generator(device="cuda").manual_seed(0)
     xs = torch.randint(40, (2, 4, 16), device="cuda", generator=g)
     ys = torch.randint(40, (2, 4, 16), device="cuda", generator=g)
@@ -203,12 +230,12 @@ def test_bench_times_the_graphed_step():
     config = GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=1, n_embd=32)
     checkpoint = {"model_args": config.to_dict(), "model": GPT(config).state_dict()}
     device = torch.device("cuda")
-    rec = bench.Recorder(device, bench.Timer(device, 1, 2, 0.0), log=lambda _: None)
-    bench.train_step_rows(rec, checkpoint, 2, torch.bfloat16, ["torch", "cutile"], compile_setting=False)
+    rec = Recorder(device, Timer(device, 1, 2, 0.0), log=lambda _: None)
+    train_step_rows(rec, checkpoint, 2, torch.bfloat16, ["torch", "cutile"], compile_setting=False)
     rows = {r["implementation"]: r for r in rec.records}
     assert rows["torch eager+graph"]["status"] == "ok" and rows["torch eager+graph"]["ms"] > 0, rows
     cutile = rows["cutile+graph"]
-    if kernels.cutile_available() is None:
+    if kernels.cutile_unavailable() is None:
         assert cutile["status"] == "ok" and cutile["ms"] > 0, cutile
     else:
         assert cutile["status"] == "skipped" and cutile["reason"], cutile

@@ -8,14 +8,15 @@ import sys
 import pytest
 import torch
 import yaml
+from pipeline_helpers import ROOT, run, tiny_params_dict, write_corpus
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gptcore import data
-from gptcore.checkpoint import save_checkpoint, sha256_file
+from gptcore.checkpoint import save_checkpoint
+from gptcore.files import sha256_file
 from gptcore.model import GPT, GPTConfig
 from gptcore.transplant import MANIFEST_FILE, WEIGHTS_FILE, TransplantError, check_weights, transplant
-from pipeline_helpers import ROOT, run, tiny_params_dict, write_corpus
 
 CHECK_NAMES = ["file", "config", "keys", "shapes", "vocab", "tie", "finite"]
 
@@ -40,8 +41,15 @@ def make_model(vocab_size: int, seed: int = 0) -> GPT:
 
 def ours(model: GPT) -> dict:
     """A checkpoint in the shape gptcore/train.py writes."""
-    return {"model_args": model.config.to_dict(), "model": model.state_dict(), "optimizer": {}, "iter_num": 30,
-            "best_val_loss": 2.5, "params": {"train": {"max_iters": 30}}, "data_sha256": "abc"}
+    return {
+        "model_args": model.config.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": {},
+        "iter_num": 30,
+        "best_val_loss": 2.5,
+        "params": {"train": {"max_iters": 30}},
+        "data_sha256": "abc",
+    }
 
 
 def nanogpt(model: GPT) -> dict:
@@ -53,10 +61,23 @@ def nanogpt(model: GPT) -> dict:
     for i in range(model.config.n_layer):
         sd[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(t, t)).view(1, 1, t, t)
     c = model.config
-    model_args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=c.bias,
-                      vocab_size=c.vocab_size, dropout=c.dropout)
-    return {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "model_args": model_args, "iter_num": 250,
-            "best_val_loss": torch.tensor(1.4697), "config": {"dataset": "shakespeare_char", "batch_size": 64}}
+    model_args = dict(
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        block_size=c.block_size,
+        bias=c.bias,
+        vocab_size=c.vocab_size,
+        dropout=c.dropout,
+    )
+    return {
+        "model": sd,
+        "optimizer": {"state": {}, "param_groups": []},
+        "model_args": model_args,
+        "iter_num": 250,
+        "best_val_loss": torch.tensor(1.4697),
+        "config": {"dataset": "shakespeare_char", "batch_size": 64},
+    }
 
 
 def test_our_checkpoint_transplants_with_its_manifest(root, vocab_size, tmp_path):
@@ -67,8 +88,14 @@ def test_our_checkpoint_transplants_with_its_manifest(root, vocab_size, tmp_path
     weights = tmp_path / "cutile" / WEIGHTS_FILE
     assert json.loads((tmp_path / "cutile" / MANIFEST_FILE).read_text()) == manifest
     assert manifest["format"] == "gptcore-transplant/1"
-    assert manifest["source"] == {"path": "out/ckpt.pt", "sha256": sha256_file(src), "format": "gptcore",
-                                  "iter_num": 30, "best_val_loss": 2.5, "data_sha256": "abc"}
+    assert manifest["source"] == {
+        "path": "out/ckpt.pt",
+        "sha256": sha256_file(src),
+        "format": "gptcore",
+        "iter_num": 30,
+        "best_val_loss": 2.5,
+        "data_sha256": "abc",
+    }
     assert manifest["weights"]["sha256"] == sha256_file(weights) and manifest["weights"]["dtype"] == "float32"
     assert manifest["config"] == model.config.to_dict()
     assert manifest["n_params"] == model.num_params(non_embedding=False)
@@ -146,17 +173,29 @@ def wrong_shape(ck):
     ck["model"]["transformer.wpe.weight"] = ck["model"]["transformer.wpe.weight"][:8].clone()
 
 
-@pytest.mark.parametrize("edit,on_file,message", [
-    (None, corrupt, r"cannot be loaded as a safe \(weights-only\) torch checkpoint"),
-    (drop_key, None, r"missing parameters: transformer\.h\.1\.ln_2\.bias"),
-    (add_key, None, r"unexpected parameters: transformer\.h\.0\.attn\.rotary"),
-    (incomplete_config, None, r"model config is incomplete: missing n_head"),
-    (no_config, None, r"model config is missing: the checkpoint has no 'model_args'"),
-    (break_tie, None, r"weight tying broken: transformer\.wte\.weight and lm_head\.weight differ \(1 of"),
-    (non_finite, None, r"non-finite values in 1 tensors: transformer\.h\.0\.mlp\.c_fc\.weight \(1 NaN, 1 inf\)"),
-    (wrong_shape, None, r"shape mismatch .*transformer\.wpe\.weight is \(8, 32\), expected \(16, 32\)"),
-], ids=["corrupted", "missing-key", "unexpected-key", "incomplete-config", "no-config", "broken-tie", "non-finite",
-        "shape"])
+@pytest.mark.parametrize(
+    "edit,on_file,message",
+    [
+        (None, corrupt, r"cannot be loaded as a safe \(weights-only\) torch checkpoint"),
+        (drop_key, None, r"missing parameters: transformer\.h\.1\.ln_2\.bias"),
+        (add_key, None, r"unexpected parameters: transformer\.h\.0\.attn\.rotary"),
+        (incomplete_config, None, r"model config is incomplete: missing n_head"),
+        (no_config, None, r"model config is missing: the checkpoint has no 'model_args'"),
+        (break_tie, None, r"weight tying broken: transformer\.wte\.weight and lm_head\.weight differ \(1 of"),
+        (non_finite, None, r"non-finite values in 1 tensors: transformer\.h\.0\.mlp\.c_fc\.weight \(1 NaN, 1 inf\)"),
+        (wrong_shape, None, r"shape mismatch .*transformer\.wpe\.weight is \(8, 32\), expected \(16, 32\)"),
+    ],
+    ids=[
+        "corrupted",
+        "missing-key",
+        "unexpected-key",
+        "incomplete-config",
+        "no-config",
+        "broken-tie",
+        "non-finite",
+        "shape",
+    ],
+)
 def test_bad_checkpoints_are_refused_with_their_own_message(vocab_size, tmp_path, edit, on_file, message):
     ck = ours(make_model(vocab_size))
     ck["model"] = {k: v.clone() for k, v in ck["model"].items()}  # untie: each edit touches one name only
@@ -174,8 +213,11 @@ def test_bad_checkpoints_are_refused_with_their_own_message(vocab_size, tmp_path
 
 def test_wrong_vocab_is_refused(vocab_size, tmp_path):
     src = save_checkpoint(ours(make_model(vocab_size + 6)), tmp_path / "ckpt.pt")
-    with pytest.raises(TransplantError, match=rf"vocab_size mismatch: the checkpoint's model has {vocab_size + 6} "
-                                              rf"tokens, the prepared data \(data/meta.json\) has {vocab_size}"):
+    with pytest.raises(
+        TransplantError,
+        match=rf"vocab_size mismatch: the checkpoint's model has {vocab_size + 6} "
+        rf"tokens, the prepared data \(data/meta.json\) has {vocab_size}",
+    ):
         transplant(src, tmp_path / "cutile", vocab_size, vocab_source="data/meta.json")
 
 
@@ -200,6 +242,7 @@ def test_weights_changed_after_the_transplant_are_refused(vocab_size, tmp_path):
     transplant(src, tmp_path / "cutile", vocab_size)
     weights = tmp_path / "cutile" / WEIGHTS_FILE
     from safetensors.torch import save_file
+
     tensors = load_file(str(weights))
     with safe_open(str(weights), framework="pt") as f:
         header = f.metadata()

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+from pipeline_helpers import ROOT, run, tiny_params, write_corpus
+from test_transplant import stage_env, stage_project
 
 from gptcore import data
 from gptcore.params import VerifyParams
@@ -16,14 +18,23 @@ from gptcore.transplant import check_weights, transplant
 from gptcore.verify import FAIL, PASS, SKIPPED, Candidate, metrics, render, torch_candidate, verify
 from gptcore.verify.common import torch_attention, torch_layer_norm
 from gptcore.verify.gate import model_jobs
-from pipeline_helpers import ROOT, run, tiny_params, write_corpus
-from test_transplant import stage_env, stage_project
 
 # Small enough for the CPU: L1 at the model's shape (2 heads x 32) and at head dim 64 (width 64), lengths
 # 1, 13, 16 (the block) and 40, bf16 kernels (+ fp32 LayerNorm); the model levels in float32, where a
 # clean double agrees with the reference to ~1e-7 and greedy streams cannot flip on rounding.
-FAST = dict(dtypes=["bfloat16"], seq_lens=[1, 13, 40], widths=[64], model_dtype="float32", decode_dtype="float32",
-            batches=1, batch_size=2, num_prompts=3, prompt_len=8, decode_tokens=12, compile_archs=[])
+FAST = dict(
+    dtypes=["bfloat16"],
+    seq_lens=[1, 13, 40],
+    widths=[64],
+    model_dtype="float32",
+    decode_dtype="float32",
+    batches=1,
+    batch_size=2,
+    num_prompts=3,
+    prompt_len=8,
+    decode_tokens=12,
+    compile_archs=[],
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +45,13 @@ def trained(tmp_path_factory):
     data.prepare("corpus.txt", root / "data", 0.1, root=root)
     # 1 head x 32 (a head dim the kernels support); 150 steps at a high learning rate (~10 s): the model
     # then writes context-dependent text, so a broken op changes what greedy decoding picks
-    Trainer(tiny_params(model={"n_head": 1}, train={"max_iters": 150, "lr_decay_iters": 150, "eval_interval": 50,
-                                                    "learning_rate": 1e-2, "min_lr": 1e-3}), root).run()
+    Trainer(
+        tiny_params(
+            model={"n_head": 1},
+            train={"max_iters": 150, "lr_decay_iters": 150, "eval_interval": 50, "learning_rate": 1e-2, "min_lr": 1e-3},
+        ),
+        root,
+    ).run()
     vocab = data.CharVocab.load(root / "data" / "meta.json")
     transplant(root / "out" / "ckpt.pt", root / "cutile", vocab.vocab_size)
     weights = check_weights(root / "cutile", vocab.vocab_size)
@@ -44,8 +60,9 @@ def trained(tmp_path_factory):
 
 def run_levels(trained, candidate, **overrides):
     _, weights, val, vocab = trained
-    return verify(weights, val, VerifyParams(**{**FAST, **overrides}), candidate=candidate, device="cpu",
-                  decode=vocab.decode)
+    return verify(
+        weights, val, VerifyParams(**{**FAST, **overrides}), candidate=candidate, device="cpu", decode=vocab.decode
+    )
 
 
 def by_name(v):
@@ -56,7 +73,8 @@ def test_clean_double_passes_every_level(trained):
     v = run_levels(trained, torch_candidate())
     levels = by_name(v)
     assert {n: levels[n].status for n in ("L1", "L2", "L3", "L4", "L5")} == dict.fromkeys(
-        ("L1", "L2", "L3", "L4", "L5"), PASS), {n: r.reason for n, r in levels.items()}
+        ("L1", "L2", "L3", "L4", "L5"), PASS
+    ), {n: r.reason for n, r in levels.items()}
     assert levels["compile"].status == SKIPPED and "switched off" in levels["compile"].reason
     assert v.status == "incomplete"  # a skipped check never makes the whole run a pass
 
@@ -65,9 +83,15 @@ def test_clean_double_passes_every_level(trained):
     assert l1["attention.fwd_err_max"] < 1e-2 and l1["layer_norm.grad_err_max"] < 5e-2
     assert levels["L2"].figures["stack_max_err"] < 1e-4
     assert levels["L3"].figures["top1_agreement"] == 1.0 and levels["L3"].figures["kl_mean"] < 1e-6
-    assert levels["L4"].figures == {"prompts": 3, "prompt_tokens": 8, "tokens_per_prompt": 12,
-                                    "identical_prompts": 3, "rounding_ties": 0, "max_tie_gap": 0.0,
-                                    "first_divergence": -1}
+    assert levels["L4"].figures == {
+        "prompts": 3,
+        "prompt_tokens": 8,
+        "tokens_per_prompt": 12,
+        "identical_prompts": 3,
+        "rounding_ties": 0,
+        "max_tie_gap": 0.0,
+        "first_divergence": -1,
+    }
     assert levels["L5"].figures["grad_rel_max"] < 1e-3 and levels["L5"].figures["parameters"] == 16
 
     m = metrics(v)
@@ -82,6 +106,7 @@ def noisy(std: float):
     def attention(q, k, v):
         out = torch_attention(q, k, v)
         return out + std * torch.randn_like(out)
+
     return Candidate("noisy attention", torch_layer_norm, attention)
 
 
@@ -98,8 +123,9 @@ def test_noise_in_attention_fails_l1_attention_and_the_model_levels(trained):
 def test_tiny_layer_norm_bias_shift_fails_only_where_the_tolerance_sees_it(trained):
     """A shift of 1e-3 is below bf16's tolerance (2e-2) but far above float32's (1e-5): the float32
     LayerNorm cases of L1 fail, its bf16 cases and all attention cases pass; the float32 model levels fail."""
-    shifted = Candidate("shifted layer_norm", lambda x, w, b, eps: torch_layer_norm(x, w, b, eps) + 1e-3,
-                        torch_attention)
+    shifted = Candidate(
+        "shifted layer_norm", lambda x, w, b, eps: torch_layer_norm(x, w, b, eps) + 1e-3, torch_attention
+    )
     levels = by_name(run_levels(trained, shifted))
     l1 = levels["L1"]
     assert l1.status == FAIL and l1.reason.startswith("layer_norm:")
@@ -111,22 +137,28 @@ def test_tiny_layer_norm_bias_shift_fails_only_where_the_tolerance_sees_it(train
 def test_kernel_that_raises_fails_its_cases_with_the_message(trained):
     def refuses(q, k, v):
         raise TypeError("head dim 32 is not supported")
+
     levels = by_name(run_levels(trained, Candidate("refusing", torch_layer_norm, refuses)))
     assert levels["L1"].status == FAIL
-    assert all(r["status"] == "fail: TypeError: head dim 32 is not supported" for r in levels["L1"].rows
-               if r["kernel"] == "attention")
+    assert all(
+        r["status"] == "fail: TypeError: head dim 32 is not supported"
+        for r in levels["L1"].rows
+        if r["kernel"] == "attention"
+    )
     assert levels["L4"].status == FAIL and "head dim 32 is not supported" in levels["L4"].reason
 
 
 def test_decode_divergence_reports_position_and_tokens(trained):
     """Attention that goes wrong only in contexts of 12 tokens and more: L4 names the first divergent token,
     and it is one generated after the context reached that length."""
+
     def late_bug(q, k, v):
         out = torch_attention(q, k, v)
         if q.size(-2) >= 12:
             out = out.clone()
             out[..., 11:, :] = -out[..., 11:, :]
         return out
+
     levels = by_name(run_levels(trained, Candidate("late bug", torch_layer_norm, late_bug)))
     l4 = levels["L4"]
     assert l4.status == FAIL and l4.figures["identical_prompts"] < 3
@@ -147,19 +179,29 @@ def test_without_gpu_the_cutile_levels_are_skipped_with_the_reason(trained):
         assert levels[name].status == SKIPPED and "CUDA" in levels[name].reason, levels[name]
         assert not levels[name].figures  # nothing measured, nothing claimed
     assert v.status == "incomplete" and v.candidate == "cutile"
-    assert metrics(v)["L4_decode"] == {"status": SKIPPED, "reason": levels["L4"].reason, "tolerance": {},
-                                       "seconds": 0.0}
+    assert metrics(v)["L4_decode"] == {
+        "status": SKIPPED,
+        "reason": levels["L4"].reason,
+        "tolerance": {},
+        "seconds": 0.0,
+    }
 
 
 def test_compile_gate_jobs_cover_the_model_signatures(trained):
     _, weights, _, _ = trained
     labels = [(j.kernel, j.label) for j in model_jobs(weights.config, "bfloat16", "float16", ["sm_90"])]
-    signatures = [("attention.fwd", "bfloat16 D=32"), ("attention.bwd_dq", "bfloat16 D=32"),
-                  ("attention.bwd_dkdv", "bfloat16 D=32"), ("attention.fwd", "float16 D=32"),
-                  ("layernorm.fwd", "float32 N=32 weight+bias"), ("layernorm.bwd", "float32 N=32 weight+bias"),
-                  ("layernorm.colsum", "float32 N=any weight+bias"),
-                  ("layernorm.fwd", "bfloat16 N=32 weight+bias"), ("layernorm.bwd", "bfloat16 N=32 weight+bias"),
-                  ("layernorm.colsum", "bfloat16 N=any weight+bias")]
+    signatures = [
+        ("attention.fwd", "bfloat16 D=32"),
+        ("attention.bwd_dq", "bfloat16 D=32"),
+        ("attention.bwd_dkdv", "bfloat16 D=32"),
+        ("attention.fwd", "float16 D=32"),
+        ("layernorm.fwd", "float32 N=32 weight+bias"),
+        ("layernorm.bwd", "float32 N=32 weight+bias"),
+        ("layernorm.colsum", "float32 N=any weight+bias"),
+        ("layernorm.fwd", "bfloat16 N=32 weight+bias"),
+        ("layernorm.bwd", "bfloat16 N=32 weight+bias"),
+        ("layernorm.colsum", "bfloat16 N=any weight+bias"),
+    ]
     # each also as the aligned signature that training-shaped tensors launch (sizes multiples of 16 here)
     assert labels == [(kernel, label + suffix) for kernel, label in signatures for suffix in ("", " 16B")]
 
@@ -181,12 +223,14 @@ def test_compile_gate_jobs_add_the_long_sequence_forward_order(trained):
     from dataclasses import replace
 
     from gptcore.kernels.compile import jobs as all_jobs
+
     _, weights, _, _ = trained
     long_config = replace(weights.config, block_size=2048)
     labels = [(j.kernel, j.label) for j in model_jobs(long_config, "bfloat16", "float16", ["sm_90"])]
     assert ("attention.fwd", "bfloat16 D=32 long") in labels and ("attention.fwd", "float16 D=32 long") in labels
-    assert ("attention.fwd", "bfloat16 D=32 long") not in [(j.kernel, j.label) for j in model_jobs(
-        weights.config, "bfloat16", "float16", ["sm_90"])]
+    assert ("attention.fwd", "bfloat16 D=32 long") not in [
+        (j.kernel, j.label) for j in model_jobs(weights.config, "bfloat16", "float16", ["sm_90"])
+    ]
     known = {(j.kernel, j.label) for j in all_jobs(["sm_90"], full=True)}
     assert ("attention.fwd", "bfloat16 D=32 long") in known
 
@@ -199,8 +243,19 @@ def test_verify_stage_on_any_checkpoint_writes_its_report_where_told(trained, tm
     root = trained[0]
     project = stage_project(root, tmp_path / "proj")
     out = tmp_path / "elsewhere"
-    proc = run([sys.executable, str(ROOT / "stages" / "verify.py"), "--checkpoint", str(root / "out" / "ckpt.pt"),
-                "--out", str(out)], project, env=stage_env(project), timeout=600)
+    proc = run(
+        [
+            sys.executable,
+            str(ROOT / "stages" / "verify.py"),
+            "--checkpoint",
+            str(root / "out" / "ckpt.pt"),
+            "--out",
+            str(out),
+        ],
+        project,
+        env=stage_env(project),
+        timeout=600,
+    )
     m = json.loads((out / "verify.json").read_text())
     report = (out / "verify.md").read_text()
     assert m["compile_gate"]["status"] == PASS, m["compile_gate"]
@@ -210,14 +265,29 @@ def test_verify_stage_on_any_checkpoint_writes_its_report_where_told(trained, tm
     assert m["source"].endswith("ckpt.pt") and "| vocab | pass |" in report
     if not torch.cuda.is_available():
         assert m["status"] == "incomplete" and m["skipped"] == 5 and proc.returncode == 0
-        assert all(m[k]["status"] == SKIPPED and m[k]["reason"] for k in
-                   ("L1_kernels", "L2_blocks", "L3_logits", "L4_decode", "L5_grads"))
+        assert all(
+            m[k]["status"] == SKIPPED and m[k]["reason"]
+            for k in ("L1_kernels", "L2_blocks", "L3_logits", "L4_decode", "L5_grads")
+        )
     assert not (project / "metrics").exists() and not (project / "reports").exists()
 
     # A failing check: the gate for an architecture that does not exist. Exit 1, report written first.
-    proc = run([sys.executable, str(ROOT / "stages" / "verify.py"), "--checkpoint", str(root / "cutile"),
-                "--out", str(out), "--set", "compile_archs=[sm_1]"], project, check=False, env=stage_env(project),
-               timeout=600)
+    proc = run(
+        [
+            sys.executable,
+            str(ROOT / "stages" / "verify.py"),
+            "--checkpoint",
+            str(root / "cutile"),
+            "--out",
+            str(out),
+            "--set",
+            "compile_archs=[sm_1]",
+        ],
+        project,
+        check=False,
+        env=stage_env(project),
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stderr
     m = json.loads((out / "verify.json").read_text())
     assert m["status"] == FAIL and m["compile_gate"]["status"] == FAIL
@@ -245,11 +315,11 @@ def test_decode_rounding_tie_is_reported_and_the_streams_resync(tie_gap, status)
     within 0.01): reported as a rounding tie, the candidate goes on from the reference's token, and the
     later steps still count; with tie_gap 0 the same stream fails."""
     from gptcore.verify import l4_decode
+
     ref_script = [[0, 5, 0, 0], [0, 1.0, 0.999, 0], [0, 0, 0, 5], [5, 0, 0, 0]]
     cand_script = [[0, 5, 0, 0], [0, 1.0, 1.001, 0], [0, 0, 0, 5], [5, 0, 0, 0]]
     prompts = torch.zeros(2, 1, dtype=torch.long)
-    result = l4_decode.run(ScriptedLM(ref_script), ScriptedLM(cand_script), prompts, 3, torch.float32,
-                           tie_gap=tie_gap)
+    result = l4_decode.run(ScriptedLM(ref_script), ScriptedLM(cand_script), prompts, 3, torch.float32, tie_gap=tie_gap)
     assert result.status == status
     if status == PASS:
         assert result.figures["rounding_ties"] == 2 and result.figures["first_divergence"] == -1
@@ -261,9 +331,16 @@ def test_decode_rounding_tie_is_reported_and_the_streams_resync(tie_gap, status)
 
 def test_decode_large_gap_is_a_divergence_even_with_a_tie_gap():
     from gptcore.verify import l4_decode
+
     ref_script = [[0, 5, 0, 0], [0, 3.0, 1.0, 0], [0, 0, 0, 5]]
     cand_script = [[0, 5, 0, 0], [0, 1.0, 3.0, 0], [0, 0, 0, 5]]
-    result = l4_decode.run(ScriptedLM(ref_script), ScriptedLM(cand_script), torch.zeros(1, 1, dtype=torch.long),
-                           2, torch.float32, tie_gap=0.01)
+    result = l4_decode.run(
+        ScriptedLM(ref_script),
+        ScriptedLM(cand_script),
+        torch.zeros(1, 1, dtype=torch.long),
+        2,
+        torch.float32,
+        tie_gap=0.01,
+    )
     assert result.status == FAIL and result.figures["first_divergence"] == 1
     assert result.rows[0]["fp32 reference"] == "picks 1, gap 2"

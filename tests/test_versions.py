@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from gptcore.checkpoint import CheckpointError, load_checkpoint, sha256_file
-from gptcore.manifest import ManifestMismatch, find_manifest
 from pipeline_helpers import make_project, run
+
+from gptcore.checkpoint import CheckpointError, load_checkpoint
+from gptcore.files import sha256_file
+from gptcore.manifest import ManifestMismatch, find_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +32,12 @@ def commit(proj: Path, message: str) -> str:
 
 
 def snapshot(proj: Path, commit_sha: str) -> dict:
-    return {"commit": commit_sha, "manifest": json.loads((proj / "out" / "ckpt.json").read_text()),
-            "cutile": json.loads((proj / "cutile" / "manifest.json").read_text()),
-            "train": json.loads((proj / "metrics" / "train.json").read_text())}
+    return {
+        "commit": commit_sha,
+        "manifest": json.loads((proj / "out" / "ckpt.json").read_text()),
+        "cutile": json.loads((proj / "cutile" / "manifest.json").read_text()),
+        "train": json.loads((proj / "metrics" / "train.json").read_text()),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +66,7 @@ def released(tmp_path_factory):
 
 def mlflow_client(proj: Path):
     from mlflow.tracking import MlflowClient
+
     return MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
 
 
@@ -116,10 +121,16 @@ def test_fetch_v1_by_version_and_revision_matches_its_mlflow_run_and_reverifies(
     # by version: the artifact and its manifest, into one folder (the names kept, so the loader finds it)
     by_version = tmp_path / "by-version"
     by_version.mkdir()
-    run(DVC + ["artifacts", "get", str(proj), "gptcore-char", "--rev", "v1.0.0", "-o", str(by_version)], tmp_path,
-        timeout=300)
-    run(DVC + ["get", str(proj), "out/ckpt.json", "--rev", "gptcore-char@v1.0.0", "-o", str(by_version)], tmp_path,
-        timeout=300)
+    run(
+        DVC + ["artifacts", "get", str(proj), "gptcore-char", "--rev", "v1.0.0", "-o", str(by_version)],
+        tmp_path,
+        timeout=300,
+    )
+    run(
+        DVC + ["get", str(proj), "out/ckpt.json", "--rev", "gptcore-char@v1.0.0", "-o", str(by_version)],
+        tmp_path,
+        timeout=300,
+    )
     # by revision: the v1 commit, renamed on the way (v1.pt + v1.json stay a pair)
     by_rev = tmp_path / "by-rev"
     by_rev.mkdir()
@@ -147,8 +158,12 @@ def test_fetch_v1_by_version_and_revision_matches_its_mlflow_run_and_reverifies(
 
     # re-verify the fetched file: on a CPU the cuTile levels are skipped (with the reason) and it still passes
     out_dir = tmp_path / "verify"
-    proc = run([sys.executable, "stages/verify.py", "--checkpoint", str(fetched), "--out", str(out_dir)], proj,
-               check=False, timeout=600)
+    proc = run(
+        [sys.executable, "stages/verify.py", "--checkpoint", str(fetched), "--out", str(out_dir)],
+        proj,
+        check=False,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out_dir / "verify.json").read_text())
     assert report["source_sha256"] == sha and report["status"] in ("pass", "incomplete")
@@ -168,6 +183,7 @@ def test_dvc_api_open_reads_a_version_from_python(released):
     proj, v1 = released["proj"], released["v1"]
     with dvc.api.open("out/ckpt.pt", repo=str(proj), rev="gptcore-char@v1.0.0", mode="rb") as f:
         import hashlib
+
         assert hashlib.sha256(f.read()).hexdigest() == v1["manifest"]["sha256"]
     ck, manifest = load_version("gptcore-char", "v1.0.0", repo=str(proj))
     assert manifest.sha256 == v1["manifest"]["sha256"] and manifest.run_id == v1["manifest"]["mlflow_run_id"]
@@ -215,10 +231,16 @@ def flip_tensor_bytes(path: Path, tensor: torch.Tensor) -> None:
 def test_a_corrupted_fetched_checkpoint_is_refused(released, tmp_path):
     proj, v1 = released["proj"], released["v1"]
     # whole folders at the version: each file with its manifest
-    run(DVC + ["get", str(proj), "out", "--rev", "gptcore-char@v1.0.0", "-o", str(tmp_path / "v1")], tmp_path,
-        timeout=300)
-    run(DVC + ["get", str(proj), "cutile", "--rev", "gptcore-char-cutile@v1.0.0", "-o", str(tmp_path / "v1-cutile")],
-        tmp_path, timeout=300)
+    run(
+        DVC + ["get", str(proj), "out", "--rev", "gptcore-char@v1.0.0", "-o", str(tmp_path / "v1")],
+        tmp_path,
+        timeout=300,
+    )
+    run(
+        DVC + ["get", str(proj), "cutile", "--rev", "gptcore-char-cutile@v1.0.0", "-o", str(tmp_path / "v1-cutile")],
+        tmp_path,
+        timeout=300,
+    )
     ckpt = tmp_path / "v1" / "ckpt.pt"
     good = load_checkpoint(ckpt)
     flip_tensor_bytes(ckpt, good["model"]["transformer.h.0.mlp.c_fc.weight"])
@@ -226,8 +248,9 @@ def test_a_corrupted_fetched_checkpoint_is_refused(released, tmp_path):
 
     # torch alone would not notice: the zip is intact, only the numbers changed
     silently = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert not torch.equal(silently["model"]["transformer.h.0.mlp.c_fc.weight"],
-                           good["model"]["transformer.h.0.mlp.c_fc.weight"])
+    assert not torch.equal(
+        silently["model"]["transformer.h.0.mlp.c_fc.weight"], good["model"]["transformer.h.0.mlp.c_fc.weight"]
+    )
     with pytest.raises(ManifestMismatch) as err:
         load_checkpoint(ckpt)
     msg = str(err.value)
@@ -235,11 +258,19 @@ def test_a_corrupted_fetched_checkpoint_is_refused(released, tmp_path):
     assert isinstance(err.value, CheckpointError)
 
     # the stages refuse it too, with that message and no traceback
-    proc = run([sys.executable, "stages/verify.py", "--checkpoint", str(ckpt), "--out", str(tmp_path / "v")], proj,
-               check=False, timeout=600)
+    proc = run(
+        [sys.executable, "stages/verify.py", "--checkpoint", str(ckpt), "--out", str(tmp_path / "v")],
+        proj,
+        check=False,
+        timeout=600,
+    )
     assert proc.returncode == 2 and f"actual {actual}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    proc = run([sys.executable, "stages/sample.py", "--checkpoint", str(ckpt), "--max-new-tokens", "4"], proj,
-               check=False, timeout=600)
+    proc = run(
+        [sys.executable, "stages/sample.py", "--checkpoint", str(ckpt), "--max-new-tokens", "4"],
+        proj,
+        check=False,
+        timeout=600,
+    )
     assert proc.returncode == 2 and f"expected {v1['manifest']['sha256']}" in proc.stderr, proc.stderr
     check = run([sys.executable, "-m", "gptcore.manifest", str(ckpt)], proj, check=False)
     assert check.returncode == 1 and "sha256 differs" in check.stderr
@@ -247,8 +278,13 @@ def test_a_corrupted_fetched_checkpoint_is_refused(released, tmp_path):
     # the cuTile weights: refused before they are read
     weights = tmp_path / "v1-cutile" / "model.safetensors"
     from safetensors.torch import load_file
+
     flip_tensor_bytes(weights, load_file(str(weights))["transformer.wpe.weight"])
-    proc = run([sys.executable, "stages/verify.py", "--checkpoint", str(weights), "--out", str(tmp_path / "w")], proj,
-               check=False, timeout=600)
+    proc = run(
+        [sys.executable, "stages/verify.py", "--checkpoint", str(weights), "--out", str(tmp_path / "w")],
+        proj,
+        check=False,
+        timeout=600,
+    )
     assert proc.returncode == 2 and f"expected {v1['cutile']['weights']['sha256']}" in proc.stderr, proc.stderr
     assert f"actual {sha256_file(weights)}" in proc.stderr

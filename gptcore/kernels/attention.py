@@ -6,22 +6,20 @@ cost more than the attention forward), and the output is allocated (B, T, H, D)-
 `y.transpose(1, 2).contiguous()` is free. Query i sits at key position i + Tk - Tq (bottom-right
 alignment), so Tq = 1 against a KV cache attends to the whole cache.
 
-Numerics: scores accumulate in fp32; masked scores are set to a finite floor of -1e20 (never -inf), so
-no row turns into NaN, also with score magnitudes of 1e4 in fp16.
+Numerics: scores accumulate in fp32; masked scores are set to a finite floor (MASK_FLOOR, never -inf),
+so no row turns into NaN, also with score magnitudes of 1e4 in fp16.
 
 The forward's softmax runs in base 2 on differences from the row max, p = exp2((s - max) * c) with
 c = scale * log2(e), so the max entry gets exactly 1.0: the same 1.0 in the fp32 row sum and, cast, in
-the bf16/fp16 P @ V product, and a saturated row's output is exactly its value row. The one-FFMA form
-s * c - max * c gives the max entry 1 + ~3e-4 at scores of 1e4, which fp16 rounds to 1.0 in P @ V but
-the row sum keeps; the output then misses its value row by up to an ulp, rowsum(dO * O) misses dO . v,
-and fp16 key gradients of saturated rows came out 9x worse than PyTorch's (0.026 vs 0.003, measured on
-the H100). The backward needs no such consistency and does use one FFMA per score (`_exp2_bias`).
+the bf16/fp16 P @ V product, and a saturated row's output is exactly its value row. (The one-FFMA form
+s * c - max * c gives the max entry slightly more than 1, which the row sum keeps and fp16 P rounds away:
+saturated rows then lose accuracy in their key gradients.) The backward needs no such consistency and
+uses one FFMA per score (`_exp2_bias`).
 
 The forward saves the log-sum-exp of each query row in two fp32 parts, STATS (2, B, H, Tq): the row max
 m of the raw scores and log2 of the row sum l, so logsumexp(scale * s) = scale * m + ln(2) * log2(l)
-(`logsumexp` below). One fp32 number would not do: at scores of 1e4 the natural-log LSE the forward used
-to save was off by 0.011 (measured on the H100), ~1% in every P the backward rebuilds from it, and fp16
-key gradients of saturated rows came out 6-8x worse than PyTorch's (scripts/diag_attention_precision.py).
+(`logsumexp` below). A single fp32 number loses too much at scores of 1e4 for the backward, which
+rebuilds every P from it.
 
 Backward: two kernels. The dQ kernel first computes delta = rowsum(dO * O) for its query tile (the
 usual preprocess, fused here: the tile of dO is loaded anyway) and stores it, then loops over key
@@ -31,57 +29,50 @@ can see it. No atomics; P is recomputed in both (7 matrix products instead of 5,
 Work order: query tiles near the end of the sequence see the most keys, so within a head the longest
 tiles start first; the heads go one after another (HEAD_MAJOR) so the blocks resident at a time share
 K/V in L2 (see _block_coords). Only the diagonal tiles apply a mask.
+
+The measurements behind these choices are in results/h100/kernel-design.csv and
+results/h100/tune-attention.json.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import lru_cache
-
-import torch
+from functools import cache
 
 import cuda.tile as ct
+import torch
 
-from gptcore.kernels import arch_of, ensure_cuda_context, stream_handle
+from gptcore.kernels.runtime import ATTENTION_DTYPES, arch_of, ensure_cuda_context, stream_handle
+from gptcore.model import MASK_FLOOR
 
 ConstInt = ct.Constant[int]
 ZERO = ct.PaddingMode.ZERO
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-MASK_FLOOR = -1.0e20  # finite floor for masked scores, fp32 math (a -inf would give inf - inf = NaN)
 
 HEAD_DIMS = (32, 64, 128)
-DTYPES = (torch.bfloat16, torch.float16)
 
 # Block order. HEAD_MAJOR: consecutive blocks work on the same (batch, head), its longest tiles first,
 # so the blocks resident at once share K/V in L2. LONGEST_FIRST: the longest tiles of every head first
-# (better load balance, but every head's K/V is in flight at once; measured slower at T = 1024).
+# (better load balance, but every head's K/V is in flight at once).
 HEAD_MAJOR = 0
 LONGEST_FIRST = 1
 
 
 # --------------------------------------------------------------------------------------------------
-# Tile configurations per architecture.
-# TILE_M: query rows per tile, TILE_N: key rows per tile, occ: expected resident blocks per SM.
-# sm_90 (H100): picked by measurement, `python -m gptcore.kernels.bench --tune` (CUDA-graph replay,
-# B16 H12 T1024 D64 bf16, 11 forward / 9 dQ / 10 dK-dV variants). Forward: 64x64 tiles at occupancy 4
-# (0.081 ms) beat 64x128 occ 2 (0.095) and 128x64 occ 2 (0.092-0.095), likely because four resident
-# blocks keep more K/V loads in flight per SM. Backward: dQ 64x64 occ 2 and dK/dV 128 queries x 64 keys
-# occ 2 (0.255 ms for both kernels). Head-major block order beat longest-first in 5 of 6 pairings.
-# Long sequences: at B8 H12 T2048 the same forward tiles in longest-first order took 0.135 ms against
-# 0.149 head-major (cuDNN 0.144 in the same call), while at T1024 head-major stays ahead (0.084 vs
-# 0.089), so the forward switches order from Tq = 2048 on (measured at 1024 and 2048 only).
-# Other architectures (sm_100, ...) are untuned: the same shapes, compile-checked by the gate only.
+# Tile configurations per architecture
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttnTiles:
-    fwd_m: int
-    fwd_n: int
+    """The launch configuration of the forward, dQ and dK/dV kernels (occ: the occupancy hint)."""
+
+    fwd_m: int  # query rows per forward tile
+    fwd_n: int  # key rows per step of the forward's loop
     fwd_occ: int
-    dq_m: int
-    dq_n: int
+    dq_m: int  # query rows per dQ tile
+    dq_n: int  # key rows per step of the dQ loop
     dq_occ: int
     dkv_m: int  # query rows per inner step of the dK/dV kernel
     dkv_n: int  # key rows owned by one dK/dV block
@@ -96,11 +87,22 @@ class AttnTiles:
         return self.fwd_sched_long if tq >= self.fwd_long_from else self.fwd_sched
 
 
+# sm_90: the fastest of the sweeps on an H100 at B16 H12 T1024 D64 (bf16, CUDA-graph replay); from
+# T = 2048 on, longest-first order was the faster forward. Other architectures: untuned, compile-checked.
 ATTN_TILES = {
-    "sm_90": AttnTiles(fwd_m=64, fwd_n=64, fwd_occ=4, dq_m=64, dq_n=64, dq_occ=2,
-                       dkv_m=128, dkv_n=64, dkv_occ=2, fwd_sched_long=LONGEST_FIRST),
-    "default": AttnTiles(fwd_m=64, fwd_n=64, fwd_occ=4, dq_m=64, dq_n=64, dq_occ=2,
-                         dkv_m=128, dkv_n=64, dkv_occ=2),
+    "sm_90": AttnTiles(
+        fwd_m=64,
+        fwd_n=64,
+        fwd_occ=4,
+        dq_m=64,
+        dq_n=64,
+        dq_occ=2,
+        dkv_m=128,
+        dkv_n=64,
+        dkv_occ=2,
+        fwd_sched_long=LONGEST_FIRST,
+    ),
+    "default": AttnTiles(fwd_m=64, fwd_n=64, fwd_occ=4, dq_m=64, dq_n=64, dq_occ=2, dkv_m=128, dkv_n=64, dkv_occ=2),
 }
 
 
@@ -109,9 +111,15 @@ def tiles_for(arch: str, head_dim: int = 64) -> AttnTiles:
     if head_dim >= 128:
         # A [TILE_M, 128] fp32 accumulator plus the score tile no longer fits twice per SM with
         # 128-wide key tiles; halve the key tile so register pressure stays out of local memory.
-        tiles = replace(tiles, fwd_n=min(tiles.fwd_n, 64), fwd_occ=min(tiles.fwd_occ, 2),
-                        dq_m=min(tiles.dq_m, 64), dq_n=min(tiles.dq_n, 64),
-                        dkv_m=min(tiles.dkv_m, 64), dkv_n=min(tiles.dkv_n, 64))
+        tiles = replace(
+            tiles,
+            fwd_n=min(tiles.fwd_n, 64),
+            fwd_occ=min(tiles.fwd_occ, 2),
+            dq_m=min(tiles.dq_m, 64),
+            dq_n=min(tiles.dq_n, 64),
+            dkv_m=min(tiles.dkv_m, 64),
+            dkv_n=min(tiles.dkv_n, 64),
+        )
     return tiles
 
 
@@ -139,25 +147,25 @@ def _scores(q, k_t, j, rows, masked, TILE_M, TILE_N):
     return s
 
 
-def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked,
-              D, TILE_M, TILE_N):
+def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked, D, TILE_M, TILE_N):
     """One key tile of the online softmax. rows: key position of each query row, [TILE_M, 1]."""
-    k_t = ct.load(K, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO,
-                  latency=2).reshape((D, TILE_N))  # [D, TILE_N]
+    k_t = ct.load(K, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO, latency=2).reshape(
+        (D, TILE_N)
+    )  # [D, TILE_N]
     s = _scores(q, k_t, j, rows, masked, TILE_M, TILE_N)  # [TILE_M, TILE_N]
     m_new = ct.maximum(m_i, ct.max(s, axis=1, keepdims=True))  # [TILE_M, 1], raw score units
     # (s - max) * c, not s * c - max * c (one FFMA): the max entry must get exactly 1.0 (see Numerics)
     p = ct.exp2((s - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, TILE_N]
     alpha = ct.exp2((m_i - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, 1]
     l_i = l_i * alpha + ct.sum(p, axis=1, keepdims=True)
-    v = ct.load(V, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO,
-                latency=4).reshape((TILE_N, D))  # [TILE_N, D]
+    v = ct.load(V, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO, latency=4).reshape((TILE_N, D))  # [TILE_N, D]
     acc = ct.mma(p.astype(q.dtype), v, acc * alpha)  # [TILE_M, D]
     return m_new, l_i, acc
 
 
-def attn_fwd_kernel_body(Q, K, V, O, STATS, qk_scale_log2,
-                         D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
+def attn_fwd_kernel_body(
+    Q, K, V, O, STATS, qk_scale_log2, D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt
+):
     """Grid over (B*H, cdiv(Tq, TILE_M)) in SCHED order. Writes O and STATS (2, B, H, Tq): row max of
     the raw scores and log2 of the row sum of exp2((s - max) * scale * log2(e))."""
     tq = Q.shape[2]
@@ -176,8 +184,7 @@ def attn_fwd_kernel_body(Q, K, V, O, STATS, qk_scale_log2,
     n_full = (first_key + 1) // TILE_N
     n_all = ct.cdiv(min(first_key + TILE_M, tk), TILE_N)
     for j in range(n_all):
-        m_i, l_i, acc = _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, j >= n_full,
-                                  D, TILE_M, TILE_N)
+        m_i, l_i, acc = _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, j >= n_full, D, TILE_M, TILE_N)
 
     out = ct.truediv(acc, l_i, flush_to_zero=True, rounding_mode=ct.RoundingMode.APPROX)
     ct.store(O, (b, h, m_blk, 0), out.reshape((1, 1, TILE_M, D)).astype(O.dtype))
@@ -193,12 +200,11 @@ def _exp2_bias(STATS, b, h, i, qk_scale_log2, TILE_M):
     return m * qk_scale_log2 + log2_l
 
 
-def _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked,
-             D, TILE_M, TILE_N):
-    k = ct.load(K, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO,
-                latency=2).reshape((TILE_N, D))  # [TILE_N, D]
-    v_t = ct.load(V, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO,
-                  latency=2).reshape((D, TILE_N))  # [D, TILE_N]
+def _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked, D, TILE_M, TILE_N):
+    k = ct.load(K, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO, latency=2).reshape((TILE_N, D))  # [TILE_N, D]
+    v_t = ct.load(V, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO, latency=2).reshape(
+        (D, TILE_N)
+    )  # [D, TILE_N]
     s = _scores(q, ct.transpose(k), j, rows, masked, TILE_M, TILE_N)  # [TILE_M, TILE_N]
     p = ct.exp2(s * qk_scale_log2 - bias, flush_to_zero=True)  # [TILE_M, TILE_N]
     dp = ct.mma(do, v_t, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
@@ -206,8 +212,22 @@ def _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked,
     return ct.mma(ds.astype(q.dtype), k, dq)  # [TILE_M, D]
 
 
-def attn_bwd_dq_kernel_body(Q, K, V, O, DO, STATS, DELTA, DQ, qk_scale_log2, qk_scale,
-                            D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
+def attn_bwd_dq_kernel_body(
+    Q,
+    K,
+    V,
+    O,
+    DO,
+    STATS,
+    DELTA,
+    DQ,
+    qk_scale_log2,
+    qk_scale,
+    D: ConstInt,
+    TILE_M: ConstInt,
+    TILE_N: ConstInt,
+    SCHED: ConstInt,
+):
     """Grid over (B*H, cdiv(T, TILE_M)) in SCHED order. Writes DELTA = rowsum(dO * O) and dQ."""
     tq = Q.shape[2]
     tk = K.shape[2]
@@ -226,14 +246,12 @@ def attn_bwd_dq_kernel_body(Q, K, V, O, DO, STATS, DELTA, DQ, qk_scale_log2, qk_
     n_full = (first_key + 1) // TILE_N
     n_all = ct.cdiv(min(first_key + TILE_M, tk), TILE_N)
     for j in range(n_all):
-        dq = _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, j >= n_full,
-                      D, TILE_M, TILE_N)
+        dq = _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, j >= n_full, D, TILE_M, TILE_N)
     dq = dq * qk_scale
     ct.store(DQ, (b, h, m_blk, 0), dq.reshape((1, 1, TILE_M, D)).astype(DQ.dtype))
 
 
-def _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, masked,
-              D, TILE_M, TILE_N):
+def _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, masked, D, TILE_M, TILE_N):
     """One query tile i against this block's key tile; everything transposed: [TILE_N, TILE_M]."""
     q = ct.load(Q, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
     do = ct.load(DO, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
@@ -251,8 +269,22 @@ def _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, m
     return dk, dv
 
 
-def attn_bwd_dkdv_kernel_body(Q, K, V, DO, STATS, DELTA, DK, DV, qk_scale_log2, qk_scale,
-                              D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt):
+def attn_bwd_dkdv_kernel_body(
+    Q,
+    K,
+    V,
+    DO,
+    STATS,
+    DELTA,
+    DK,
+    DV,
+    qk_scale_log2,
+    qk_scale,
+    D: ConstInt,
+    TILE_M: ConstInt,
+    TILE_N: ConstInt,
+    SCHED: ConstInt,
+):
     """Grid over (B*H, cdiv(T, TILE_N)) in SCHED order; needs Tq == Tk. Key tile 0 sees every query,
     so the tile index runs backwards: n_blk = tiles - 1 - (reversed index) puts tile 0 first."""
     t = Q.shape[2]
@@ -270,25 +302,26 @@ def attn_bwd_dkdv_kernel_body(Q, K, V, DO, STATS, DELTA, DK, DV, qk_scale_log2, 
     # From here on every query row sits at or after the tile's last key: no mask needed.
     unmasked = min(ct.cdiv(n_blk * TILE_N + TILE_N - 1, TILE_M), n_q)
     for i in range(first, n_q):
-        dk, dv = _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, i < unmasked,
-                           D, TILE_M, TILE_N)
+        dk, dv = _dkv_step(
+            k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, i < unmasked, D, TILE_M, TILE_N
+        )
     dk = dk * qk_scale
     ct.store(DK, (b, h, n_blk, 0), dk.reshape((1, 1, TILE_N, D)).astype(DK.dtype))
     ct.store(DV, (b, h, n_blk, 0), dv.reshape((1, 1, TILE_N, D)).astype(DV.dtype))
 
 
-@lru_cache(maxsize=None)
+@cache
 def fwd_kernel(occupancy: int):
     """The forward kernel compiled with a given occupancy hint (one kernel object per value)."""
     return ct.kernel(attn_fwd_kernel_body, occupancy=occupancy)
 
 
-@lru_cache(maxsize=None)
+@cache
 def bwd_dq_kernel(occupancy: int):
     return ct.kernel(attn_bwd_dq_kernel_body, occupancy=occupancy)
 
 
-@lru_cache(maxsize=None)
+@cache
 def bwd_dkdv_kernel(occupancy: int):
     return ct.kernel(attn_bwd_dkdv_kernel_body, occupancy=occupancy)
 
@@ -326,17 +359,20 @@ def _bhtd_empty_like(x: torch.Tensor, t: int) -> torch.Tensor:
 
 def _check(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"causal_attention expects (B, H, T, D) tensors, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"causal_attention expects (B, H, T, D) tensors, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
     if q.shape[2] > k.shape[2]:
         raise ValueError(f"causal_attention needs Tq <= Tk, got Tq={q.shape[2]} Tk={k.shape[2]}")
     if q.shape[2] < 1:
         raise ValueError("causal_attention needs at least one query")
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"cuTile causal_attention supports bf16 and fp16 (q, k, v alike), got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}; cast to bf16 or use autocast")
+    if q.dtype not in ATTENTION_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"cuTile causal_attention supports bf16 and fp16 (q, k, v alike), got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}; cast to bf16 or use autocast"
+        )
     if q.shape[3] not in HEAD_DIMS:
         raise ValueError(f"cuTile causal_attention supports head dims {HEAD_DIMS}, got {q.shape[3]}")
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
@@ -360,8 +396,12 @@ def attention_forward(q, k, v, scale: float, tiles: AttnTiles | None = None):
     ensure_cuda_context(dev)
     sched = _order(tiles.fwd_order(tq), bsz * n_head)
     grid = _grid(sched, bsz * n_head, math.ceil(tq / tiles.fwd_m))
-    ct.launch(stream_handle(dev), grid, fwd_kernel(tiles.fwd_occ),
-              (q, k, v, o, stats, scale * LOG2E, d, tiles.fwd_m, tiles.fwd_n, sched))
+    ct.launch(
+        stream_handle(dev),
+        grid,
+        fwd_kernel(tiles.fwd_occ),
+        (q, k, v, o, stats, scale * LOG2E, d, tiles.fwd_m, tiles.fwd_n, sched),
+    )
     return o, stats
 
 
@@ -370,8 +410,10 @@ def attention_backward(q, k, v, o, stats, do, scale: float, tiles: AttnTiles | N
     q, k, v, o, do = (_as_tiled(x) for x in (q, k, v, o, do))
     bsz, n_head, t, d = q.shape
     if k.shape[2] != t:
-        raise NotImplementedError(f"cuTile attention backward needs Tq == Tk, got Tq={t} Tk={k.shape[2]} "
-                                  "(the KV-cache path is inference-only)")
+        raise NotImplementedError(
+            f"cuTile attention backward needs Tq == Tk, got Tq={t} Tk={k.shape[2]} "
+            "(the KV-cache path is inference-only)"
+        )
     dev = q.get_device()
     tiles = tiles or tiles_for(arch_of(dev), d)
     dq, dk, dv = _bhtd_empty_like(q, t), _bhtd_empty_like(k, t), _bhtd_empty_like(v, t)
@@ -379,10 +421,18 @@ def attention_backward(q, k, v, o, stats, do, scale: float, tiles: AttnTiles | N
     ensure_cuda_context(dev)  # autograd's worker thread may have no current context
     stream = stream_handle(dev)
     sched = _order(tiles.bwd_sched, bsz * n_head)
-    ct.launch(stream, _grid(sched, bsz * n_head, math.ceil(t / tiles.dq_m)), bwd_dq_kernel(tiles.dq_occ),
-              (q, k, v, o, do, stats, delta, dq, scale * LOG2E, scale, d, tiles.dq_m, tiles.dq_n, sched))
-    ct.launch(stream, _grid(sched, bsz * n_head, math.ceil(t / tiles.dkv_n)), bwd_dkdv_kernel(tiles.dkv_occ),
-              (q, k, v, do, stats, delta, dk, dv, scale * LOG2E, scale, d, tiles.dkv_m, tiles.dkv_n, sched))
+    ct.launch(
+        stream,
+        _grid(sched, bsz * n_head, math.ceil(t / tiles.dq_m)),
+        bwd_dq_kernel(tiles.dq_occ),
+        (q, k, v, o, do, stats, delta, dq, scale * LOG2E, scale, d, tiles.dq_m, tiles.dq_n, sched),
+    )
+    ct.launch(
+        stream,
+        _grid(sched, bsz * n_head, math.ceil(t / tiles.dkv_n)),
+        bwd_dkdv_kernel(tiles.dkv_occ),
+        (q, k, v, do, stats, delta, dk, dv, scale * LOG2E, scale, d, tiles.dkv_m, tiles.dkv_n, sched),
+    )
     return dq, dk, dv
 
 
@@ -404,8 +454,7 @@ class CausalAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(scale * q @ k^T, causal, bottom-right aligned) @ v on cuTile kernels.
 
     q (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, bf16 or fp16, D in (32, 64, 128).
@@ -416,7 +465,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale = 1.0 / math.sqrt(q.shape[-1])
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         if q.shape[2] != k.shape[2]:
-            raise NotImplementedError(f"cuTile attention backward needs Tq == Tk, got Tq={q.shape[2]} "
-                                      f"Tk={k.shape[2]}: run KV-cache decoding under torch.no_grad()")
+            raise NotImplementedError(
+                f"cuTile attention backward needs Tq == Tk, got Tq={q.shape[2]} "
+                f"Tk={k.shape[2]}: run KV-cache decoding under torch.no_grad()"
+            )
         return CausalAttentionFunction.apply(q, k, v, float(scale))
     return attention_forward(q, k, v, float(scale))[0]

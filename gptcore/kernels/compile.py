@@ -58,8 +58,7 @@ class CompileResult:
     def line(self) -> str:
         status = "OK  " if self.ok else "FAIL"
         tail = f"  {self.error.splitlines()[-1] if self.error else ''}" if not self.ok else ""
-        return (f"{status} {self.arch:7s} {self.kernel:20s} {self.label:34s} {self.tiles:28s} "
-                f"{self.seconds:6.1f}s{tail}")
+        return f"{status} {self.arch:7s} {self.kernel:20s} {self.label:34s} {self.tiles:28s} {self.seconds:6.1f}s{tail}"
 
 
 def _array(ct, dtype, ndim: int, shape16: tuple[bool, ...] | None = None):
@@ -67,13 +66,24 @@ def _array(ct, dtype, ndim: int, shape16: tuple[bool, ...] | None = None):
     also what ct.launch assumes of the model's usual tensors and specialises the kernel on (it picks TMA
     copies then): every other stride a multiple of 16 bytes and the dims flagged True multiples of 16."""
     from cuda.tile.compilation import ArrayConstraint
+
     aligned = {}
     if shape16 is not None:
-        aligned = dict(stride_divisible_by=(128 // dtype.bitwidth,) * (ndim - 1) + (1,),
-                       shape_divisible_by=tuple(16 if d else 1 for d in shape16))
-    return ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0, alias_groups=(),
-                           may_alias_internally=False, stride_constant=(None,) * (ndim - 1) + (1,),
-                           base_addr_divisible_by=16, **aligned)
+        aligned = dict(
+            stride_divisible_by=(128 // dtype.bitwidth,) * (ndim - 1) + (1,),
+            shape_divisible_by=tuple(16 if d else 1 for d in shape16),
+        )
+    return ArrayConstraint(
+        dtype,
+        ndim,
+        index_dtype=ct.int32,
+        stride_lower_bound_incl=0,
+        alias_groups=(),
+        may_alias_internally=False,
+        stride_constant=(None,) * (ndim - 1) + (1,),
+        base_addr_divisible_by=16,
+        **aligned,
+    )
 
 
 ALIGNED = "16B"  # the label word of the aligned signatures
@@ -90,7 +100,7 @@ def jobs(archs, full: bool = False) -> list[CompileJob]:
 
     out = []
     for arch in archs:
-        for dt, d in (ATTN_SIGNATURES_FULL if full else ATTN_SIGNATURES):
+        for dt, d in ATTN_SIGNATURES_FULL if full else ATTN_SIGNATURES:
             # "16B": the aligned signature that training-shaped tensors launch (see _array); the plain one
             # is what other shapes get (a sampled prompt of 13 tokens, say). Cold attention compiles are
             # slow, so the aligned one is checked for the presets' signature (bf16, D=64) only.
@@ -162,15 +172,18 @@ def _signature_and_kernel(job: CompileJob):
             c, k, pad_last = layernorm.fwd_chunks(n, tiles.fwd_chunk)
             kern = layernorm.fwd_kernel(tiles.fwd_occ, tiles.fwd_warps)
             params = [x2, p1, p1, x2, f2, f32, c, k, pad_last, tiles.fwd_rows, affine, affine, tiles.fwd_latency]
-            desc = (f"rows{tiles.fwd_rows} chunks{k}x{c}{'(padded)' if pad_last else ''} occ{tiles.fwd_occ} "
-                    f"warps{tiles.fwd_warps or 'auto'} latency{tiles.fwd_latency}")
+            desc = (
+                f"rows{tiles.fwd_rows} chunks{k}x{c}{'(padded)' if pad_last else ''} occ{tiles.fwd_occ} "
+                f"warps{tiles.fwd_warps or 'auto'} latency{tiles.fwd_latency}"
+            )
         else:
             pad = layernorm.next_pow2(n)
             kern = layernorm.bwd_kernel(tiles.bwd_occ, tiles.bwd_warps)
-            params = [x2, p1, x2, f2, x2, f3, pad, tiles.bwd_rows, affine, affine, tiles.bwd_latency,
-                      tiles.bwd_defer]
-            desc = (f"rows{tiles.bwd_rows} pad{pad} occ{tiles.bwd_occ} warps{tiles.bwd_warps or 'auto'} "
-                    f"latency{tiles.bwd_latency}{' deferred' if tiles.bwd_defer else ''}")
+            params = [x2, p1, x2, f2, x2, f3, pad, tiles.bwd_rows, affine, affine, tiles.bwd_latency, tiles.bwd_defer]
+            desc = (
+                f"rows{tiles.bwd_rows} pad{pad} occ{tiles.bwd_occ} warps{tiles.bwd_warps or 'auto'} "
+                f"latency{tiles.bwd_latency}{' deferred' if tiles.bwd_defer else ''}"
+            )
     name = kern._annotated_function.pyfunc.__name__
     return kern, KernelSignature(params, cc).with_mangled_symbol(name), desc
 
@@ -190,16 +203,23 @@ def compile_one(job: CompileJob, out_dir: str | None = None) -> CompileResult:
                 raise RuntimeError("empty cubin")
         return CompileResult(job.kernel, job.label, job.arch, True, time.perf_counter() - t0, tiles=desc)
     except Exception:  # noqa: BLE001 - the gate reports every failure and goes on
-        return CompileResult(job.kernel, job.label, job.arch, False, time.perf_counter() - t0,
-                             traceback.format_exc(), tiles=desc)
+        return CompileResult(
+            job.kernel, job.label, job.arch, False, time.perf_counter() - t0, traceback.format_exc(), tiles=desc
+        )
 
 
-def compile_all(archs=DEFAULT_ARCHS, workers: int | None = None, out_dir: str | None = None,
-                verbose: bool = False, full: bool = False) -> list[CompileResult]:
+def compile_all(
+    archs=DEFAULT_ARCHS,
+    workers: int | None = None,
+    out_dir: str | None = None,
+    verbose: bool = False,
+    full: bool = False,
+) -> list[CompileResult]:
     """Compile every kernel signature for every arch; returns one CompileResult per job."""
     todo = jobs(archs, full)
     if workers is None:
         import os
+
         workers = max(1, min(len(todo), os.cpu_count() or 1))
     results = []
     if workers == 1:
@@ -227,6 +247,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.no_cache:
         import os
+
         os.environ["CUDA_TILE_CACHE_DIR"] = "off"  # read when cuda.tile is first imported (below, lazily)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

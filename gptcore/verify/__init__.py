@@ -15,5 +15,17 @@ from gptcore.verify.common import FAIL, PASS, SKIPPED, Candidate, Result, cutile
 from gptcore.verify.report import metrics, render
 from gptcore.verify.runner import Verification, VerifyError, verify
 
-__all__ = ["FAIL", "PASS", "SKIPPED", "Candidate", "Result", "Verification", "VerifyError", "cutile_candidate",
-           "metrics", "render", "torch_candidate", "verify"]
+__all__ = [
+    "FAIL",
+    "PASS",
+    "SKIPPED",
+    "Candidate",
+    "Result",
+    "Verification",
+    "VerifyError",
+    "cutile_candidate",
+    "metrics",
+    "render",
+    "torch_candidate",
+    "verify",
+]

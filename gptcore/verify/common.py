@@ -7,9 +7,8 @@ added, say) instead and runs every level on the CPU through the same code.
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +25,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # ---- the candidate -----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Candidate:
     """The ops under test: `layer_norm(x, weight, bias, eps)` and causal `attention(q, k, v)` on
     (B, H, T, D) tensors. Everything else (embeddings, matmuls, GELU) is PyTorch's in both models, so any
     difference the levels find comes from these two ops."""
+
     name: str
     layer_norm: Callable
     attention: Callable
@@ -63,10 +64,9 @@ def cutile_candidate(device: torch.device) -> Candidate:
     from gptcore import kernels
     from gptcore.cutile_model import CuTileGPT
 
-    reason = kernels.cutile_available()
-    if reason is None and device.type != "cuda":
-        reason = f"the cuTile kernels run on a CUDA device; verification runs on {device}"
-    return Candidate("cutile", kernels.layer_norm, kernels.causal_attention, CuTileGPT, reason)
+    return Candidate(
+        "cutile", kernels.layer_norm, kernels.causal_attention, CuTileGPT, kernels.cutile_unavailable(device)
+    )
 
 
 def torch_layer_norm(x, weight, bias, eps=1e-5):
@@ -89,10 +89,12 @@ def torch_candidate(name: str = "torch") -> Candidate:
 
 # ---- results -----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Result:
     """One level or check. `figures` are the headline numbers (metrics), `tolerance` the bounds applied,
     `rows` the report's table (one dict per row, keys = `columns`)."""
+
     name: str  # "L1" ... "L5", "compile"
     title: str
     status: str = PASS
@@ -120,6 +122,7 @@ def at_least(value: float, bound: float) -> bool:
 
 # ---- error measures ----------------------------------------------------------------------------------------
 
+
 def scaled_max(ref: torch.Tensor, cand: torch.Tensor) -> float:
     """max|cand - ref| / max(1, max|ref|): relative for large values, absolute for small ones (an all-zero
     reference gradient must come out as ~0 and not be divided by 0). NaN anywhere gives NaN."""
@@ -137,10 +140,3 @@ def abs_diff(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float]:
     """(max, mean) of |cand - ref|, in float64."""
     d = (cand.double() - ref.double()).abs()
     return d.max().item(), d.mean().item()
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """The mixed precision training runs in: fp32 weights, matmuls and attention in `dtype`."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -26,7 +26,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from gptcore.checkpoint import atomic_write_text
+from gptcore.environment import package_version
+from gptcore.files import atomic_write_text
 from gptcore.model import GPTConfig
 from gptcore.verify.common import FAIL, PASS, SKIPPED, Result
 
@@ -53,10 +54,17 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
     head_dim = config.n_embd // config.n_head
     # compile.py has LayerNorm signatures with weight and bias, or neither; a bias=False model's LayerNorm
     # (weight, no bias) is closest to the affine one.
-    wanted = [("attention.fwd", model_dtype), ("attention.bwd_dq", model_dtype), ("attention.bwd_dkdv", model_dtype),
-              ("attention.fwd", decode_dtype)]
-    wanted += [(kernel, dtype) for dtype in ("float32", model_dtype)
-               for kernel in ("layernorm.fwd", "layernorm.bwd", "layernorm.colsum")]
+    wanted = [
+        ("attention.fwd", model_dtype),
+        ("attention.bwd_dq", model_dtype),
+        ("attention.bwd_dkdv", model_dtype),
+        ("attention.fwd", decode_dtype),
+    ]
+    wanted += [
+        (kernel, dtype)
+        for dtype in ("float32", model_dtype)
+        for kernel in ("layernorm.fwd", "layernorm.bwd", "layernorm.colsum")
+    ]
     # Training-shaped tensors (block_size tokens, widths multiples of 16) launch the aligned "16B" signature,
     # other shapes (sampled prompts) the plain one: both where the model's sizes allow the aligned one.
     attn_suffixes = signature_suffixes(head_dim, config.block_size)
@@ -80,20 +88,13 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
     return jobs
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
 def cache_key(labels: list[str]) -> str:
     """Changes with any kernel source, the compiler packages' versions or the job list."""
     h = hashlib.sha256()
     for path in sorted(KERNELS_DIR.glob("*.py")):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     for dist in ("cuda-tile", "nvidia-cuda-tileiras", "nvidia-cuda-nvcc", "nvidia-nvvm"):
-        h.update(f"{dist}={_version(dist)}\0".encode())
+        h.update(f"{dist}={package_version(dist)}\0".encode())
     h.update(json.dumps(labels).encode())
     return h.hexdigest()[:32]
 
@@ -103,12 +104,13 @@ def error_summary(traceback_text: str, limit: int = 300) -> str:
     line of a cuda.tile compiler error is often just "Unknown location")."""
     lines = traceback_text.strip().splitlines()
     starts = [i for i, line in enumerate(lines) if line[:1].isalpha() and ("Error" in line or "Exception" in line)]
-    tail = lines[starts[-1]:] if starts else lines[-1:]
+    tail = lines[starts[-1] :] if starts else lines[-1:]
     return " ".join(line.strip() for line in tail if line.strip() != "Unknown location")[:limit]
 
 
-def run(config: GPTConfig, archs: list[str], scope: str, model_dtype: str, decode_dtype: str,
-        workers: int | None = None) -> Result:
+def run(
+    config: GPTConfig, archs: list[str], scope: str, model_dtype: str, decode_dtype: str, workers: int | None = None
+) -> Result:
     result = Result("compile", f"{TITLE} ({scope} signatures)", columns=COLUMNS)
     if not archs:
         result.status, result.reason = SKIPPED, "switched off (verify.compile_archs is empty)"
@@ -116,7 +118,8 @@ def run(config: GPTConfig, archs: list[str], scope: str, model_dtype: str, decod
     if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.tile") is None:
         result.fail("cuda.tile is not installed (pip install 'cuda-tile[tileiras]'): the kernels cannot be compiled")
         return result
-    from gptcore.kernels.compile import compile_one, jobs as all_jobs
+    from gptcore.kernels.compile import compile_one
+    from gptcore.kernels.compile import jobs as all_jobs
 
     t0 = time.perf_counter()
     todo = model_jobs(config, model_dtype, decode_dtype, archs) if scope == "model" else all_jobs(archs)
@@ -125,24 +128,40 @@ def run(config: GPTConfig, archs: list[str], scope: str, model_dtype: str, decod
     from_cache = cached.is_file()
     if from_cache:
         rows = json.loads(cached.read_text())["rows"]
-        result.notes.append(f"Compiled earlier with the same kernel sources and cuda.tile version "
-                            f"(cache {cached}); not recompiled.")
+        result.notes.append(
+            f"Compiled earlier with the same kernel sources and cuda.tile version (cache {cached}); not recompiled."
+        )
     else:
         workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
         # spawn, not fork: this process has torch loaded, and forking it with threads running can hang
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(compile_one, todo))
-        rows = [{"arch": r.arch, "kernel": r.kernel, "signature": r.label, "seconds": round(r.seconds, 1),
-                 "status": PASS if r.ok else f"{FAIL}: {error_summary(r.error)}"}
-                for r in results]
+        rows = [
+            {
+                "arch": r.arch,
+                "kernel": r.kernel,
+                "signature": r.label,
+                "seconds": round(r.seconds, 1),
+                "status": PASS if r.ok else f"{FAIL}: {error_summary(r.error)}",
+            }
+            for r in results
+        ]
         if all(r["status"] == PASS for r in rows):  # only passes are cached: a failure is looked at anew
             atomic_write_text(cached, json.dumps({"labels": labels, "rows": rows, "created": time.strftime("%F %T")}))
     result.rows = rows
     failed = [r for r in rows if r["status"] != PASS]
-    result.figures = {"jobs": len(rows), "failed": len(failed), "archs": ",".join(archs), "scope": scope,
-                      "cached": from_cache, "seconds": round(time.perf_counter() - t0, 1)}
+    result.figures = {
+        "jobs": len(rows),
+        "failed": len(failed),
+        "archs": ",".join(archs),
+        "scope": scope,
+        "cached": from_cache,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     if failed:
         f = failed[0]
-        result.fail(f"{len(failed)} of {len(rows)} kernels failed to compile; first: {f['arch']} {f['kernel']} "
-                    f"{f['signature']}: {f['status'].removeprefix('fail: ')}")
+        result.fail(
+            f"{len(failed)} of {len(rows)} kernels failed to compile; first: {f['arch']} {f['kernel']} "
+            f"{f['signature']}: {f['status'].removeprefix('fail: ')}"
+        )
     return result

@@ -19,7 +19,7 @@ the candidate must then be no worse than PyTorch by more than that factor.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,19 @@ from gptcore.verify.common import DTYPES, PASS, Candidate, Result, scaled_max, t
 BATCH = 2
 EPS = 1e-5
 TITLE = "kernels vs the PyTorch functional reference (float64)"
-COLUMNS = ["kernel", "dtype", "shape", "T", "case", "fwd err", "grad err", "worst grad", "torch fwd err",
-           "torch grad err", "status"]
+COLUMNS = [
+    "kernel",
+    "dtype",
+    "shape",
+    "T",
+    "case",
+    "fwd err",
+    "grad err",
+    "worst grad",
+    "torch fwd err",
+    "torch grad err",
+    "status",
+]
 TORCH_SLACK = 2.0  # a candidate may be up to this many times PyTorch's own error in the same dtype
 
 
@@ -70,8 +81,10 @@ def compare(ref_fn: Callable, cand_fn: Callable, inputs: dict, backward: bool) -
     dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(out.numel())).to(out.device, out.dtype)
     out.backward(dy)
     ref.backward(dy.double())
-    errs = {f"d{n}": scaled_max(ref_leaves[n].grad, leaves[n].grad) if leaves[n].grad is not None else math.nan
-            for n in inputs}
+    errs = {
+        f"d{n}": scaled_max(ref_leaves[n].grad, leaves[n].grad) if leaves[n].grad is not None else math.nan
+        for n in inputs
+    }
     worst = max(errs, key=lambda n: math.inf if math.isnan(errs[n]) else errs[n])
     return fwd, errs[worst], worst
 
@@ -91,8 +104,16 @@ def layer_norm_cases(config: GPTConfig, state_dict: dict, seq_lens: list[int], w
     cases = [(n, t, "random weights", None, None, 1.0) for n in widths for t in seq_lens]
     for name in sorted(k for k in state_dict if k.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))):
         module = name.removesuffix(".weight")
-        cases.append((config.n_embd, config.block_size, module.removeprefix("transformer."),
-                      state_dict[name], state_dict.get(module + ".bias"), 1.0))
+        cases.append(
+            (
+                config.n_embd,
+                config.block_size,
+                module.removeprefix("transformer."),
+                state_dict[name],
+                state_dict.get(module + ".bias"),
+                1.0,
+            )
+        )
     cases.append((config.n_embd, config.block_size, "random weights, x mean 20", None, None, 20.0))
     return cases
 
@@ -123,15 +144,26 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
         for h, d, t, case in attention_cases(config, seq_lens, widths):
             scale = 100.0 if case == "scores ~1e4" else 1.0  # q.k / sqrt(D) then has a std of scale**2
             tq = 1 if case.startswith("decode") else t
-            inputs = {"q": randn(BATCH, h, tq, d, scale=scale).to(dtype),
-                      "k": randn(BATCH, h, t, d, scale=scale).to(dtype),
-                      "v": randn(BATCH, h, t, d).to(dtype)}
-            row = {"kernel": "attention", "dtype": dname, "shape": f"H={h} D={d}",
-                   "T": t if tq == t else f"1 of {t}", "case": case}
-            result.rows.append(measure(
-                row, lambda: compare(attention_ref, attention, inputs, backward=tq == t),
-                lambda: compare(attention_ref, lambda t: sdpa(t["q"], t["k"], t["v"]), inputs, backward=tq == t),
-                tol))
+            inputs = {
+                "q": randn(BATCH, h, tq, d, scale=scale).to(dtype),
+                "k": randn(BATCH, h, t, d, scale=scale).to(dtype),
+                "v": randn(BATCH, h, t, d).to(dtype),
+            }
+            row = {
+                "kernel": "attention",
+                "dtype": dname,
+                "shape": f"H={h} D={d}",
+                "T": t if tq == t else f"1 of {t}",
+                "case": case,
+            }
+            result.rows.append(
+                measure(
+                    row,
+                    lambda: compare(attention_ref, attention, inputs, backward=tq == t),
+                    lambda: compare(attention_ref, lambda t: sdpa(t["q"], t["k"], t["v"]), inputs, backward=tq == t),
+                    tol,
+                )
+            )
 
     for dname in ["float32"] + list(vp.dtypes):
         dtype, tol = DTYPES[dname], getattr(vp.tolerances, dname)
@@ -146,27 +178,47 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
                 if bias is not None:
                     inputs["bias"] = bias.to(device, dtype)
             row = {"kernel": "layer_norm", "dtype": dname, "shape": f"N={n}", "T": t, "case": case}
-            result.rows.append(measure(
-                row, lambda: compare(layer_norm_ref, layer_norm, inputs, backward=True),
-                lambda: compare(layer_norm_ref, lambda t: torch_layer_norm(t["x"], t["weight"], t.get("bias"), EPS),
-                                inputs, backward=True), tol))
+            result.rows.append(
+                measure(
+                    row,
+                    lambda: compare(layer_norm_ref, layer_norm, inputs, backward=True),
+                    lambda: compare(
+                        layer_norm_ref,
+                        lambda t: torch_layer_norm(t["x"], t["weight"], t.get("bias"), EPS),
+                        inputs,
+                        backward=True,
+                    ),
+                    tol,
+                )
+            )
 
-    result.tolerance = {f"{d}.{k}": getattr(getattr(vp.tolerances, d), k)
-                        for d in ["float32"] + list(vp.dtypes) for k in ("kernel_fwd", "kernel_grad")}
+    result.tolerance = {
+        f"{d}.{k}": getattr(getattr(vp.tolerances, d), k)
+        for d in ["float32"] + list(vp.dtypes)
+        for k in ("kernel_fwd", "kernel_grad")
+    }
     for kernel in ("attention", "layer_norm"):
         rows = [r for r in result.rows if r["kernel"] == kernel]
         failed = [r for r in rows if r["status"] != PASS]
-        result.figures.update({
-            f"{kernel}.cases": len(rows), f"{kernel}.failed": len(failed),
-            f"{kernel}.fwd_err_max": max((r["fwd err"] for r in rows if isinstance(r["fwd err"], float)),
-                                         default=math.nan),
-            f"{kernel}.grad_err_max": max((r["grad err"] for r in rows if isinstance(r["grad err"], float)
-                                           and not math.isnan(r["grad err"])), default=math.nan),
-        })
+        result.figures.update(
+            {
+                f"{kernel}.cases": len(rows),
+                f"{kernel}.failed": len(failed),
+                f"{kernel}.fwd_err_max": max(
+                    (r["fwd err"] for r in rows if isinstance(r["fwd err"], float)), default=math.nan
+                ),
+                f"{kernel}.grad_err_max": max(
+                    (r["grad err"] for r in rows if isinstance(r["grad err"], float) and not math.isnan(r["grad err"])),
+                    default=math.nan,
+                ),
+            }
+        )
         if failed:
             first = failed[0]
-            result.fail(f"{kernel}: {len(failed)} of {len(rows)} cases out of tolerance; first: {first['dtype']} "
-                        f"{first['shape']} T={first['T']} {first['case']}: {first['status']}")
+            result.fail(
+                f"{kernel}: {len(failed)} of {len(rows)} cases out of tolerance; first: {first['dtype']} "
+                f"{first['shape']} T={first['T']} {first['case']}: {first['status']}"
+            )
     return result
 
 
@@ -178,8 +230,15 @@ def measure(row: dict, compare_fn, baseline_fn, tol) -> dict:
         fwd, grad, worst = compare_fn()
     except Exception as e:  # noqa: BLE001 - any error of the kernel is a finding to report, not a crash
         message = str(e).splitlines()[0] if str(e) else ""
-        return {**row, "fwd err": "-", "grad err": "-", "worst grad": "", "torch fwd err": "-",
-                "torch grad err": "-", "status": f"fail: {type(e).__name__}: {message}"}
+        return {
+            **row,
+            "fwd err": "-",
+            "grad err": "-",
+            "worst grad": "",
+            "torch fwd err": "-",
+            "torch grad err": "-",
+            "status": f"fail: {type(e).__name__}: {message}",
+        }
     try:
         torch_fwd, torch_grad, _ = baseline_fn()
     except RuntimeError:  # PyTorch has no such op for that dtype on this device: no baseline, no allowance
@@ -193,5 +252,12 @@ def measure(row: dict, compare_fn, baseline_fn, tol) -> dict:
         bad.append(f"fwd {fwd:.3g} > {tol.kernel_fwd:g} and > {TORCH_SLACK:g} x torch {torch_fwd:.3g}")
     if worst and not ok(grad, tol.kernel_grad, torch_grad):
         bad.append(f"{worst} {grad:.3g} > {tol.kernel_grad:g} and > {TORCH_SLACK:g} x torch {torch_grad:.3g}")
-    return {**row, "fwd err": fwd, "grad err": grad, "worst grad": worst, "torch fwd err": torch_fwd,
-            "torch grad err": torch_grad, "status": "fail: " + ", ".join(bad) if bad else PASS}
+    return {
+        **row,
+        "fwd err": fwd,
+        "grad err": grad,
+        "worst grad": worst,
+        "torch fwd err": torch_fwd,
+        "torch grad err": torch_grad,
+        "status": "fail: " + ", ".join(bad) if bad else PASS,
+    }

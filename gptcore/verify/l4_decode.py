@@ -18,26 +18,36 @@ from __future__ import annotations
 
 import torch
 
+from gptcore.devices import autocast
 from gptcore.model import GPT
-from gptcore.verify.common import Result, autocast
+from gptcore.verify.common import Result
 
 TITLE = "greedy decoding: identical token streams"
-COLUMNS = ["prompt", "tokens", "identical", "rounding ties", "first divergence", "reference", "candidate",
-           "fp32 reference", "text (reference)"]
+COLUMNS = [
+    "prompt",
+    "tokens",
+    "identical",
+    "rounding ties",
+    "first divergence",
+    "reference",
+    "candidate",
+    "fp32 reference",
+    "text (reference)",
+]
 
 
 @torch.no_grad()
 def next_tokens(model: GPT, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The greedy next token of every row of `idx` (B, T), as a (B,) tensor."""
     with autocast(idx.device, dtype):
-        logits, _ = model(idx[:, -model.config.block_size:])
+        logits, _ = model(idx[:, -model.config.block_size :])
     return logits[:, -1, :].float().argmax(-1)
 
 
 @torch.no_grad()
 def arbitrate(ref: GPT, prefix: torch.Tensor, a: int, b: int) -> tuple[int, float]:
     """The float32 reference on `prefix` (T,): its pick and its logit gap between tokens a and b."""
-    logits, _ = ref(prefix[None, -ref.config.block_size:])  # float32: no autocast
+    logits, _ = ref(prefix[None, -ref.config.block_size :])  # float32: no autocast
     logits = logits[0, -1].float()
     return int(logits.argmax()), abs(logits[a] - logits[b]).item()
 
@@ -73,8 +83,9 @@ def _show(decode, ids) -> str:
     return repr(decode(ids))[1:-1][:60]
 
 
-def run(ref: GPT, cand: GPT, prompts: torch.Tensor, steps: int, dtype: torch.dtype, decode=None,
-        tie_gap: float = 0.0) -> Result:
+def run(
+    ref: GPT, cand: GPT, prompts: torch.Tensor, steps: int, dtype: torch.dtype, decode=None, tie_gap: float = 0.0
+) -> Result:
     """`decode(ids) -> str` (the vocabulary's) makes the report readable; optional."""
     result = Result("L4", TITLE, columns=COLUMNS)
     result.tolerance = {"identical_streams": "all", "tie_gap": tie_gap}
@@ -82,24 +93,44 @@ def run(ref: GPT, cand: GPT, prompts: torch.Tensor, steps: int, dtype: torch.dty
 
     def token(t):
         return f"{t} {_show(decode, [t])!r}"
+
     for i in range(prompts.size(0)):
-        row = {"prompt": i, "tokens": steps, "identical": not ties[i] and diverged[i] is None,
-               "rounding ties": "; ".join(f"{p}: {token(a)} / {token(b)}, gap {g:.2g}" for p, a, b, g, _ in ties[i])
-               or "-", "first divergence": "-", "reference": "", "candidate": "", "fp32 reference": "",
-               "text (reference)": _show(decode, ref_tokens[i].tolist())}
+        row = {
+            "prompt": i,
+            "tokens": steps,
+            "identical": not ties[i] and diverged[i] is None,
+            "rounding ties": "; ".join(f"{p}: {token(a)} / {token(b)}, gap {g:.2g}" for p, a, b, g, _ in ties[i])
+            or "-",
+            "first divergence": "-",
+            "reference": "",
+            "candidate": "",
+            "fp32 reference": "",
+            "text (reference)": _show(decode, ref_tokens[i].tolist()),
+        }
         if diverged[i] is not None:
             pos, a, b, gap, pick = diverged[i]
-            row.update({"first divergence": pos, "reference": token(a), "candidate": token(b),
-                        "fp32 reference": f"picks {pick}, gap {gap:.3g}"})
-            result.fail(f"prompt {i}: streams differ at token {pos}: reference {token(a)}, candidate {token(b)} "
-                        f"(float32 logit gap {gap:.3g} > tie gap {tie_gap:g})")
+            row.update(
+                {
+                    "first divergence": pos,
+                    "reference": token(a),
+                    "candidate": token(b),
+                    "fp32 reference": f"picks {pick}, gap {gap:.3g}",
+                }
+            )
+            result.fail(
+                f"prompt {i}: streams differ at token {pos}: reference {token(a)}, candidate {token(b)} "
+                f"(float32 logit gap {gap:.3g} > tie gap {tie_gap:g})"
+            )
         result.rows.append(row)
     all_ties = [t for row_ties in ties for t in row_ties]
     divergences = [d[0] for d in diverged if d is not None]
     result.figures = {
-        "prompts": prompts.size(0), "prompt_tokens": prompts.size(1), "tokens_per_prompt": steps,
+        "prompts": prompts.size(0),
+        "prompt_tokens": prompts.size(1),
+        "tokens_per_prompt": steps,
         "identical_prompts": sum(r["identical"] for r in result.rows),
-        "rounding_ties": len(all_ties), "max_tie_gap": max((t[3] for t in all_ties), default=0.0),
+        "rounding_ties": len(all_ties),
+        "max_tie_gap": max((t[3] for t in all_ties), default=0.0),
         "first_divergence": min(divergences) if divergences else -1,
     }
     return result

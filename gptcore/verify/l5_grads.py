@@ -11,8 +11,9 @@ import statistics
 
 import torch
 
+from gptcore.devices import autocast
 from gptcore.model import GPT
-from gptcore.verify.common import Result, autocast, within
+from gptcore.verify.common import Result, within
 
 TITLE = "gradients of one backward pass"
 COLUMNS = ["parameter", "shape", "norm of g ref", "rel err", "status"]
@@ -46,16 +47,30 @@ def run(ref: GPT, cand: GPT, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtyp
     ranked = sorted(errs, key=lambda n: math.inf if math.isnan(errs[n]) else errs[n], reverse=True)  # NaN first
     for name in ranked[:SHOWN]:
         ok = within(errs[name], tol.grad_rel)
-        result.rows.append({"parameter": name, "shape": "x".join(map(str, ref_grads[name].shape)),
-                            "norm of g ref": ref_grads[name].double().norm().item(), "rel err": errs[name],
-                            "status": "pass" if ok else f"fail: > {tol.grad_rel:g}"})
+        result.rows.append(
+            {
+                "parameter": name,
+                "shape": "x".join(map(str, ref_grads[name].shape)),
+                "norm of g ref": ref_grads[name].double().norm().item(),
+                "rel err": errs[name],
+                "status": "pass" if ok else f"fail: > {tol.grad_rel:g}",
+            }
+        )
     if len(ranked) > SHOWN:
         result.notes.append(f"The {SHOWN} worst of {len(ranked)} parameters are listed.")
     worst = ranked[0]
-    result.figures = {"grad_rel_max": errs[worst], "grad_rel_median": statistics.median(errs.values()),
-                      "worst_parameter": worst, "parameters": len(errs), "loss_ref": ref_loss, "loss_cand": cand_loss}
+    result.figures = {
+        "grad_rel_max": errs[worst],
+        "grad_rel_median": statistics.median(errs.values()),
+        "worst_parameter": worst,
+        "parameters": len(errs),
+        "loss_ref": ref_loss,
+        "loss_cand": cand_loss,
+    }
     bad = [n for n in ranked if not within(errs[n], tol.grad_rel)]
     if bad:
-        result.fail(f"{len(bad)} of {len(errs)} gradients out of tolerance; worst {worst}: rel err "
-                    f"{errs[worst]:.3g} > {tol.grad_rel:g}")
+        result.fail(
+            f"{len(bad)} of {len(errs)} gradients out of tolerance; worst {worst}: rel err "
+            f"{errs[worst]:.3g} > {tol.grad_rel:g}"
+        )
     return result

@@ -13,8 +13,14 @@ import torch
 from gptcore.verify.common import FAIL, PASS, SKIPPED
 from gptcore.verify.runner import Verification
 
-KEYS = {"compile": "compile_gate", "L1": "L1_kernels", "L2": "L2_blocks", "L3": "L3_logits", "L4": "L4_decode",
-        "L5": "L5_grads"}
+KEYS = {
+    "compile": "compile_gate",
+    "L1": "L1_kernels",
+    "L2": "L2_blocks",
+    "L3": "L3_logits",
+    "L4": "L4_decode",
+    "L5": "L5_grads",
+}
 HEADLINES = {  # the figures the summary table shows per level
     "compile": ["jobs", "failed", "cached"],
     "L1": ["attention.fwd_err_max", "attention.grad_err_max", "layer_norm.fwd_err_max", "layer_norm.grad_err_max"],
@@ -64,13 +70,26 @@ def shown_path(path: Path) -> str:
 
 def metrics(v: Verification) -> dict:
     out = {
-        "status": v.status, "passed": v.count(PASS), "failed": v.count(FAIL), "skipped": v.count(SKIPPED),
-        "candidate": v.candidate, "device": v.device, "model_dtype": v.model_dtype, "decode_dtype": v.decode_dtype,
-        "source": shown_path(v.weights.source), "source_sha256": v.weights.source_sha256, "seconds": v.seconds,
+        "status": v.status,
+        "passed": v.count(PASS),
+        "failed": v.count(FAIL),
+        "skipped": v.count(SKIPPED),
+        "candidate": v.candidate,
+        "device": v.device,
+        "model_dtype": v.model_dtype,
+        "decode_dtype": v.decode_dtype,
+        "source": shown_path(v.weights.source),
+        "source_sha256": v.weights.source_sha256,
+        "seconds": v.seconds,
     }
     for r in v.results:
-        out[KEYS[r.name]] = {"status": r.status, "reason": r.reason, **r.figures, "tolerance": r.tolerance,
-                             "seconds": r.seconds}
+        out[KEYS[r.name]] = {
+            "status": r.status,
+            "reason": r.reason,
+            **r.figures,
+            "tolerance": r.tolerance,
+            "seconds": r.seconds,
+        }
     return jsonable(out)
 
 
@@ -78,15 +97,19 @@ def render(v: Verification, title: str = "Verification report") -> str:
     w, c = v.weights, v.weights.config
     try:
         import importlib.metadata
+
         cutile_version = importlib.metadata.version("cuda-tile")
     except Exception:  # noqa: BLE001 - only for the header
         cutile_version = "not installed"
     status = {PASS: "PASS", FAIL: "FAIL", "incomplete": "INCOMPLETE (nothing failed, something was skipped)"}[v.status]
     out = [
-        f"# {title}", "",
+        f"# {title}",
+        "",
         f"**Status: {status}**: {v.count(PASS)} passed, {v.count(FAIL)} failed, {v.count(SKIPPED)} skipped "
-        "(the compile gate and levels L1-L5).", "",
-        "| | |", "|---|---|",
+        "(the compile gate and levels L1-L5).",
+        "",
+        "| | |",
+        "|---|---|",
         f"| weights | `{shown_path(w.source)}` ({w.source_format}, sha256 `{w.source_sha256[:16]}`) |",
         f"| config | {', '.join(f'{k}={val}' for k, val in c.to_dict().items())} |",
         f"| candidate | {v.candidate} on {v.device} |",
@@ -95,8 +118,11 @@ def render(v: Verification, title: str = "Verification report") -> str:
         f"{v.model_dtype} autocast (fp32 weights), as in training; L4: both under {v.decode_dtype} autocast |",
         f"| software | torch {torch.__version__}, cuda.tile {cutile_version}, Python {platform.python_version()} |",
         f"| run | {time.strftime('%Y-%m-%d %H:%M:%S')}, {v.seconds:.1f} s |",
-        "", "## Summary", "",
-        "| level | status | figures | reason |", "|---|---|---|---|",
+        "",
+        "## Summary",
+        "",
+        "| level | status | figures | reason |",
+        "|---|---|---|---|",
     ]
     for r in v.results:
         figures = ", ".join(f"{k} {fmt(r.figures[k])}" for k in HEADLINES[r.name] if k in r.figures)
@@ -104,8 +130,12 @@ def render(v: Verification, title: str = "Verification report") -> str:
     checks = [{"check": ch.name, "status": ch.status, "detail": ch.detail} for ch in w.checks]
     out += ["", "## Checkpoint checks", "", table(["check", "status", "detail"], checks)]
     for r in v.results:
-        out += ["", f"## {r.name}: {r.title}", "", f"Status: {BADGE[r.status]}" + (f": {r.reason}" if r.reason else "")
-                + f" ({r.seconds:.1f} s)"]
+        out += [
+            "",
+            f"## {r.name}: {r.title}",
+            "",
+            f"Status: {BADGE[r.status]}" + (f": {r.reason}" if r.reason else "") + f" ({r.seconds:.1f} s)",
+        ]
         if r.tolerance:
             out += ["", "Tolerance: " + ", ".join(f"{k} {fmt(val)}" for k, val in r.tolerance.items())]
         if r.figures:

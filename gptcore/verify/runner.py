@@ -5,24 +5,31 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from gptcore import data as gdata
 from gptcore.devices import resolve_device
+from gptcore.errors import UserError
 from gptcore.model import GPT
 from gptcore.transplant import CheckedWeights
 from gptcore.verify import gate, l1_kernels, l2_blocks, l3_logits, l4_decode, l5_grads
 from gptcore.verify.common import DTYPES, FAIL, PASS, SKIPPED, Candidate, Result, cutile_candidate
 
-TITLES = {"compile": gate.TITLE, "L1": l1_kernels.TITLE, "L2": l2_blocks.TITLE, "L3": l3_logits.TITLE,
-          "L4": l4_decode.TITLE, "L5": l5_grads.TITLE}
+TITLES = {
+    "compile": gate.TITLE,
+    "L1": l1_kernels.TITLE,
+    "L2": l2_blocks.TITLE,
+    "L3": l3_logits.TITLE,
+    "L4": l4_decode.TITLE,
+    "L5": l5_grads.TITLE,
+}
 
 
-class VerifyError(ValueError):
+class VerifyError(UserError, ValueError):
     """Verification cannot start (no GPU asked for but absent, data too short, ...): the message says why."""
 
 
@@ -52,8 +59,9 @@ def val_batches(val: np.ndarray, block_size: int, batches: int, batch_size: int,
     """`batches` (x, y) pairs of block_size tokens, the rows evenly spaced over the split (no randomness:
     every run, on every machine, sees the same text)."""
     if len(val) < block_size + 2:
-        raise VerifyError(f"the validation split has {len(val)} tokens; verification needs at least "
-                          f"block_size + 2 = {block_size + 2}")
+        raise VerifyError(
+            f"the validation split has {len(val)} tokens; verification needs at least block_size + 2 = {block_size + 2}"
+        )
     offsets = np.linspace(0, len(val) - block_size - 1, batches * batch_size).astype(np.int64)
     return [gdata.batch_at(val, row, block_size, device) for row in offsets.reshape(batches, batch_size)]
 
@@ -61,7 +69,7 @@ def val_batches(val: np.ndarray, block_size: int, batches: int, batch_size: int,
 def prompts_from(val: np.ndarray, count: int, length: int, device) -> torch.Tensor:
     """`count` prompts of `length` tokens cut from evenly spaced places in the split."""
     offsets = np.linspace(0, len(val) - length, count).astype(np.int64)
-    rows = np.stack([np.asarray(val[o:o + length], dtype=np.int64) for o in offsets])
+    rows = np.stack([np.asarray(val[o : o + length], dtype=np.int64) for o in offsets])
     return torch.from_numpy(rows).to(device)
 
 
@@ -86,8 +94,14 @@ def guarded(name: str, fn: Callable[[], Result]) -> Result:
     return result
 
 
-def verify(weights: CheckedWeights, val: np.ndarray, vp, candidate: Candidate | None = None,
-           device: torch.device | str | None = None, decode: Callable | None = None) -> Verification:
+def verify(
+    weights: CheckedWeights,
+    val: np.ndarray,
+    vp,
+    candidate: Candidate | None = None,
+    device: torch.device | str | None = None,
+    decode: Callable | None = None,
+) -> Verification:
     """Compare the reference model with the candidate model (default: CuTileGPT on the cuTile kernels)
     on `weights`: the compile gate, then L1-L5 as `vp` (the `verify` params) sets them.
     `val` is the validation split's token ids; `decode` turns ids into text for the report."""
@@ -97,8 +111,12 @@ def verify(weights: CheckedWeights, val: np.ndarray, vp, candidate: Candidate | 
     config, dtype = weights.config, DTYPES[vp.model_dtype]
     v = Verification(weights, candidate.name, _describe(device), vp.model_dtype, vp.decode_dtype)
 
-    v.results.append(guarded("compile", lambda: gate.run(config, list(vp.compile_archs), vp.compile_scope,
-                                                         vp.model_dtype, vp.decode_dtype)))
+    v.results.append(
+        guarded(
+            "compile",
+            lambda: gate.run(config, list(vp.compile_archs), vp.compile_scope, vp.model_dtype, vp.decode_dtype),
+        )
+    )
     if candidate.unavailable:  # skipped with the reason, never a silent fallback to PyTorch
         for name in ("L1", "L2", "L3", "L4", "L5"):
             v.results.append(Result(name, TITLES[name], SKIPPED, reason=candidate.unavailable))
@@ -116,8 +134,12 @@ def verify(weights: CheckedWeights, val: np.ndarray, vp, candidate: Candidate | 
         guarded("L1", lambda: l1_kernels.run(candidate, config, weights.state_dict, vp, device)),
         guarded("L2", lambda: l2_blocks.run(ref, cand, x, dtype, tol)),
         guarded("L3", lambda: l3_logits.run(ref, cand, batches, dtype, tol)),
-        guarded("L4", lambda: l4_decode.run(ref, cand, prompts, vp.decode_tokens, DTYPES[vp.decode_dtype], decode,
-                                            vp.decode_tie_gap)),
+        guarded(
+            "L4",
+            lambda: l4_decode.run(
+                ref, cand, prompts, vp.decode_tokens, DTYPES[vp.decode_dtype], decode, vp.decode_tie_gap
+            ),
+        ),
         guarded("L5", lambda: l5_grads.run(ref, cand, x, y, dtype, tol)),
     ]
     v.seconds = round(time.perf_counter() - t0, 2)

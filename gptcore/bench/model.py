@@ -1,0 +1,300 @@
+"""Model benchmarks: one training step (eager, compiled, captured as one CUDA graph), prefill of a full
+block, and decoding (with the KV cache, eager and replayed as CUDA graphs, and uncached), for the reference
+and the cuTile model, as rows of the one record schema (gptcore.bench.timing).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from gptcore.bench.timing import OK, Recorder, Skip, require_cuda_graphs
+from gptcore.checkpoint import gpt_from_checkpoint
+from gptcore.cutile_model import model_class
+from gptcore.devices import autocast
+from gptcore.errors import BackendUnavailable
+from gptcore.kernels.runtime import cutile_unavailable
+from gptcore.model import GPT, GPTConfig
+from gptcore.sampling import Decoder, load_for_inference
+from gptcore.train_graph import GraphCaptureError, GraphedTrainStep
+
+# The implementation each speedup is relative to, per case (the first one measured in the list).
+REFERENCE = {
+    "train_step": ["torch eager"],
+    "prefill": ["torch"],
+    "decode": ["torch uncached"],
+}
+SAMPLING = dict(temperature=0.8, top_k=200, top_p=None)  # the sample stage's defaults
+DECODE_SEED = 1234
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def train_model(checkpoint: dict, backend: str, device: torch.device) -> GPT:
+    """The checkpoint's model for the train step: fp32 weights (autocast does the rest), its dropout."""
+    reason = cutile_unavailable(device) if backend == "cutile" else None
+    if reason:
+        raise Skip(reason)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cuTile attention-dropout note: the record carries the dropout
+        model = gpt_from_checkpoint(checkpoint, model_class(backend))
+    return model.to(device).train()
+
+
+def inference_model(checkpoint: dict, backend: str, device: torch.device, dtype: torch.dtype) -> GPT:
+    try:
+        return load_for_inference(checkpoint, backend, device, dtype)
+    except BackendUnavailable as e:
+        raise Skip(str(e)) from None
+
+
+def graphed_train_step(
+    model: GPT, optimizer, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, lr: float
+) -> Callable[[], object]:
+    """The step of `train_step_rows` captured as a CUDA graph (gptcore/train_graph.py), past its eager
+    warm-up steps and the capture, so that only replays are timed."""
+    try:
+        graphed = GraphedTrainStep(
+            model, optimizer, dtype=dtype, micro_steps=1, batch_size=x.size(0), block_size=x.size(1), grad_clip=1.0
+        )
+    except ValueError as e:  # a setting the graphed step refuses (float16), with its reason
+        raise Skip(str(e)) from None
+    xs, ys = x[None], y[None]
+    try:
+        while not graphed.captured:
+            graphed.step(xs, ys, lr)
+    except GraphCaptureError as e:
+        raise Skip(str(e)) from None
+    return lambda: graphed.step(xs, ys, lr)
+
+
+def train_step_rows(
+    rec: Recorder,
+    checkpoint: dict,
+    batch: int,
+    dtype: torch.dtype,
+    backends: list[str],
+    compile_setting: bool | str = "auto",
+) -> None:
+    """One training step as the train stage runs it: forward and loss under autocast, backward, gradient
+    clipping at 1.0, fused AdamW on CUDA; eagerly, compiled, or captured as one CUDA graph (`+graph`).
+    Random tokens: the data does not change the time.
+    `compile_setting` (bench.compile): True, False, or "auto" (on CUDA only)."""
+    device = rec.device
+    compile_on = compile_setting is True or (compile_setting == "auto" and device.type == "cuda")
+    config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
+    shape = f"B{batch}xT{config.block_size}"
+    tokens = batch * config.block_size
+    lr = 1e-4
+    rows = [
+        ("torch eager", "torch", False, False),
+        ("torch compile", "torch", True, False),
+        ("torch eager+graph", "torch", False, True),
+        ("cutile", "cutile", False, False),
+        ("cutile+graph", "cutile", False, True),
+    ]
+    for impl, backend, use_compile, graph in rows:
+        if backend not in backends:
+            continue
+
+        def setup(backend=backend, use_compile=use_compile, graph=graph):
+            if use_compile and not compile_on:
+                raise Skip(
+                    f"torch.compile row off (bench.compile: {compile_setting}, device {device.type}): "
+                    "compiling takes minutes on a small CPU; set bench.compile: true to measure it"
+                )
+            if graph:
+                require_cuda_graphs(device)
+            model = train_model(checkpoint, backend, device)
+            optimizer = model.configure_optimizers(0.1, lr, (0.9, 0.99), device.type, capturable=graph)
+            g = torch.Generator(device=device).manual_seed(0)
+            x = torch.randint(config.vocab_size, (batch, config.block_size), device=device, generator=g)
+            y = torch.randint(config.vocab_size, (batch, config.block_size), device=device, generator=g)
+            if graph:
+                return graphed_train_step(model, optimizer, x, y, dtype, lr)
+            scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+            forward = torch.compile(model) if use_compile else model
+
+            def step():
+                with autocast(device, dtype):
+                    _, loss = forward(x, y)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+
+            return step
+
+        notes = {}
+        if backend == "cutile" and config.dropout > 0:
+            notes["note"] = "the cuTile attention applies no dropout to attention probabilities"
+        rec.measure(
+            "train_step",
+            impl,
+            shape,
+            dtype_name(dtype),
+            setup,
+            lambda ms: {"tokens_per_sec": tokens / ms * 1000, "ms_per_iter": ms},
+            dropout=config.dropout,
+            **notes,
+        )
+
+
+def inference_rows(
+    rec: Recorder,
+    checkpoint: dict,
+    dtype: torch.dtype,
+    backends: list[str],
+    batch_sizes: list[int],
+    prompt_tokens: int,
+    cuda_graph: bool,
+) -> None:
+    """Prefill ms for a full block, and decode tokens/s from `prompt_tokens` tokens to the end of the block:
+    with the KV cache (eager; replayed as CUDA graphs) and uncached, per backend and batch size."""
+    device = rec.device
+    config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
+    block = config.block_size
+    new_tokens = block - prompt_tokens
+    for backend in ["torch", "cutile"]:
+        if backend not in backends:
+            continue
+        try:
+            model = inference_model(checkpoint, backend, device, dtype)
+            load_error = None
+        except Skip as e:
+            model, load_error = None, str(e)
+
+        def needs_model():
+            if model is None:
+                raise Skip(load_error)
+
+        for batch in batch_sizes:
+            # prefill: one forward of a full block into an empty cache (what a long prompt costs)
+            def setup_prefill(batch=batch):
+                needs_model()
+                idx = torch.randint(config.vocab_size, (batch, block), device=device)
+                cache = model.new_kv_cache(batch)
+
+                def run():
+                    for layer in cache:
+                        layer.length = 0
+                    with torch.no_grad():
+                        model(idx, kv_cache=cache)
+
+                return run
+
+            rec.measure(
+                "prefill",
+                backend,
+                f"B{batch}xT{block}",
+                dtype_name(dtype),
+                setup_prefill,
+                lambda ms, batch=batch: {"tokens_per_sec": batch * block / ms * 1000},
+            )
+
+            decode_rows(rec, model, load_error, backend, batch, prompt_tokens, new_tokens, dtype, cuda_graph)
+
+
+def decode_rows(
+    rec: Recorder,
+    model: GPT | None,
+    load_error: str | None,
+    backend: str,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    dtype: torch.dtype,
+    cuda_graph: bool,
+) -> None:
+    device = rec.device
+    shape = f"B{batch}xP{prompt_tokens}+{new_tokens}"
+    outputs: dict[str, torch.Tensor] = {}
+
+    def generator():
+        return torch.Generator(device=device).manual_seed(DECODE_SEED)
+
+    def prompt():
+        g = torch.Generator(device=device).manual_seed(0)
+        return torch.randint(model.config.vocab_size, (batch, prompt_tokens), device=device, generator=g)
+
+    def check():
+        if model is None:
+            raise Skip(load_error)
+        if new_tokens < 1:
+            raise Skip(
+                f"bench.prompt_tokens ({prompt_tokens}) leaves no room to decode in block_size "
+                f"{model.config.block_size}"
+            )
+
+    def setup_uncached():
+        check()
+        idx = prompt()
+        decoder = Decoder(model, batch, kv_cache=False, **SAMPLING)
+
+        def run():
+            decoder.generator = generator()  # every repeat draws the same tokens
+            outputs["uncached"] = decoder.generate(idx, new_tokens)
+
+        return run
+
+    def setup_cached(graph: bool):
+        def setup():
+            check()
+            if graph:
+                require_cuda_graphs(device)
+            if graph and not cuda_graph:
+                raise Skip("off by bench.cuda_graph: false")
+            idx = prompt()
+            decoder = Decoder(model, batch, generator=generator(), cuda_graph=graph, **SAMPLING)
+            decoder.generate(idx, new_tokens)  # first run: eager steps, each captured as a graph after it
+            if graph and decoder.graph_error:
+                # The graphs are what this row measures: without them it would only repeat the eager row.
+                raise Skip(decoder.graph_error)
+            key = "kv_cache+cuda_graph" if graph else "kv_cache"
+
+            def run():
+                decoder.generator.manual_seed(DECODE_SEED)  # every repeat draws the same tokens
+                outputs[key] = decoder.generate(idx, new_tokens)
+
+            return run
+
+        return setup
+
+    def tokens_per_sec(ms: float) -> dict:
+        return {
+            "tokens_per_sec": batch * new_tokens / ms * 1000,
+            "ms_per_token": ms / new_tokens,
+            "new_tokens": new_tokens,
+        }
+
+    records = {}
+    for variant, setup in (
+        ("uncached", setup_uncached),
+        ("kv_cache", setup_cached(False)),
+        ("kv_cache+cuda_graph", setup_cached(True)),
+    ):
+        records[variant] = rec.measure(
+            "decode",
+            f"{backend} {variant}",
+            shape,
+            dtype_name(dtype),
+            setup,
+            tokens_per_sec,
+            backend=backend,
+            variant=variant,
+            batch=batch,
+        )
+    base = records["uncached"]
+    for variant in ("kv_cache", "kv_cache+cuda_graph"):
+        r = records[variant]
+        if r["status"] == OK and base["status"] == OK:
+            # the 5x criterion: cached vs regenerating the whole context, same backend, same run
+            r["speedup_vs_uncached"] = r["tokens_per_sec"] / base["tokens_per_sec"]
+        if variant in outputs and "uncached" in outputs:
+            r["same_tokens_as_uncached"] = bool(torch.equal(outputs[variant], outputs["uncached"]))
