@@ -39,8 +39,9 @@ def load_checkpoint(path: str | Path, map_location="cpu", verify: bool = True) -
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated, corrupted or unsafe files
         raise CheckpointError(
-            f"{path}: cannot be loaded as a safe (weights-only) torch checkpoint: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"{path}: not a checkpoint this project can read ({type(e).__name__} from torch.load with "
+            "weights_only=True): truncated, corrupted, or not a dict of tensors and plain values; fetch it again "
+            "or rerun the stage that made it"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")

@@ -308,8 +308,10 @@ def load_corpus(corpus: str, root: Path | None = None) -> tuple[str, dict]:
 # ---- prepare: corpus -> meta.json, train.bin, val.bin ----------------------------------------------------
 
 
-def prepare(corpus: str, out_dir: Path, val_fraction: float = 0.1, root: Path | None = None) -> dict:
-    """Tokenise the corpus into `out_dir`/{train.bin, val.bin, meta.json}; return corpus statistics."""
+def split_corpus(corpus: str, val_fraction: float = 0.1, root: Path | None = None):
+    """The corpus as (vocabulary, token ids, number of training tokens, text, structure): the first
+    (1 - val_fraction) of it trains, the rest validates (contiguous, as nanoGPT's shakespeare_char).
+    Deterministic: the same corpus always gives the same ids."""
     if not 0 < val_fraction < 1:
         raise DataError(f"data.val_fraction: {val_fraction} must be between 0 and 1 (exclusive)")
     text, extra = load_corpus(corpus, root)
@@ -321,30 +323,33 @@ def prepare(corpus: str, out_dir: Path, val_fraction: float = 0.1, root: Path | 
         )
     vocab = CharVocab(chars)
     n = len(text)
-    n_train = int(n * (1 - val_fraction))  # contiguous split, as nanoGPT's shakespeare_char: val is the end
+    n_train = int(n * (1 - val_fraction))
     if n_train == 0 or n_train == n:
         raise DataError(
             f"corpus {corpus} is too short to split: {n} characters give {n_train} train and "
             f"{n - n_train} val characters at val_fraction {val_fraction}; both must be non-empty"
         )
-    ids = vocab.encode_array(text)
+    return vocab, vocab.encode_array(text), n_train, text, extra
 
+
+def prepare(corpus: str, out_dir: Path, val_fraction: float = 0.1, root: Path | None = None) -> dict:
+    """Tokenise the corpus into `out_dir`/{train.bin, val.bin, meta.json}; return corpus statistics (numbers).
+    Nothing is written unless the whole corpus was read and split."""
+    vocab, ids, n_train, text, extra = split_corpus(corpus, val_fraction, root)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab.save(out_dir / "meta.json")
     atomic_write_bytes(out_dir / "train.bin", ids[:n_train].tobytes())  # uint16, as numpy's tofile writes it
     atomic_write_bytes(out_dir / "val.bin", ids[n_train:].tobytes())
     return {
-        "corpus": corpus,
-        "characters": n,
+        "characters": len(text),
         "vocab_size": vocab.vocab_size,
         "train_tokens": n_train,
-        "val_tokens": n - n_train,
+        "val_tokens": len(text) - n_train,
         "lines": text.count("\n") + int(not text.endswith("\n")),  # a last line without a newline counts
         # blocks of text between blank lines: the speeches of a corpus in tiny-shakespeare's shape
         "speeches": sum(1 for block in re.split(r"\n\s*\n", text) if block.strip()),
         **extra,
-        "data_sha256": data_sha256(out_dir),
     }
 
 
@@ -402,3 +407,45 @@ def get_batch(
         )
     offsets = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     return batch_at(data, offsets, block_size, device)
+
+
+# ---- the data a checkpoint was trained on, as its manifest records it ------------------------------------
+
+
+def data_record(data_params, data_dir: Path, vocab: CharVocab) -> dict:
+    """What a checkpoint's manifest records of its data, so a copy fetched anywhere can be re-verified
+    without the prepared files: the vocabulary, and the corpus with its split and the tokens' sha256."""
+    return {
+        "vocab": vocab.itos,
+        "data": {
+            "corpus": data_params.corpus,
+            "val_fraction": data_params.val_fraction,
+            "sha256": data_sha256(data_dir),
+        },
+    }
+
+
+def from_record(record: dict, source: str, root: Path | None = None) -> tuple[CharVocab, np.ndarray]:
+    """The vocabulary and the validation tokens a manifest's data record (`data_record`) describes, the
+    split rebuilt from the corpus and checked against the recorded sha256."""
+    if not isinstance(record.get("vocab"), list) or not isinstance(record.get("data"), dict):
+        raise DataError(
+            f"{source} records no vocabulary and corpus (written before gptcore kept them): "
+            "pass --data DIR, a prepared data folder (meta.json, val.bin)"
+        )
+    vocab = CharVocab(record["vocab"])
+    info = record["data"]
+    try:
+        rebuilt, ids, n_train, _, _ = split_corpus(info["corpus"], info["val_fraction"], root)
+    except DataError as e:
+        raise DataError(
+            f"{source}: the corpus it was trained on cannot be read here ({e}); pass --data DIR, a prepared data folder"
+        ) from None
+    digest = hashlib.sha256(ids.tobytes()).hexdigest()  # train.bin then val.bin, as data_sha256 reads them
+    if rebuilt.itos != vocab.itos or digest != info.get("sha256"):
+        raise DataError(
+            f"{source}: the corpus {info['corpus']!r} here gives other tokens than the ones it was "
+            f"trained on (sha256 {digest[:12]}..., recorded {str(info.get('sha256'))[:12]}...): "
+            "pass --data DIR, the prepared data it was trained on"
+        )
+    return vocab, ids[n_train:]

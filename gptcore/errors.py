@@ -21,3 +21,11 @@ class CheckpointError(UserError, ValueError):
 
 class BackendUnavailable(UserError, RuntimeError):
     """A backend that cannot run on this machine, with the reason (never a silent fallback to another)."""
+
+
+class StageKilled(BaseException):
+    """The stage was told to stop (SIGTERM): unwinds like Ctrl-C, so its MLflow run ends KILLED."""
+
+
+class StageError(UserError, RuntimeError):
+    """A failure the user can act on; its message is the whole report."""

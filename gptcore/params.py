@@ -7,7 +7,6 @@ so DVC reruns a stage only when the keys it declares change.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -237,13 +236,20 @@ class SampleParams(Section):
     num_samples: int = Field(3, ge=1)
     max_new_tokens: int = Field(300, ge=1)
     temperature: float = Field(0.8, ge=0.0)  # 0: greedy
-    top_k: int | None = Field(200, ge=1)  # null: no top-k cut
+    top_k: int | None = 200  # null: no top-k cut
     top_p: float | None = Field(None, gt=0.0, le=1.0)  # null: no nucleus cut
     seed: int = 1337
     backend: Literal["torch", "cutile"] = "torch"
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the model is cast to it
     cuda_graph: bool = True  # replay each decode step as a CUDA graph (CUDA only)
+
+    @field_validator("top_k")
+    @classmethod
+    def top_k_cuts_something(cls, top_k: int | None) -> int | None:
+        if top_k is not None and top_k < 1:
+            raise ValueError("must be at least 1 (null means no top-k cut)")
+        return top_k
 
 
 class MlflowParams(Section):
@@ -274,11 +280,6 @@ class Params(Section):
     mlflow: MlflowParams = MlflowParams()
 
 
-def repo_root() -> Path:
-    """The project root: DVC_ROOT when DVC runs the stage (also for --temp/--queue runs), else the cwd."""
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
-
-
 def _format_error(err: ValidationError, path: Path) -> str:
     lines = [f"{path}: invalid parameters"]
     for e in err.errors():
@@ -288,7 +289,7 @@ def _format_error(err: ValidationError, path: Path) -> str:
         else:
             found = e.get("input")
             found = "" if isinstance(found, dict) else f", got {found!r}"
-            lines.append(f"  {key}: {e['msg']}{found}")
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{found}")
     return "\n".join(lines)
 
 
@@ -303,20 +304,40 @@ def parse_params(raw: dict, source: Path | str = "params.yaml") -> Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; a missing, empty or unparsable file is a ParamsError that names it
+    (and, for YAML syntax, the line), never a silent fallback to the built-in defaults."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ParamsError(f"{path}: not valid YAML{where}: {problem}") from None
+    if raw is None:
+        raise ParamsError(
+            f"{path}: the file is empty; expected the sections {', '.join(SECTIONS)} "
+            "(git checkout params.yaml restores the project's)"
+        )
     return parse_params(raw, path)
 
 
-def with_overrides(params: Params, section: str, updates: dict) -> Params:
-    """`params` with some keys of one section replaced (command-line overrides), validated like
-    params.yaml so a bad value names its key (`sample.top_k: ...`)."""
+def with_overrides(params: Params, updates: dict[str, object], source: str = "command line") -> Params:
+    """`params` with dotted keys replaced (`train.learning_rate`, `verify.tolerances.bfloat16.kernel_fwd`),
+    validated like params.yaml so a bad value names its key."""
     raw = params.model_dump()
-    raw[section].update(updates)
-    return parse_params(raw, "command line")
+    for key, value in updates.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for i, name in enumerate(parents):
+            if not isinstance(node.get(name), dict):
+                raise ParamsError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section of params.yaml")
+            node = node[name]
+        node[leaf] = value
+    return parse_params(raw, source)
 
 
 def with_preset(params: Params, name: str, sections: list[str]) -> Params:
@@ -334,13 +355,19 @@ def with_preset(params: Params, name: str, sections: list[str]) -> Params:
     return parse_params(raw, path)
 
 
-def parse_assignments(items: list[str], section: str) -> dict:
-    """`--set KEY=VALUE` arguments as {KEY: VALUE}, the value read as YAML (`top_p=null`, `cases=[kernels]`)."""
+def parse_assignments(items: list[str], section: str) -> dict[str, object]:
+    """`--set KEY=VALUE` arguments as {dotted key: value}, the value read as YAML (`top_p=null`,
+    `cases=[kernels]`). KEY is `section.key` (any section) or a key of `section`, the stage's own."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        key = key.strip().removeprefix(f"{section}.")
+        key = key.strip()
         if not sep or not key:
-            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, for example --set repeats=20")
-        out[key] = yaml.safe_load(value)
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, for example --set {section}.seed=1")
+        if key.split(".")[0] not in SECTIONS:
+            key = f"{section}.{key}"
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ParamsError(f"--set {item!r}: the value {value!r} is not valid YAML") from None
     return out

@@ -1,5 +1,10 @@
-"""What every stage script shares: params loading, metrics and plot files, the MLflow run, and turning
-a user error into one clear message and a non-zero exit instead of a traceback."""
+"""What every stage script shares: the command line (`--params`, `--set`), params loading, the working
+directory its files live in, metrics and plot files, the MLflow run, and the one error policy.
+
+A stage reads params.yaml and writes its outputs relative to its working directory: under `dvc exp run
+--temp/--queue` that is the experiment's own copy of the repository, so concurrent experiments never
+share a file. Only the MLflow store is shared (gptcore.tracking).
+"""
 
 from __future__ import annotations
 
@@ -8,34 +13,70 @@ import csv
 import io
 import json
 import math
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gptcore.errors import UserError
+from gptcore.errors import StageError, StageKilled, UserError
 from gptcore.files import atomic_write_text
-from gptcore.params import Params, load_params, repo_root
+from gptcore.params import Params, load_params, parse_assignments, with_overrides, with_preset
 from gptcore.tracking import stage_run
 
-
-class StageError(UserError, RuntimeError):
-    """A failure the user can act on; its message is the whole report."""
+__all__ = ["StageError", "load", "main", "parser", "tracked", "workspace", "write_json", "write_metrics", "write_plot"]
 
 
-def parser(description: str | None) -> argparse.ArgumentParser:
-    """A stage's command line with the option every stage has, `--params`; the stage adds its own."""
+def workspace() -> Path:
+    """Where a stage reads its inputs and writes its outputs: the working directory."""
+    return Path.cwd().resolve()
+
+
+def parser(description: str | None, section: str) -> argparse.ArgumentParser:
+    """A stage's command line with the options every stage has; the stage adds its own."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="assignments",
+        help=f"override a parameter, value in YAML (repeatable): section.key=value, or a key of "
+        f"{section}: --set {section}.seed=1",
+    )
+    ap.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="take this stage's sections of presets/NAME.yaml (GPU sizes) without editing params.yaml",
+    )
     return ap
 
 
-def load(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
-    return load_params(path if path.is_absolute() else repo_root() / path)
+def load(
+    args: argparse.Namespace,
+    section: str,
+    overrides: dict | None = None,
+    sections: list[str] | None = None,
+    defaults_if_missing: bool = False,
+) -> Params:
+    """params.yaml (or --params), then the preset's `sections` (--preset), then the stage's own flags
+    (`overrides`: {key of `section`: value}, None where not given), then every --set. With
+    `defaults_if_missing` a params file that does not exist means the built-in defaults, said so."""
+    path = Path(args.params)
+    if defaults_if_missing and not path.exists():
+        print(f"note: no {path} here: the built-in defaults of gptcore/params.py")
+        params = Params()
+    else:
+        params = load_params(path)
+    if args.preset:
+        params = with_preset(params, args.preset, sections or [section])
+    updates = {f"{section}.{k}": v for k, v in (overrides or {}).items() if v is not None}
+    updates.update(parse_assignments(args.assignments, section))
+    return with_overrides(params, updates) if updates else params
 
 
-def tracked(stage: str, params: Params, sections: list[str]):
-    return stage_run(stage, params, sections + ["mlflow"])
+def tracked(stage: str, params: Params, sections: list[str], log: bool = True):
+    return stage_run(stage, params, sections + ["mlflow"], log=log)
 
 
 def _jsonable(value):
@@ -48,9 +89,25 @@ def _jsonable(value):
     return value
 
 
+def _check_numeric(value, key: str = "") -> None:
+    """DVC's metric tools tabulate numbers: a string in a metrics file is a column of noise."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_numeric(v, f"{key}.{k}" if key else k)
+    elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TypeError(f"metrics file value {key} = {value!r} is not a number: log it as an MLflow tag instead")
+
+
 def write_metrics(stage: str, metrics: dict, root: Path | None = None) -> Path:
-    path = (root or repo_root()) / "metrics" / f"{stage}.json"
-    return atomic_write_text(path, json.dumps(_jsonable(metrics), indent=2, sort_keys=False) + "\n")
+    """metrics/<stage>.json: a few headline numbers (nested dicts allowed), nothing else."""
+    _check_numeric(metrics)
+    path = (root or workspace()) / "metrics" / f"{stage}.json"
+    return atomic_write_text(path, json.dumps(_jsonable(metrics), indent=2) + "\n")
+
+
+def write_json(path: Path, content) -> Path:
+    """A plain output (a record, a report's data): any JSON, written atomically."""
+    return atomic_write_text(path, json.dumps(_jsonable(content), indent=1) + "\n")
 
 
 def write_plot(path: Path, rows: list[dict]) -> Path:
@@ -63,9 +120,19 @@ def write_plot(path: Path, rows: list[dict]) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
+def _stop(signum, frame):
+    raise StageKilled(f"stopped by signal {signum}")
+
+
 def main(fn: Callable[[], int]) -> int:
+    """Run a stage's main: a UserError prints one line naming the problem and exits 2; SIGTERM unwinds
+    like Ctrl-C (files already written stay whole, the MLflow run ends KILLED)."""
+    signal.signal(signal.SIGTERM, _stop)
     try:
         return fn()
-    except (UserError, FileNotFoundError) as e:  # the message says what is wrong and where: no traceback
+    except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, StageKilled) as e:
+        print(f"stopped: {type(e).__name__} {e}".rstrip(), file=sys.stderr)
+        return 130

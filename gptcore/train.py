@@ -29,6 +29,7 @@ from gptcore import data as gdata
 from gptcore.checkpoint import load_checkpoint, save_checkpoint
 from gptcore.cutile_model import build_model
 from gptcore.devices import autocast, resolve_device, resolve_dtype
+from gptcore.errors import CheckpointError
 from gptcore.kernels import require_cutile
 from gptcore.model import GPT, GPTConfig
 from gptcore.params import Params, ParamsError
@@ -36,6 +37,9 @@ from gptcore.train_graph import GraphedTrainStep
 
 BEST_CHECKPOINT = "ckpt.pt"  # the lowest validation loss seen: what the later stages use
 LAST_CHECKPOINT = "last.pt"  # the latest evaluation point, with RNG states: what `resume` continues
+# The best checkpoint of a run in progress: it replaces ckpt.pt (with its manifest) only when the run ends,
+# so a failed or interrupted run leaves the previous checkpoint and manifest as they were.
+STAGED_CHECKPOINT = "ckpt.pt.next"
 
 
 @dataclass
@@ -170,6 +174,43 @@ class Trainer:
         self.micro_steps = self.p.gradient_accumulation_steps // world
         self.tokens_per_iter = self.p.gradient_accumulation_steps * self.p.batch_size * params.model.block_size
         self.out_dir = root / self.p.out_dir
+        self.config = model_config(params, self.vocab.vocab_size)
+        # Everything that can fail is checked here, before anything is written: the resume state too.
+        self.resume_state = self.load_resume_state() if self.p.resume else None
+        self.run_id: str | None = None  # the MLflow run, written into the checkpoints (a resumed run links to it)
+        self.improved = False  # whether the finished run replaced ckpt.pt with a better checkpoint
+
+    @property
+    def resumed_run_id(self) -> str | None:
+        """The MLflow run that wrote the checkpoint this run resumes, when it recorded one."""
+        return self.resume_state.get("mlflow_run_id") if self.resume_state else None
+
+    def load_resume_state(self) -> dict:
+        path = self.out_dir / LAST_CHECKPOINT
+        if not path.is_file():
+            raise CheckpointError(
+                f"train.resume: true, but {path} does not exist: there is no run to continue "
+                "(set train.resume: false to start afresh)"
+            )
+        ck = load_checkpoint(path, map_location=self.device)
+        if ck.get("model_args") != self.config.to_dict():
+            raise ParamsError(
+                f"train.resume: {path} was trained with model {ck.get('model_args')}, params ask for "
+                f"{self.config.to_dict()}"
+            )
+        return ck
+
+    @property
+    def staged(self) -> Path:
+        return self.out_dir / STAGED_CHECKPOINT
+
+    def promote_best(self) -> bool:
+        """At the end of a run, its best checkpoint replaces ckpt.pt (the stage then writes the manifest
+        beside it). False when the run found none better (a resumed run that did not improve)."""
+        if not self.staged.is_file():
+            return False
+        os.replace(self.staged, self.out_dir / BEST_CHECKPOINT)
+        return True
 
     def check_cuda_graph(self) -> None:
         """What train.cuda_graph needs that params.yaml alone cannot tell (compile and float16 are refused
@@ -240,6 +281,8 @@ class Trainer:
             "history": history,
             "params": self.params.model_dump(),
             "data_sha256": self.data_sha256,
+            "vocab": self.vocab.itos,
+            "mlflow_run_id": self.run_id,
             "rng": {
                 "data": generator.get_state(),
                 "torch": torch.get_rng_state(),
@@ -305,8 +348,7 @@ class Trainer:
         """
         p, d = self.p, self.d
         torch.manual_seed(p.seed)  # same initial weights on every process
-        config = model_config(self.params, self.vocab.vocab_size)
-        raw = build_model(config, p.backend).to(self.device)
+        raw = build_model(self.config, p.backend).to(self.device)
         optimizer = raw.configure_optimizers(
             p.weight_decay, p.learning_rate, (p.beta1, p.beta2), self.device.type, capturable=p.cuda_graph
         )
@@ -314,13 +356,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(p.seed)
         start, best_val, best_iter, history = 0, float("inf"), -1, []
 
-        if p.resume:
-            ck = load_checkpoint(self.out_dir / LAST_CHECKPOINT, map_location=self.device)
-            if ck["model_args"] != config.to_dict():
-                raise ParamsError(
-                    f"train.resume: {self.out_dir / LAST_CHECKPOINT} was trained with model "
-                    f"{ck['model_args']}, params ask for {config.to_dict()}"
-                )
+        if self.resume_state is not None:
+            ck = self.resume_state
             raw.load_state_dict(ck["model"])
             load_optimizer_state(optimizer, ck["optimizer"])
             scaler.load_state_dict(ck["scaler"])
@@ -331,6 +368,8 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
             if self.device.type == "cuda" and rng["cuda"].numel():
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
+        elif d.master:
+            self.staged.unlink(missing_ok=True)  # the best of an abandoned earlier run, never promoted
         # Dropout masks differ per process, as in any data-parallel run; seeds offset by rank.
         if d.rank and not p.resume:
             torch.manual_seed(p.seed + d.rank)
@@ -368,7 +407,7 @@ class Trainer:
                     if d.master:
                         save_checkpoint(
                             self.checkpoint(raw, optimizer, scaler, it, best_val, best_iter, history, generator),
-                            self.out_dir / BEST_CHECKPOINT,
+                            self.staged,
                         )
                 if d.master:
                     save_checkpoint(
@@ -396,6 +435,8 @@ class Trainer:
                     tok_s=f"{self.tokens_per_iter / steady * 1000:,.0f}",
                 )
         bar.close()
+        if end == p.max_iters and d.master:
+            self.improved = self.promote_best()
 
         # Steady-state speed: skip the first steps (compilation, allocator warm-up) when there are enough.
         steady = step_ms[5:] if len(step_ms) > 10 else step_ms

@@ -270,10 +270,12 @@ def transplant(
     vocab_source: str = "meta.json",
     source_label: str | None = None,
     provenance: dict | None = None,
+    data: dict | None = None,
 ) -> dict:
     """Check `source`, write `<out_dir>/model.safetensors` and `<out_dir>/manifest.json`; return the manifest.
     `source_label` is the path recorded in the manifest (the stage gives it relative to the repo);
-    `provenance` (the stage's mlflow_run_id, git_commit, dvc_stage) goes into the manifest as it is."""
+    `provenance` (the stage's mlflow_run_id, git_commit, dvc_stage) goes into the manifest as it is, and so
+    does `data` (the vocabulary and the corpus it was trained on: what re-verifying a fetched copy needs)."""
     if dtype not in DTYPES:
         raise TransplantError(f"transplant.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()
@@ -301,6 +303,7 @@ def transplant(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.perf_counter() - t0, 3),
         **(provenance or {}),
+        **(data or {}),
     }
     # the MLflow run and commit that made the source, from its own manifest (out/ckpt.json) when it has one
     made_by = find_manifest(weights.source)

@@ -1,9 +1,10 @@
-"""Bench stage: time the cuTile model and kernels against PyTorch on this machine; write metrics/bench.json
-(one record per case), plots/bench.csv (speed relative to the PyTorch reference) and MLflow metrics.
+"""Bench stage: time the cuTile model and kernels against PyTorch on this machine. Writes
+metrics/bench.json (the headline figures per backend), bench/records.json (every row, with the device and
+versions), plots/bench.csv (speed relative to the PyTorch reference) and MLflow metrics.
 
-    python stages/bench.py                                           # as `dvc repro` runs it
-    GPTCORE_MLFLOW=off python stages/bench.py --preset shakespeare_char --checkpoint out/ckpt.pt
-    python stages/bench.py --cases inference --backends torch --set decode_batch_sizes=[1]
+    python -m stages.bench                                           # as `dvc repro` runs it
+    GPTCORE_MLFLOW=off python -m stages.bench --preset shakespeare_char --checkpoint out/ckpt.pt
+    python -m stages.bench --cases inference --backends torch --set decode_batch_sizes=[1]
 
 Rows that cannot run here (cuTile without a GPU, an SDPA backend this device lacks) are recorded as
 `skipped` with the reason. A row that fails is recorded as `failed`; the stage then exits with status 1
@@ -17,37 +18,15 @@ from pathlib import Path
 from gptcore import stage
 from gptcore.bench import kernels as kernel_bench
 from gptcore.bench import model as model_bench
-from gptcore.bench.timing import FAILED, OK, SKIPPED, Recorder, Timer, add_speedups, plot_rows, record_id
+from gptcore.bench.timing import FAILED, OK, Recorder, Timer, add_speedups, plot_rows, record_id
 from gptcore.checkpoint import load_checkpoint
 from gptcore.devices import resolve_device, resolve_dtype
 from gptcore.manifest import checkpoint_tags
 from gptcore.model import GPTConfig
-from gptcore.params import parse_assignments, repo_root, with_overrides, with_preset
 
-SECTIONS = ["bench"]
+SECTION = "bench"
 PLOT = Path("plots") / "bench.csv"
-
-
-def parse_args(argv):
-    ap = stage.parser(__doc__)
-    ap.add_argument(
-        "--preset",
-        metavar="NAME",
-        help="take the bench section of presets/NAME.yaml (GPU sizes) without editing params.yaml",
-    )
-    ap.add_argument("--checkpoint", help="bench.checkpoint: the trained model whose config sets the shapes")
-    ap.add_argument("--device", help="bench.device: auto | cpu | cuda | cuda:N")
-    ap.add_argument("--cases", nargs="+", help="bench.cases: kernels train inference")
-    ap.add_argument("--backends", nargs="+", help="bench.backends: torch cutile")
-    ap.add_argument("--repeats", type=int, help="bench.repeats")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other bench key, value in YAML (repeatable): --set kernel_dtypes=[bfloat16]",
-    )
-    return ap.parse_args(argv)
+RECORDS = Path("bench") / "records.json"
 
 
 def metric_name(text: str) -> str:
@@ -55,22 +34,17 @@ def metric_name(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    params = stage.load(args.params)
-    if args.preset:
-        params = with_preset(params, args.preset, SECTIONS)
-    flags = {
-        "checkpoint": args.checkpoint,
-        "device": args.device,
-        "cases": args.cases,
-        "backends": args.backends,
-        "repeats": args.repeats,
-    }
-    params = with_overrides(
-        params, "bench", {**{k: v for k, v in flags.items() if v is not None}, **parse_assignments(args.set, "bench")}
-    )
+    ap = stage.parser(__doc__, SECTION)
+    ap.add_argument("--checkpoint", help="bench.checkpoint: the trained model whose config sets the shapes")
+    ap.add_argument("--device", help="bench.device: auto | cpu | cuda | cuda:N")
+    ap.add_argument("--cases", nargs="+", help="bench.cases: kernels train inference")
+    ap.add_argument("--backends", nargs="+", help="bench.backends: torch cutile")
+    ap.add_argument("--repeats", type=int, help="bench.repeats")
+    args = ap.parse_args(argv)
+    flags = {k: getattr(args, k) for k in ("checkpoint", "device", "cases", "backends", "repeats")}
+    params = stage.load(args, SECTION, flags)
     p = params.bench
-    root = repo_root()
+    root = stage.workspace()
     device = resolve_device(p.device, "bench.device")
     dtype = resolve_dtype(p.dtype, device)
     kernel_dtypes = list(dict.fromkeys(resolve_dtype(d, device) for d in p.kernel_dtypes))
@@ -84,7 +58,7 @@ def main(argv=None) -> int:
         f"bench on {rec.env['device']} (torch {rec.env['torch']}, cuda-tile {rec.env['cuda_tile']}); model "
         f"{config.n_layer}L {config.n_head}H {config.n_embd}d block {config.block_size} from {p.checkpoint}"
     )
-    with stage.tracked("bench", params, SECTIONS) as run:
+    with stage.tracked("bench", params, [SECTION]) as run:
         if "kernels" in p.cases:
             kernel_bench.kernel_rows(rec, config, p.kernel_shapes, p.model_batch, p.gpt2_batch, kernel_dtypes)
         if "train" in p.cases:
@@ -95,25 +69,18 @@ def main(argv=None) -> int:
             )
         records = rec.records
         add_speedups(records, {**kernel_bench.REFERENCE, **model_bench.REFERENCE})
-
-        counts = {status: sum(r["status"] == status for r in records) for status in (OK, SKIPPED, FAILED)}
-        # The headline: decode with the KV cache vs regenerating the whole context, batch 1, per backend.
-        decode_b1 = {
-            r["implementation"]: r["speedup_vs_uncached"]
-            for r in records
-            if r["case"] == "decode" and r.get("batch") == 1 and "speedup_vs_uncached" in r
-        }
-        metrics = {
-            **rec.env,
-            "checkpoint": p.checkpoint,
-            "checkpoint_sha256": ckpt_tags["checkpoint.sha256"],
-            "model": config.to_dict(),
-            "counts": counts,
-            "decode_speedup_vs_uncached_batch1": decode_b1,
-            "mlflow_run_id": run.run_id,
-            "records": {record_id(r): r for r in records},
-        }
-        path = stage.write_metrics("bench", metrics, root)
+        headline = model_bench.headline_metrics(records)
+        stage.write_json(
+            root / RECORDS,
+            {
+                "environment": rec.env,
+                "model": config.to_dict(),
+                "checkpoint": p.checkpoint,
+                "mlflow_run_id": run.run_id,
+                "records": {record_id(r): r for r in records},
+            },
+        )
+        path = stage.write_metrics("bench", headline, root)
         stage.write_plot(root / PLOT, plot_rows(records))
 
         figures = {}
@@ -123,7 +90,7 @@ def main(argv=None) -> int:
             for key in ("ms", "tflops", "gbps", "tokens_per_sec", "speedup", "speedup_vs_uncached"):
                 if key in r:
                     figures[metric_name(f"{record_id(r)}/{key}")] = r[key]
-        run.log_metrics({**figures, **{f"rows_{k}": v for k, v in counts.items()}})
+        run.log_metrics({**figures, **{f"rows_{k}": v for k, v in headline["rows"].items()}})
         run.set_tags(
             {
                 "bench.device": rec.env["device"],
@@ -133,13 +100,17 @@ def main(argv=None) -> int:
             }
         )
         run.log_artifact(path)
+        run.log_artifact(root / RECORDS)
 
+    counts = headline["rows"]
     print(
         f"bench: {counts['ok']} measured, {counts['skipped']} skipped, {counts['failed']} failed -> "
-        f"{path.relative_to(root)}, {PLOT}"
+        f"{path.relative_to(root)}, {RECORDS}, {PLOT}"
     )
-    for impl, speedup in decode_b1.items():
-        print(f"  decode batch 1, {impl}: {speedup:.2f}x the tokens/s of uncached regeneration")
+    for backend in ("torch", "cutile"):
+        decode = headline.get(backend, {}).get("decode_speedup_vs_uncached")
+        if decode:
+            print(f"  decode batch 1, {backend} kv_cache: {decode:.2f}x the tokens/s of uncached regeneration")
     failed = [r for r in records if r["status"] == FAILED]
     if failed:
         print("failed rows:\n" + "\n".join(f"  {record_id(r)}: {r['reason']}" for r in failed), file=sys.stderr)

@@ -1,27 +1,27 @@
 """Prepare stage: turn the corpus into a character vocabulary and uint16 train/val token files.
 
-python stages/prepare.py [--params params.yaml]
+python -m stages.prepare [--params params.yaml] [--set data.corpus=my.txt]
 """
 
 import sys
 import time
 
 from gptcore import data, stage
-from gptcore.params import repo_root
+
+SECTION = "data"
 
 
 def main(argv=None) -> int:
-    ap = stage.parser(__doc__)
-    args = ap.parse_args(argv)
-    params = stage.load(args.params)
-    root = repo_root()
-    with stage.tracked("prepare", params, ["data"]) as run:
+    args = stage.parser(__doc__, SECTION).parse_args(argv)
+    params = stage.load(args, SECTION)
+    root = stage.workspace()
+    with stage.tracked("prepare", params, [SECTION]) as run:
         t0 = time.perf_counter()
         stats = data.prepare(params.data.corpus, root / params.data.out_dir, params.data.val_fraction, root=root)
         stats["seconds"] = round(time.perf_counter() - t0, 3)
         stage.write_metrics("prepare", stats, root)
         run.log_metrics(stats)
-        run.set_tags({"data.sha256": stats["data_sha256"]})
+        run.set_tags({"data.corpus": params.data.corpus, "data.sha256": data.data_sha256(root / params.data.out_dir)})
     print(
         f"prepared {stats['characters']:,} characters, vocab {stats['vocab_size']}, "
         f"train {stats['train_tokens']:,} / val {stats['val_tokens']:,} tokens"

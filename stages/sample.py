@@ -17,19 +17,17 @@ from gptcore import stage
 from gptcore.checkpoint import CheckpointError, load_checkpoint
 from gptcore.data import CharVocab, DataError
 from gptcore.devices import resolve_device, resolve_dtype
+from gptcore.errors import ParamsError
 from gptcore.files import atomic_write_text
 from gptcore.manifest import checkpoint_tags
-from gptcore.params import ParamsError, parse_assignments, repo_root, with_overrides, with_preset
 from gptcore.sampling import Decoder, load_for_inference
 
+SECTION = "sample"
 SECTIONS = ["data", "sample"]
 
 
 def parse_args(argv):
-    ap = stage.parser(__doc__)
-    ap.add_argument(
-        "--preset", metavar="NAME", help="take the sample section of presets/NAME.yaml without editing params.yaml"
-    )
+    ap = stage.parser(__doc__, SECTION)
     ap.add_argument("--out", default="samples/samples.txt", help="the samples file (default: %(default)s)")
     ap.add_argument("--checkpoint", help="sample.checkpoint")
     ap.add_argument("--backend", choices=["torch", "cutile"], help="sample.backend")
@@ -49,43 +47,30 @@ def parse_args(argv):
         const=False,
         help="decode eagerly (sample.cuda_graph: false)",
     )
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any sample key, value in YAML (repeatable): --set top_p=null",
-    )
     return ap.parse_args(argv)
+
+
+FLAGS = (
+    "checkpoint",
+    "backend",
+    "device",
+    "dtype",
+    "prompt",
+    "num_samples",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "cuda_graph",
+)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    params = stage.load(args.params)
-    if args.preset:
-        params = with_preset(params, args.preset, ["sample"])
-    flags = {
-        k: getattr(args, k)
-        for k in (
-            "checkpoint",
-            "backend",
-            "device",
-            "dtype",
-            "prompt",
-            "num_samples",
-            "max_new_tokens",
-            "temperature",
-            "top_k",
-            "top_p",
-            "seed",
-            "cuda_graph",
-        )
-    }
-    params = with_overrides(
-        params, "sample", {**{k: v for k, v in flags.items() if v is not None}, **parse_assignments(args.set, "sample")}
-    )
+    params = stage.load(args, SECTION, {k: getattr(args, k) for k in FLAGS})
     s = params.sample
-    root = repo_root()
+    root = stage.workspace()
     device = resolve_device(s.device, "sample.device")
     dtype = resolve_dtype(s.dtype, device)
 
@@ -137,35 +122,31 @@ def main(argv=None) -> int:
         # The first sample also runs each decode step eagerly once and captures it as a CUDA graph; the
         # later ones replay the graphs: their speed is the steady state.
         steady = seconds[1:] or seconds
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         metrics = {
-            "backend": s.backend,
-            "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-            "dtype": str(dtype).removeprefix("torch."),
-            "num_samples": s.num_samples,
-            "max_new_tokens": s.max_new_tokens,
             "tokens_generated": total,
             "tokens_per_sec": total / sum(seconds),
             "ms_per_token": 1000 * sum(seconds) / total,
             "steady_tokens_per_sec": len(steady) * s.max_new_tokens / sum(steady),
             "first_sample_sec": seconds[0],
-            "cuda_graph": decoder.use_graph,
-            "cuda_graph_error": decoder.graph_error,
-            "seed": s.seed,
-            "temperature": s.temperature,
-            "top_k": s.top_k,
-            "top_p": s.top_p,
-            "checkpoint": s.checkpoint,
-            "checkpoint_sha256": ckpt_tags["checkpoint.sha256"],
-            "samples_file": args.out,
-            "mlflow_run_id": run.run_id,
+            "cuda_graph_steps": len(decoder.graphs),  # decode steps replayed as CUDA graphs (0: eager)
         }
         stage.write_metrics("sample", metrics, root)
         run.log_metrics(metrics)
-        run.set_tags({"sample.backend": s.backend, "sample.device": metrics["device"], **ckpt_tags})
+        run.set_tags(
+            {
+                "sample.backend": s.backend,
+                "sample.device": device_name,
+                "sample.dtype": str(dtype).removeprefix("torch."),
+                "sample.file": args.out,
+                "sample.cuda_graph_error": decoder.graph_error or "",
+                **ckpt_tags,
+            }
+        )
         run.log_text(samples_text, "samples.txt")
     print(
         f"sample: {s.num_samples} samples of {s.max_new_tokens} tokens -> {args.out}; "
-        f"{metrics['steady_tokens_per_sec']:,.0f} tokens/s ({s.backend} on {metrics['device']}"
+        f"{metrics['steady_tokens_per_sec']:,.0f} tokens/s ({s.backend} on {device_name}"
         f"{', CUDA graphs' if decoder.use_graph else ''})"
     )
     if decoder.graph_error and device.type == "cuda":

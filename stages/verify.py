@@ -1,77 +1,83 @@
 """Verify stage: the cuTile model against the reference, level by level (compile gate, then L1-L5).
 
-    python stages/verify.py                       # the pipeline: <transplant.out_dir>/model.safetensors
-                                                  #   -> reports/verify.md, metrics/verify.json
-    python stages/verify.py --checkpoint PATH [--data DIR] [--out DIR]
+    python -m stages.verify                       # the pipeline: <transplant.out_dir>/model.safetensors
+                                                  #   -> reports/verify.{md,json}, metrics/verify.json
+    python -m gptcore verify --checkpoint PATH [--data DIR] [--out DIR]
         # any checkpoint (ours, a nanoGPT ckpt.pt, a transplant's safetensors or its folder), checked as the
-        # transplant stage checks it; report and metrics go to DIR (default verify-runs/<name>-<sha>/),
-        # never to the pipeline's outputs. --data: the prepared data to verify on (meta.json, val.bin).
-    GPTCORE_MLFLOW=off python stages/verify.py --checkpoint out/ckpt.pt --preset shakespeare_char --out DIR
-        # the GPU machine (no MLflow there: records go to a JSON file); --preset takes the verify section of
-        # presets/NAME.yaml, --set KEY=VALUE (repeatable) any verify key, --device a device
+        # transplant stage checks it, from any folder; report and record go to DIR (default
+        # verify-runs/<name>-<sha>/), never to the pipeline's outputs. The data: --data DIR (meta.json,
+        # val.bin), else the project's prepared data when here, else the vocabulary and corpus that the
+        # checkpoint's manifest records. Without a params.yaml here, verify's defaults.
+    GPTCORE_MLFLOW=off python -m stages.verify --checkpoint out/ckpt.pt --preset shakespeare_char --out DIR
+        # the GPU machine (no MLflow there: records go to a JSON file)
 
 Exit status: 0 when nothing failed (skipped levels included: they say why), 1 when the compile gate or
 a level failed (after the report and metrics are written), 2 for unusable inputs (a one-line message).
 """
 
-import json
+import os
 import sys
 from pathlib import Path
 
 from gptcore import data, stage
+from gptcore.errors import DataError
 from gptcore.files import atomic_write_text
-from gptcore.manifest import checkpoint_tags
-from gptcore.params import parse_assignments, repo_root, with_overrides, with_preset
+from gptcore.manifest import checkpoint_tags, find_manifest
 from gptcore.tracking import flatten
 from gptcore.transplant import WEIGHTS_FILE, check_weights
-from gptcore.verify import FAIL, metrics, render, verify
+from gptcore.verify import FAIL, headline_metrics, metrics, render, verify
 
+SECTION = "verify"
 REPORT = Path("reports") / "verify.md"
 
 
+def verification_data(args, params, root: Path, source: Path):
+    """(vocabulary, validation tokens, where the vocabulary came from) for the checkpoint being verified."""
+    project_data = root / params.data.out_dir
+    if args.data or not args.checkpoint or (project_data / "meta.json").is_file():
+        data_dir = Path(args.data) if args.data else project_data
+        return (
+            data.CharVocab.load(data_dir / "meta.json"),
+            data.load_split(data_dir, "val"),
+            str(data_dir / "meta.json"),
+        )
+    file = source / WEIGHTS_FILE if source.is_dir() else source
+    found = find_manifest(file) if file.is_file() else None
+    if found is None:
+        raise DataError(
+            f"{file}: no prepared data here and no manifest beside it that records its vocabulary: "
+            "pass --data DIR, a prepared data folder (meta.json, val.bin)"
+        )
+    vocab, val = data.from_record(found.data, str(found.path), root)
+    return vocab, val, str(found.path)
+
+
 def main(argv=None) -> int:
-    ap = stage.parser(__doc__)
+    ap = stage.parser(__doc__, SECTION)
     ap.add_argument("--checkpoint", help="verify this checkpoint instead of the pipeline's transplant")
-    ap.add_argument("--data", help="prepared data folder (meta.json, val.bin); default: data.out_dir")
+    ap.add_argument("--data", help="prepared data folder (meta.json, val.bin) to verify on")
     ap.add_argument("--out", help="where --checkpoint writes verify.md and verify.json")
-    ap.add_argument(
-        "--preset",
-        metavar="NAME",
-        help="take the verify section of presets/NAME.yaml (GPU sizes) without editing params.yaml",
-    )
     ap.add_argument("--device", help="verify.device: auto | cpu | cuda | cuda:N")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other verify key, value in YAML (repeatable): --set decode_tokens=500",
-    )
     args = ap.parse_args(argv)
     if args.out and not args.checkpoint:
         ap.error("--out goes with --checkpoint (the pipeline writes reports/verify.md and metrics/verify.json)")
-    params = stage.load(args.params)
-    if args.preset:
-        params = with_preset(params, args.preset, ["verify"])
-    overrides = {**({"device": args.device} if args.device else {}), **parse_assignments(args.set, "verify")}
-    if overrides:
-        params = with_overrides(params, "verify", overrides)
-    root = repo_root()
-    vp = params.verify
-    data_dir = Path(args.data) if args.data else root / params.data.out_dir
-    vocab = data.CharVocab.load(data_dir / "meta.json")
-    val = data.load_split(data_dir, "val")
+    in_project = Path(args.params).exists()
+    params = stage.load(args, SECTION, {"device": args.device}, defaults_if_missing=bool(args.checkpoint))
+    root = stage.workspace()
     source = Path(args.checkpoint) if args.checkpoint else root / params.transplant.out_dir / WEIGHTS_FILE
-    weights = check_weights(source, vocab.vocab_size, vocab_source=str(data_dir / "meta.json"))
+    vocab, val, vocab_source = verification_data(args, params, root, source)
+    weights = check_weights(source, vocab.vocab_size, vocab_source=vocab_source)
 
     if args.checkpoint:  # ad hoc: a folder of its own, named after the checkpoint, never the pipeline's outputs
         name = source.name if source.is_dir() else source.stem
         out_dir = Path(args.out) if args.out else root / "verify-runs" / f"{name}-{weights.source_sha256[:8]}"
-        report_path, metrics_path = out_dir / "verify.md", out_dir / "verify.json"
+        report_path, record_path = out_dir / "verify.md", out_dir / "verify.json"
     else:
-        report_path, metrics_path = root / REPORT, root / "metrics" / "verify.json"
+        report_path, record_path = root / REPORT, root / REPORT.with_suffix(".json")
 
-    with stage.tracked("verify", params, ["verify"]) as run:
+    # Outside a project (a fetched checkpoint in a folder of its own) nothing is logged, unless asked to.
+    log = in_project or not args.checkpoint or bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    with stage.tracked("verify", params, [SECTION], log=log) as run:
         run.set_tags(
             {
                 "verify.mode": "checkpoint" if args.checkpoint else "pipeline",
@@ -80,23 +86,22 @@ def main(argv=None) -> int:
                 **checkpoint_tags(weights.source, weights.source_sha256),
             }
         )
-        result = verify(weights, val, vp, decode=vocab.decode)
-        summary = metrics(result)
-        summary["mlflow_run_id"] = run.run_id
-        # Report and metrics first: a failed level must still leave them behind for reading.
+        result = verify(weights, val, params.verify, decode=vocab.decode)
+        record = {**metrics(result), "mlflow_run_id": run.run_id}
+        headline = headline_metrics(result)
+        # Report and record first: a failed level must still leave them behind for reading.
         atomic_write_text(report_path, render(result))
-        if args.checkpoint:
-            atomic_write_text(metrics_path, json.dumps(summary, indent=2) + "\n")
-        else:
-            stage.write_metrics("verify", summary, root)
+        stage.write_json(record_path, record)
+        if not args.checkpoint:
+            stage.write_metrics("verify", headline, root)
         run.set_tags({"verify.status": result.status, **{f"verify.{r.name}": r.status for r in result.results}})
-        run.log_metrics({k: v for k, v in flatten("", summary).items() if ".tolerance." not in k})
+        run.log_metrics(flatten("", headline))
         run.log_artifact(report_path)
-        run.log_artifact(metrics_path)
+        run.log_artifact(record_path)
 
     for r in result.results:
         print(f"{r.name:8s} {r.status:8s} {r.reason}")
-    print(f"verify: {result.status}; report {report_path}, metrics {metrics_path}")
+    print(f"verify: {result.status}; report {report_path}, record {record_path}")
     return 1 if result.status == FAIL else 0
 
 

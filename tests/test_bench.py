@@ -78,7 +78,8 @@ def test_dvc_stage_reruns_on_every_machine_and_declares_its_outputs():
     plot = next(p["plots/bench.csv"] for p in b["plots"] if "plots/bench.csv" in p)
     assert (plot["x"], plot["y"], plot["cache"]) == ("speedup", "benchmark", False)
     s = stages["sample"]
-    assert "samples/samples.txt" in s["outs"] and any("metrics/sample.json" in m for m in s["metrics"])
+    assert any("samples/samples.txt" in o for o in s["outs"]) and any("metrics/sample.json" in m for m in s["metrics"])
+    assert any("bench/records.json" in o for o in b["outs"])  # every row; the metrics file holds the headline
 
 
 @pytest.mark.slow
@@ -103,8 +104,10 @@ def test_bench_stage_on_cpu(tmp_path):
     assert "failed" not in out.stderr
 
     m = json.loads((proj / "metrics" / "bench.json").read_text())
-    assert m["device"] and m["torch"] == torch.__version__ and m["counts"]["failed"] == 0
-    records = m["records"].values()
+    saved = json.loads((proj / "bench" / "records.json").read_text())
+    assert saved["environment"]["device"] and saved["environment"]["torch"] == torch.__version__
+    assert m["rows"]["failed"] == 0 and m["rows"]["ok"] > 0
+    records = saved["records"].values()
     measured = [r for r in records if r["status"] == "ok"]
     skipped = [r for r in records if r["status"] == "skipped"]
     assert {r["case"] for r in measured} == {
@@ -120,7 +123,9 @@ def test_bench_stage_on_cpu(tmp_path):
     cutile = [r for r in records if r["implementation"].startswith("cutile")]
     # kernels 4, train_step 2 (eager, +graph), prefill 1, decode 3
     assert len(cutile) == 4 + 2 + 1 + 3 and all(r in skipped and r["reason"] for r in cutile)
-    assert m["decode_speedup_vs_uncached_batch1"]["torch kv_cache"] > 0
+    assert m["torch"]["decode_speedup_vs_uncached"] > 0 and m["torch"]["train_step_ms"] > 0
+    assert "cutile" not in m  # every cuTile row was skipped: no figure, not a zero
+    assert all(r["device"] and r["torch"] == torch.__version__ and r["commit"] for r in records)
 
     plot = (proj / "plots" / "bench.csv").read_text().splitlines()
     assert plot[0] == "benchmark,speedup,ms" and len(plot) == len(measured) + 1

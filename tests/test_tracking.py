@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_offline_record_imports_with_its_curve(tmp_path, monkeypatch):
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # offline records go to the working directory's mlflow-offline/
     monkeypatch.setenv("GPTCORE_MLFLOW", "off")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = Params()

@@ -189,5 +189,5 @@ def test_two_gloo_processes_agree_with_one(root, tmp_path_factory):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
     import json
 
-    metrics = json.loads((two / "metrics" / "train.json").read_text())
-    assert metrics["world_size"] == 2
+    manifest = json.loads((two / "out" / "ckpt.json").read_text())
+    assert manifest["world_size"] == 2

@@ -176,7 +176,7 @@ def wrong_shape(ck):
 @pytest.mark.parametrize(
     "edit,on_file,message",
     [
-        (None, corrupt, r"cannot be loaded as a safe \(weights-only\) torch checkpoint"),
+        (None, corrupt, r"not a checkpoint this project can read"),
         (drop_key, None, r"missing parameters: transformer\.h\.1\.ln_2\.bias"),
         (add_key, None, r"unexpected parameters: transformer\.h\.0\.attn\.rotary"),
         (incomplete_config, None, r"model config is incomplete: missing n_head"),
@@ -232,7 +232,7 @@ def test_missing_file_and_code_in_the_pickle_are_refused(vocab_size, tmp_path):
     ck = ours(make_model(vocab_size))
     ck["extra"] = Payload()
     torch.save(ck, tmp_path / "evil.pt")
-    with pytest.raises(TransplantError, match="weights-only"):
+    with pytest.raises(TransplantError, match="not a checkpoint this project can read"):
         check_weights(tmp_path / "evil.pt", vocab_size)
     assert not (tmp_path / "pwned").exists()
 
@@ -269,9 +269,10 @@ def test_transplant_stage_writes_metrics_and_stops_cleanly_on_a_bad_checkpoint(r
     save_checkpoint(nanogpt(make_model(vocab_size)), project / "ckpt.pt")
     run([sys.executable, str(ROOT / "stages" / "transplant.py")], project, env=stage_env(project))
     metrics = json.loads((project / "metrics" / "transplant.json").read_text())
-    assert metrics["source_format"] == "nanogpt" and metrics["checks_passed"] == 7
-    assert metrics["weights_sha256"] == sha256_file(project / "cutile" / WEIGHTS_FILE)
-    assert json.loads((project / "cutile" / MANIFEST_FILE).read_text())["source"]["path"] == "ckpt.pt"
+    manifest = json.loads((project / "cutile" / MANIFEST_FILE).read_text())
+    assert manifest["source"]["format"] == "nanogpt" and metrics["checks_passed"] == 7
+    assert manifest["weights"]["sha256"] == sha256_file(project / "cutile" / WEIGHTS_FILE)
+    assert manifest["source"]["path"] == "ckpt.pt" and len(manifest["vocab"]) == vocab_size  # travels with it
 
     save_checkpoint(ours(make_model(vocab_size + 1)), project / "ckpt.pt")
     out = run([sys.executable, str(ROOT / "stages" / "transplant.py")], project, check=False, env=stage_env(project))
@@ -285,4 +286,4 @@ def test_dvc_stages_track_the_right_things():
     assert stages["verify"]["params"] == ["verify"]  # a tolerance change reruns verify alone
     assert "${transplant.out_dir}/model.safetensors" in stages["verify"]["deps"]
     assert [next(iter(m)) for m in stages["verify"]["metrics"]] == ["metrics/verify.json"]
-    assert [next(iter(o)) for o in stages["verify"]["outs"]] == ["reports/verify.md"]
+    assert [next(iter(o)) for o in stages["verify"]["outs"]] == ["reports/verify.md", "reports/verify.json"]

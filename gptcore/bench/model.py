@@ -196,6 +196,7 @@ def inference_rows(
                 dtype_name(dtype),
                 setup_prefill,
                 lambda ms, batch=batch: {"tokens_per_sec": batch * block / ms * 1000},
+                batch=batch,
             )
 
             decode_rows(rec, model, load_error, backend, batch, prompt_tokens, new_tokens, dtype, cuda_graph)
@@ -298,3 +299,49 @@ def decode_rows(
             r["speedup_vs_uncached"] = r["tokens_per_sec"] / base["tokens_per_sec"]
         if variant in outputs and "uncached" in outputs:
             r["same_tokens_as_uncached"] = bool(torch.equal(outputs[variant], outputs["uncached"]))
+
+
+def headline_metrics(records: list[dict]) -> dict:
+    """The few numbers metrics/bench.json holds, per backend: the training step (eager, compiled, as one
+    CUDA graph), training tokens/s, prefill of a full block and decoding at batch 1; and the row counts.
+    Every row, with its device and versions, goes to the records file."""
+    out: dict = {"rows": {status: sum(r["status"] == status for r in records) for status in (OK, "skipped", "failed")}}
+    ok = [r for r in records if r["status"] == OK]
+
+    def first(case: str, implementation: str, batch: int | None = None) -> dict | None:
+        return next(
+            (
+                r
+                for r in ok
+                if r["case"] == case
+                and r["implementation"] == implementation
+                and (batch is None or r.get("batch") == batch)
+            ),
+            None,
+        )
+
+    for backend, eager, graph in (("torch", "torch eager", "torch eager+graph"), ("cutile", "cutile", "cutile+graph")):
+        figures = {}
+        for key, row, field in (
+            ("train_step_ms", first("train_step", eager), "ms"),
+            ("train_tokens_per_sec", first("train_step", eager), "tokens_per_sec"),
+            ("train_step_graph_ms", first("train_step", graph), "ms"),
+            ("train_step_compile_ms", first("train_step", f"{backend} compile"), "ms"),
+            ("prefill_ms", first("prefill", backend, batch=1), "ms"),
+            ("decode_ms_per_token", first("decode", f"{backend} kv_cache", batch=1), "ms_per_token"),
+            ("decode_graph_ms_per_token", first("decode", f"{backend} kv_cache+cuda_graph", batch=1), "ms_per_token"),
+            ("decode_speedup_vs_uncached", first("decode", f"{backend} kv_cache", batch=1), "speedup_vs_uncached"),
+        ):
+            if row is not None and field in row:
+                figures[key] = row[field]
+        if figures:
+            out[backend] = figures
+    torch_figures, cutile_figures = out.get("torch", {}), out.get("cutile", {})
+    speedup = {
+        key.removesuffix("_ms").removesuffix("_ms_per_token"): torch_figures[key] / cutile_figures[key]
+        for key in ("train_step_ms", "train_step_graph_ms", "prefill_ms", "decode_graph_ms_per_token")
+        if key in torch_figures and key in cutile_figures
+    }
+    if speedup:
+        out["cutile_speedup"] = speedup  # torch's time over cuTile's: above 1, cuTile is faster
+    return out

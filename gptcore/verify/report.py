@@ -93,6 +93,22 @@ def metrics(v: Verification) -> dict:
     return jsonable(out)
 
 
+def headline_metrics(v: Verification) -> dict:
+    """The numbers metrics/verify.json holds (DVC tabulates them): the counts, and per level that ran its
+    headline figures and `pass` (1 or 0). The whole record (`metrics`) is a plain output."""
+    out = {"passed": v.count(PASS), "failed": v.count(FAIL), "skipped": v.count(SKIPPED)}
+    for r in v.results:
+        if r.status == SKIPPED:
+            continue
+        figures = {
+            k: r.figures[k]
+            for k in HEADLINES[r.name]
+            if isinstance(r.figures.get(k), (int, float)) and not isinstance(r.figures.get(k), bool)
+        }
+        out[KEYS[r.name]] = {"pass": int(r.status == PASS), **figures}
+    return jsonable(out)
+
+
 def render(v: Verification, title: str = "Verification report") -> str:
     w, c = v.weights, v.weights.config
     try:

@@ -1,0 +1,66 @@
+"""`python -m gptcore STAGE [options]` runs a pipeline stage (as `dvc repro` does, without DVC), from any
+folder; `python -m gptcore --help` lists the stages and the tools."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+STAGES = {
+    "prepare": "the corpus as character tokens: data/{train,val}.bin, data/meta.json",
+    "train": "train the model: out/ckpt.pt with its manifest out/ckpt.json, out/last.pt",
+    "transplant": "check a checkpoint, write the cuTile model's weights: cutile/model.safetensors",
+    "verify": "the cuTile model against the reference, compile gate and L1-L5 (--checkpoint PATH: any checkpoint)",
+    "bench": "cuTile against PyTorch on this machine: kernels, training step, prefill, decoding",
+    "sample": "text from either model: samples/samples.txt",
+}
+TOOLS = {
+    "python -m gptcore.presets NAME": "switch params.yaml to a preset (shakespeare_char, gpt2_small, tiny_cpu)",
+    "python -m gptcore.release ARTIFACT... vX.Y.Z": "release a version (git tag + dvc push); --list lists them",
+    "python -m gptcore.manifest FILE...": "check checkpoints against their manifests (sha256)",
+    "python -m gptcore.tracking import FILE...": "put offline stage records (GPTCORE_MLFLOW=off) into MLflow",
+    "python -m gptcore.kernels.compile": "compile every cuTile kernel signature ahead of time (no GPU needed)",
+    "python -m gptcore.kernels.tune": "sweep the kernels' tile configurations on a GPU",
+    "python -m gptcore.bench.kernels": "the kernel tables on a GPU: eager, graph replay, host time",
+}
+STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
+
+
+def usage() -> str:
+    lines = [
+        "usage: python -m gptcore STAGE [options]   (python -m gptcore STAGE --help for its options)",
+        "",
+        "stages (each one of dvc.yaml; run in the folder whose params.yaml and files it uses):",
+    ]
+    lines += [f"  {name:12s} {text}" for name, text in STAGES.items()]
+    lines += ["", "tools:"] + [f"  {cmd:46s} {text}" for cmd, text in TOOLS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name = argv[0]
+    if name not in STAGES:
+        print(f"error: unknown stage {name!r}: expected one of {', '.join(STAGES)}\n\n{usage()}", file=sys.stderr)
+        return 2
+    script = STAGES_DIR / f"{name}.py"
+    if not script.is_file():
+        print(
+            f"error: {script} not found: python -m gptcore runs the stages of a gptcore checkout "
+            "(pip install -e . in it)",
+            file=sys.stderr,
+        )
+        return 2
+    sys.argv = [f"python -m gptcore {name}", *argv[1:]]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
