@@ -1,41 +1,41 @@
 """The cuTile GPT: the reference model with its LayerNorms and attention running on cuTile kernels.
 
 Only the two module classes change; every parameter keeps the reference's name and shape, so a state
-dict moves between `GPT` and `CuTileGPT` unchanged. The kernels are differentiable, so this model
-trains: gradients flow through them into every block's weights.
+dict moves between `GPT` and `CuTileGPT` unchanged. The kernels are PyTorch custom operators with their
+backward registered, so this model trains (attention dropout included, inside the flash kernels),
+compiles with torch.compile(fullgraph=True), exports, and captures in CUDA graphs.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from gptcore import kernels
+from gptcore.kernels import require_cutile
 from gptcore.model import GPT, CausalSelfAttention, GPTConfig, LayerNorm
 
 BACKENDS = ("torch", "cutile")
 
 
 class CuTileLayerNorm(LayerNorm):
+    def __init__(self, ndim: int, bias: bool, eps: float = 1e-5):
+        super().__init__(ndim, bias, eps)
+        from gptcore.kernels.layernorm import layer_norm  # imports cuda.tile: only where the kernels run
+
+        self.layer_norm = layer_norm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return self.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class CuTileSelfAttention(CausalSelfAttention):
     def __init__(self, config: GPTConfig):
         super().__init__(config)
-        if config.dropout > 0:
-            # The flash kernel never materialises the attention matrix, so it applies no dropout to it;
-            # embedding, residual and MLP dropout are unchanged. Said once, not silently.
-            warnings.warn(
-                f"cuTile attention applies no dropout to attention probabilities (dropout={config.dropout} "
-                "still applies to embeddings, residual and MLP outputs)",
-                stacklevel=2,
-            )
+        from gptcore.kernels.attention import causal_attention
+
+        self.causal_attention = causal_attention
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return kernels.causal_attention(q, k, v)
+        return self.causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
 
 
 class CuTileGPT(GPT):
@@ -53,9 +53,6 @@ def model_class(backend: str) -> type[GPT]:
 
 
 def build_model(config: GPTConfig, backend: str = "torch") -> GPT:
-    cls = model_class(backend)
     if backend == "cutile":
-        kernels.require_cutile()
-    with warnings.catch_warnings():
-        warnings.simplefilter("once")
-        return cls(config)
+        require_cutile()
+    return model_class(backend)(config)

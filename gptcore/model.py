@@ -71,11 +71,14 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
-def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
     """Causal attention written out, with the finite mask floor, computed in fp32.
 
     q is (B, H, Tq, D), k and v are (B, H, Tk, D) with Tq <= Tk: query i sits at position i + Tk - Tq,
     so a query block that continues a cached prefix sees the whole prefix (bottom-right alignment).
+    `keep` (B, H, Tq, Tk): a dropout mask on the probabilities, the kept ones scaled by 1 / (1 - dropout_p).
     """
     tq, tk = q.size(-2), k.size(-2)
     # Autocast would run these products in half precision, where the -1e20 floor becomes -inf.
@@ -84,7 +87,10 @@ def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
         cols = torch.arange(tk, device=q.device)[None, :]
         scores = scores.masked_fill(cols > rows, MASK_FLOOR)
-        return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1)
+        if keep is not None:
+            probs = probs * keep / (1.0 - dropout_p)
+        return (probs @ v.float()).to(q.dtype)
 
 
 class CausalSelfAttention(nn.Module):

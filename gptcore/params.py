@@ -169,6 +169,8 @@ class VerifyParams(Section):
     dtypes: list[Literal["bfloat16", "float16"]] = ["bfloat16", "float16"]
     seq_lens: list[int] = [1, 13, 64, 127, 256, 257]
     widths: list[int] = [384, 768]
+    # L1 attention dropout probabilities (at the model's shape, against the kernels' own mask); 0 is always run
+    dropouts: list[float] = [0.0, 0.1, 0.2]
     # L2, L3, L5 run both models under torch.autocast in this dtype, as training does. float32 serves only
     # PyTorch test doubles: the cuTile attention kernel takes bf16/fp16.
     model_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -194,6 +196,8 @@ class VerifyParams(Section):
         bad = [n for n in self.seq_lens + self.widths if n < 1]
         if bad:
             raise ValueError(f"seq_lens and widths must be positive, got {bad}")
+        if any(not 0.0 <= p < 1.0 for p in self.dropouts):
+            raise ValueError(f"dropouts must be probabilities in [0, 1), got {self.dropouts}")
         return self
 
 

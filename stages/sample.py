@@ -68,7 +68,7 @@ FLAGS = (
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    params = stage.load(args, SECTION, {k: getattr(args, k) for k in FLAGS})
+    params = stage.load(args, SECTION, {k: getattr(args, k) for k in FLAGS}, sections=SECTIONS)
     s = params.sample
     root = stage.workspace()
     device = resolve_device(s.device, "sample.device")

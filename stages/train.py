@@ -24,7 +24,7 @@ SECTIONS = ["data", "model", "train"]
 
 def main(argv=None) -> int:
     args = stage.parser(__doc__, SECTION).parse_args(argv)
-    params = stage.load(args, SECTION)
+    params = stage.load(args, SECTION, sections=SECTIONS)
     root = stage.workspace()
     d = Dist.from_env()
     init_distributed(d)

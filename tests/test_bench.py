@@ -121,8 +121,8 @@ def test_bench_stage_on_cpu(tmp_path):
     }
     assert all(r["ms"] > 0 and r["repeats"] == 3 for r in measured)  # --repeats overrode params.yaml
     cutile = [r for r in records if r["implementation"].startswith("cutile")]
-    # kernels 4, train_step 2 (eager, +graph), prefill 1, decode 3
-    assert len(cutile) == 4 + 2 + 1 + 3 and all(r in skipped and r["reason"] for r in cutile)
+    # kernels 4, train_step 3 (eager, compiled, +graph), prefill 1, decode 3
+    assert len(cutile) == 4 + 3 + 1 + 3 and all(r in skipped and r["reason"] for r in cutile)
     assert m["torch"]["decode_speedup_vs_uncached"] > 0 and m["torch"]["train_step_ms"] > 0
     assert "cutile" not in m  # every cuTile row was skipped: no figure, not a zero
     assert all(r["device"] and r["torch"] == torch.__version__ and r["commit"] for r in records)

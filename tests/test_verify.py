@@ -79,7 +79,8 @@ def test_clean_double_passes_every_level(trained):
     assert v.status == "incomplete"  # a skipped check never makes the whole run a pass
 
     l1 = levels["L1"].figures
-    assert l1["attention.cases"] == 2 * 6 and l1["layer_norm.failed"] == 0  # 2 shapes x (4 lengths + 2 extremes)
+    # 2 shapes x (4 lengths + 2 extremes), and dropout 0.1 and 0.2 at the model's shape x 4 lengths
+    assert l1["attention.cases"] == 2 * 6 + 2 * 4 and l1["layer_norm.failed"] == 0
     assert l1["attention.fwd_err_max"] < 1e-2 and l1["layer_norm.grad_err_max"] < 5e-2
     assert levels["L2"].figures["stack_max_err"] < 1e-4
     assert levels["L3"].figures["top1_agreement"] == 1.0 and levels["L3"].figures["kl_mean"] < 1e-6
@@ -135,7 +136,7 @@ def test_tiny_layer_norm_bias_shift_fails_only_where_the_tolerance_sees_it(train
 
 
 def test_kernel_that_raises_fails_its_cases_with_the_message(trained):
-    def refuses(q, k, v):
+    def refuses(q, k, v, **dropout):
         raise TypeError("head dim 32 is not supported")
 
     levels = by_name(run_levels(trained, Candidate("refusing", torch_layer_norm, refuses)))
@@ -204,6 +205,20 @@ def test_compile_gate_jobs_cover_the_model_signatures(trained):
     ]
     # each also as the aligned signature that training-shaped tensors launch (sizes multiples of 16 here)
     assert labels == [(kernel, label + suffix) for kernel, label in signatures for suffix in ("", " 16B")]
+
+
+def test_compile_gate_jobs_add_the_dropout_kernels_when_dropout_runs(trained):
+    """Training with attention dropout, and L1's dropout cases, launch the attention kernels with dropout:
+    the gate compiles those in the model's dtype, and the full gate knows them."""
+    from gptcore.kernels.compile import jobs as all_jobs
+
+    _, weights, _, _ = trained
+    labels = [(j.kernel, j.label) for j in model_jobs(weights.config, "bfloat16", "float16", ["sm_90"], dropout=True)]
+    for kernel in ("attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv"):
+        assert (kernel, "bfloat16 D=32 dropout") in labels and (kernel, "bfloat16 D=32 dropout 16B") in labels
+    assert not [label for _, label in labels if label.startswith("float16") and "dropout" in label]
+    known = {(j.kernel, j.label) for j in all_jobs(["sm_90"])}
+    assert ("attention.bwd_dkdv", "bfloat16 D=64 dropout 16B") in known
 
 
 def test_compile_gate_jobs_skip_the_aligned_signature_where_sizes_do_not_allow_it(trained):

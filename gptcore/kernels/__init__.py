@@ -20,9 +20,10 @@ def layer_norm(x, weight, bias, eps: float = 1e-5):
     return impl(x, weight, bias, eps)
 
 
-def causal_attention(q, k, v, scale: float | None = None):
-    """Causal flash attention, q (B, H, Tq, D), k/v (B, H, Tk, D), Tq <= Tk, on cuTile."""
+def causal_attention(q, k, v, scale: float | None = None, dropout_p: float = 0.0, rng=None):
+    """Causal flash attention, q (B, H, Tq, D), k/v (B, H, Tk, D), Tq <= Tk, on cuTile; with dropout on the
+    probabilities (keys `rng`, gptcore.kernels.dropout)."""
     require_cutile()
     from gptcore.kernels.attention import causal_attention as impl
 
-    return impl(q, k, v, scale)
+    return impl(q, k, v, scale, dropout_p, rng)

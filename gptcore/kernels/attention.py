@@ -43,10 +43,12 @@ from functools import cache
 import cuda.tile as ct
 import torch
 
+from gptcore.kernels.dropout import dropout_rng, dropout_threshold
 from gptcore.kernels.runtime import ATTENTION_DTYPES, arch_of, ensure_cuda_context, stream_handle
 from gptcore.model import MASK_FLOOR
 
 ConstInt = ct.Constant[int]
+ConstBool = ct.Constant[bool]
 ZERO = ct.PaddingMode.ZERO
 
 LOG2E = 1.4426950408889634
@@ -147,8 +149,38 @@ def _scores(q, k_t, j, rows, masked, TILE_M, TILE_N):
     return s
 
 
-def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked, D, TILE_M, TILE_N):
-    """One key tile of the online softmax. rows: key position of each query row, [TILE_M, 1]."""
+def _fmix32(x):
+    """MurmurHash3's 32-bit finalizer: every input bit flips each output bit with probability ~1/2."""
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+def _dropout_keys(RNG):
+    """The call's two 32-bit keys, read from the device (int64 (2,)): a replayed CUDA graph reads the new
+    draw that the replay made, where a kernel argument would stay frozen at capture."""
+    keys = ct.load(RNG, (0,), (2,))
+    k0 = ct.astype(ct.bitcast(ct.extract(keys, (0,), shape=(1,)).item(), ct.uint64), ct.uint32)
+    k1 = ct.astype(ct.bitcast(ct.extract(keys, (1,), shape=(1,)).item(), ct.uint64), ct.uint32)
+    return k0, k1
+
+
+def _keep(k0, k1, bh, q_idx, k_idx, drop_threshold):
+    """Dropout's keep mask at query q_idx, key k_idx (broadcastable int32 tiles) of head bh: a counter-based
+    hash of the coordinates (q_idx << 16 | k_idx: distinct below 65536 positions) keyed by the call's keys,
+    kept where it reaches the threshold p * 2^32. gptcore.kernels.dropout.dropout_keep_mask computes the same
+    in PyTorch."""
+    x = (ct.astype(q_idx, ct.uint32) << 16) | ct.astype(k_idx, ct.uint32)
+    x = _fmix32(x ^ k0)
+    x = _fmix32(x ^ k1 ^ (ct.astype(bh, ct.uint32) * 0x9E3779B1))
+    return x >= ct.astype(drop_threshold, ct.uint32)
+
+
+def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked, D, TILE_M, TILE_N, drop):
+    """One key tile of the online softmax. rows: key position of each query row, [TILE_M, 1]. `drop`:
+    (keys, head, query indices [TILE_M, 1], threshold) with dropout, else None."""
     k_t = ct.load(K, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO, latency=2).reshape(
         (D, TILE_N)
     )  # [D, TILE_N]
@@ -157,17 +189,35 @@ def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked, D, T
     # (s - max) * c, not s * c - max * c (one FFMA): the max entry must get exactly 1.0 (see Numerics)
     p = ct.exp2((s - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, TILE_N]
     alpha = ct.exp2((m_i - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, 1]
-    l_i = l_i * alpha + ct.sum(p, axis=1, keepdims=True)
+    l_i = l_i * alpha + ct.sum(p, axis=1, keepdims=True)  # the softmax normalises before dropout
+    if drop is not None:
+        k0, k1, bh, q_idx, threshold = drop
+        cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]  # [1, TILE_N]
+        p = ct.where(_keep(k0, k1, bh, q_idx, cols, threshold), p, 0.0)
     v = ct.load(V, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO, latency=4).reshape((TILE_N, D))  # [TILE_N, D]
     acc = ct.mma(p.astype(q.dtype), v, acc * alpha)  # [TILE_M, D]
     return m_new, l_i, acc
 
 
 def attn_fwd_kernel_body(
-    Q, K, V, O, STATS, qk_scale_log2, D: ConstInt, TILE_M: ConstInt, TILE_N: ConstInt, SCHED: ConstInt
+    Q,
+    K,
+    V,
+    O,
+    STATS,
+    RNG,
+    qk_scale_log2,
+    keep_scale,
+    drop_threshold,
+    D: ConstInt,
+    TILE_M: ConstInt,
+    TILE_N: ConstInt,
+    SCHED: ConstInt,
+    DROPOUT: ConstBool,
 ):
     """Grid over (B*H, cdiv(Tq, TILE_M)) in SCHED order. Writes O and STATS (2, B, H, Tq): row max of
-    the raw scores and log2 of the row sum of exp2((s - max) * scale * log2(e))."""
+    the raw scores and log2 of the row sum of exp2((s - max) * scale * log2(e)). With DROPOUT (Tq == Tk),
+    the probabilities are dropped by `_keep` and the kept ones scaled by keep_scale = 1 / (1 - p)."""
     tq = Q.shape[2]
     tk = K.shape[2]
     b, h, m_blk = _block_coords(Q.shape[1], SCHED)
@@ -175,6 +225,10 @@ def attn_fwd_kernel_body(
     first_key = m_blk * TILE_M + tk - tq  # key position of the tile's first query row
     rows = first_key + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
     q = ct.load(Q, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
+    drop = None
+    if DROPOUT:
+        k0, k1 = _dropout_keys(RNG)
+        drop = (k0, k1, b * Q.shape[1] + h, m_blk * TILE_M + ct.arange(TILE_M, dtype=ct.int32)[:, None], drop_threshold)
 
     m_i = ct.full((TILE_M, 1), MASK_FLOOR, dtype=ct.float32)  # running max of the raw scores
     l_i = ct.zeros((TILE_M, 1), dtype=ct.float32)  # running sum of exp2
@@ -184,9 +238,13 @@ def attn_fwd_kernel_body(
     n_full = (first_key + 1) // TILE_N
     n_all = ct.cdiv(min(first_key + TILE_M, tk), TILE_N)
     for j in range(n_all):
-        m_i, l_i, acc = _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, j >= n_full, D, TILE_M, TILE_N)
+        m_i, l_i, acc = _fwd_step(
+            q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, j >= n_full, D, TILE_M, TILE_N, drop
+        )
 
     out = ct.truediv(acc, l_i, flush_to_zero=True, rounding_mode=ct.RoundingMode.APPROX)
+    if DROPOUT:
+        out = out * keep_scale
     ct.store(O, (b, h, m_blk, 0), out.reshape((1, 1, TILE_M, D)).astype(O.dtype))
     ct.store(STATS, (0, b, h, m_blk), m_i.reshape((1, 1, 1, TILE_M)))
     ct.store(STATS, (1, b, h, m_blk), ct.log2(l_i).reshape((1, 1, 1, TILE_M)))
@@ -200,7 +258,7 @@ def _exp2_bias(STATS, b, h, i, qk_scale_log2, TILE_M):
     return m * qk_scale_log2 + log2_l
 
 
-def _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked, D, TILE_M, TILE_N):
+def _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked, D, TILE_M, TILE_N, drop):
     k = ct.load(K, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO, latency=2).reshape((TILE_N, D))  # [TILE_N, D]
     v_t = ct.load(V, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO, latency=2).reshape(
         (D, TILE_N)
@@ -208,6 +266,10 @@ def _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked,
     s = _scores(q, ct.transpose(k), j, rows, masked, TILE_M, TILE_N)  # [TILE_M, TILE_N]
     p = ct.exp2(s * qk_scale_log2 - bias, flush_to_zero=True)  # [TILE_M, TILE_N]
     dp = ct.mma(do, v_t, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
+    if drop is not None:  # the gradient reaches the kept probabilities only, scaled as they were
+        k0, k1, bh, q_idx, threshold, keep_scale = drop
+        cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]  # [1, TILE_N]
+        dp = ct.where(_keep(k0, k1, bh, q_idx, cols, threshold), dp * keep_scale, 0.0)
     ds = p * (dp - delta)  # [TILE_M, TILE_N]
     return ct.mma(ds.astype(q.dtype), k, dq)  # [TILE_M, D]
 
@@ -221,14 +283,19 @@ def attn_bwd_dq_kernel_body(
     STATS,
     DELTA,
     DQ,
+    RNG,
     qk_scale_log2,
     qk_scale,
+    keep_scale,
+    drop_threshold,
     D: ConstInt,
     TILE_M: ConstInt,
     TILE_N: ConstInt,
     SCHED: ConstInt,
+    DROPOUT: ConstBool,
 ):
-    """Grid over (B*H, cdiv(T, TILE_M)) in SCHED order. Writes DELTA = rowsum(dO * O) and dQ."""
+    """Grid over (B*H, cdiv(T, TILE_M)) in SCHED order. Writes DELTA = rowsum(dO * O) and dQ (with dropout
+    O is the dropped output, and rowsum(dO * O) is still the sum of P times its gradient)."""
     tq = Q.shape[2]
     tk = K.shape[2]
     b, h, m_blk = _block_coords(Q.shape[1], SCHED)
@@ -239,6 +306,11 @@ def attn_bwd_dq_kernel_body(
     delta = ct.sum(do.astype(ct.float32) * o.astype(ct.float32), axis=1, keepdims=True)  # [TILE_M, 1]
     ct.store(DELTA, (b, h, m_blk), delta.reshape((1, 1, TILE_M)))
     bias = _exp2_bias(STATS, b, h, m_blk, qk_scale_log2, TILE_M).reshape((TILE_M, 1))  # [TILE_M, 1]
+    drop = None
+    if DROPOUT:
+        k0, k1 = _dropout_keys(RNG)
+        q_idx = m_blk * TILE_M + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
+        drop = (k0, k1, b * Q.shape[1] + h, q_idx, drop_threshold, keep_scale)
 
     first_key = m_blk * TILE_M + tk - tq
     rows = first_key + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
@@ -246,24 +318,30 @@ def attn_bwd_dq_kernel_body(
     n_full = (first_key + 1) // TILE_N
     n_all = ct.cdiv(min(first_key + TILE_M, tk), TILE_N)
     for j in range(n_all):
-        dq = _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, j >= n_full, D, TILE_M, TILE_N)
+        dq = _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, j >= n_full, D, TILE_M, TILE_N, drop)
     dq = dq * qk_scale
     ct.store(DQ, (b, h, m_blk, 0), dq.reshape((1, 1, TILE_M, D)).astype(DQ.dtype))
 
 
-def _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, masked, D, TILE_M, TILE_N):
+def _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, masked, D, TILE_M, TILE_N, drop):
     """One query tile i against this block's key tile; everything transposed: [TILE_N, TILE_M]."""
     q = ct.load(Q, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
     do = ct.load(DO, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
     bias = _exp2_bias(STATS, b, h, i, qk_scale_log2, TILE_M)  # [1, TILE_M]
     delta = ct.load(DELTA, (b, h, i), (1, 1, TILE_M), padding_mode=ZERO).reshape((1, TILE_M))
     s_t = ct.mma(k, ct.transpose(q), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))  # [TILE_N, TILE_M]
+    qpos = i * TILE_M + ct.arange(TILE_M, dtype=ct.int32)[None, :]  # [1, TILE_M]
     if masked:
-        qpos = i * TILE_M + ct.arange(TILE_M, dtype=ct.int32)[None, :]  # [1, TILE_M]
         s_t = ct.where(keys <= qpos, s_t, MASK_FLOOR)
     p_t = ct.exp2(s_t * qk_scale_log2 - bias, flush_to_zero=True)  # [TILE_N, TILE_M]
-    dv = ct.mma(p_t.astype(q.dtype), do, dv)  # [TILE_N, D]
     dp_t = ct.mma(v, ct.transpose(do), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))  # [TILE_N, TILE_M]
+    if drop is not None:  # the same mask as the forward's, transposed: keys along rows, queries along columns
+        k0, k1, bh, threshold, keep_scale = drop
+        keep_t = _keep(k0, k1, bh, qpos, keys, threshold)  # [TILE_N, TILE_M]
+        dv = ct.mma(ct.where(keep_t, p_t * keep_scale, 0.0).astype(q.dtype), do, dv)  # [TILE_N, D]
+        dp_t = ct.where(keep_t, dp_t * keep_scale, 0.0)
+    else:
+        dv = ct.mma(p_t.astype(q.dtype), do, dv)  # [TILE_N, D]
     ds_t = p_t * (dp_t - delta)  # [TILE_N, TILE_M]
     dk = ct.mma(ds_t.astype(q.dtype), q, dk)  # [TILE_N, D]
     return dk, dv
@@ -278,12 +356,16 @@ def attn_bwd_dkdv_kernel_body(
     DELTA,
     DK,
     DV,
+    RNG,
     qk_scale_log2,
     qk_scale,
+    keep_scale,
+    drop_threshold,
     D: ConstInt,
     TILE_M: ConstInt,
     TILE_N: ConstInt,
     SCHED: ConstInt,
+    DROPOUT: ConstBool,
 ):
     """Grid over (B*H, cdiv(T, TILE_N)) in SCHED order; needs Tq == Tk. Key tile 0 sees every query,
     so the tile index runs backwards: n_blk = tiles - 1 - (reversed index) puts tile 0 first."""
@@ -296,6 +378,10 @@ def attn_bwd_dkdv_kernel_body(
     keys = n_blk * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[:, None]  # [TILE_N, 1]
     dk = ct.zeros((TILE_N, D), dtype=ct.float32)
     dv = ct.zeros((TILE_N, D), dtype=ct.float32)
+    drop = None
+    if DROPOUT:
+        k0, k1 = _dropout_keys(RNG)
+        drop = (k0, k1, b * Q.shape[1] + h, drop_threshold, keep_scale)
 
     n_q = ct.cdiv(t, TILE_M)
     first = (n_blk * TILE_N) // TILE_M  # first query tile with a row at or after this key tile
@@ -303,7 +389,7 @@ def attn_bwd_dkdv_kernel_body(
     unmasked = min(ct.cdiv(n_blk * TILE_N + TILE_N - 1, TILE_M), n_q)
     for i in range(first, n_q):
         dk, dv = _dkv_step(
-            k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, i < unmasked, D, TILE_M, TILE_N
+            k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, i < unmasked, D, TILE_M, TILE_N, drop
         )
     dk = dk * qk_scale
     ct.store(DK, (b, h, n_blk, 0), dk.reshape((1, 1, TILE_N, D)).astype(DK.dtype))
@@ -385,8 +471,9 @@ def logsumexp(stats: torch.Tensor, scale: float) -> torch.Tensor:
     return stats[0].double() * scale + stats[1].double() * LN2
 
 
-def attention_forward(q, k, v, scale: float, tiles: AttnTiles | None = None):
-    """Launch the forward kernel. Returns (o, stats), stats (2, B, H, Tq) fp32 (see `logsumexp`)."""
+def attention_forward(q, k, v, scale: float, dropout_p: float = 0.0, rng=None, tiles: AttnTiles | None = None):
+    """Launch the forward kernel. Returns (o, stats), stats (2, B, H, Tq) fp32 (see `logsumexp`).
+    With dropout_p > 0, `rng` holds the call's keys (`dropout_rng`)."""
     q, k, v = _as_tiled(q), _as_tiled(k), _as_tiled(v)
     bsz, n_head, tq, d = q.shape
     dev = q.get_device()
@@ -396,16 +483,34 @@ def attention_forward(q, k, v, scale: float, tiles: AttnTiles | None = None):
     ensure_cuda_context(dev)
     sched = _order(tiles.fwd_order(tq), bsz * n_head)
     grid = _grid(sched, bsz * n_head, math.ceil(tq / tiles.fwd_m))
+    dropout = dropout_p > 0
     ct.launch(
         stream_handle(dev),
         grid,
         fwd_kernel(tiles.fwd_occ),
-        (q, k, v, o, stats, scale * LOG2E, d, tiles.fwd_m, tiles.fwd_n, sched),
+        (
+            q,
+            k,
+            v,
+            o,
+            stats,
+            rng if dropout else stats,
+            scale * LOG2E,
+            1.0 / (1.0 - dropout_p),
+            dropout_threshold(dropout_p),
+            d,
+            tiles.fwd_m,
+            tiles.fwd_n,
+            sched,
+            dropout,
+        ),
     )
     return o, stats
 
 
-def attention_backward(q, k, v, o, stats, do, scale: float, tiles: AttnTiles | None = None):
+def attention_backward(
+    q, k, v, o, stats, do, scale: float, dropout_p: float = 0.0, rng=None, tiles: AttnTiles | None = None
+):
     """Launch the two backward kernels. Returns (dq, dk, dv)."""
     q, k, v, o, do = (_as_tiled(x) for x in (q, k, v, o, do))
     bsz, n_head, t, d = q.shape
@@ -421,53 +526,140 @@ def attention_backward(q, k, v, o, stats, do, scale: float, tiles: AttnTiles | N
     ensure_cuda_context(dev)  # autograd's worker thread may have no current context
     stream = stream_handle(dev)
     sched = _order(tiles.bwd_sched, bsz * n_head)
+    dropout = dropout_p > 0
+    drop_args = (rng if dropout else stats,)
+    drop_scalars = (1.0 / (1.0 - dropout_p), dropout_threshold(dropout_p))
     ct.launch(
         stream,
         _grid(sched, bsz * n_head, math.ceil(t / tiles.dq_m)),
         bwd_dq_kernel(tiles.dq_occ),
-        (q, k, v, o, do, stats, delta, dq, scale * LOG2E, scale, d, tiles.dq_m, tiles.dq_n, sched),
+        (
+            q,
+            k,
+            v,
+            o,
+            do,
+            stats,
+            delta,
+            dq,
+            *drop_args,
+            scale * LOG2E,
+            scale,
+            *drop_scalars,
+            d,
+            tiles.dq_m,
+            tiles.dq_n,
+            sched,
+            dropout,
+        ),
     )
     ct.launch(
         stream,
         _grid(sched, bsz * n_head, math.ceil(t / tiles.dkv_n)),
         bwd_dkdv_kernel(tiles.dkv_occ),
-        (q, k, v, do, stats, delta, dk, dv, scale * LOG2E, scale, d, tiles.dkv_m, tiles.dkv_n, sched),
+        (
+            q,
+            k,
+            v,
+            do,
+            stats,
+            delta,
+            dk,
+            dv,
+            *drop_args,
+            scale * LOG2E,
+            scale,
+            *drop_scalars,
+            d,
+            tiles.dkv_m,
+            tiles.dkv_n,
+            sched,
+            dropout,
+        ),
     )
     return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd
+# The custom operators: opaque to torch.compile (no graph break), with shapes for fake tensors and the
+# backward registered, so the model compiles with fullgraph=True, exports and captures in CUDA graphs.
 # --------------------------------------------------------------------------------------------------
-class CausalAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        o, stats = attention_forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, stats)
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, stats = ctx.saved_tensors
-        dq, dk, dv = attention_backward(q, k, v, o, stats, do, ctx.scale)
-        return dq, dk, dv, None
+@torch.library.custom_op("gptcore::attention_fwd", mutates_args=(), device_types="cuda")
+def attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rng: torch.Tensor | None, scale: float, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale, dropout_p, rng)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(scale * q @ k^T, causal, bottom-right aligned) @ v on cuTile kernels.
+@attention_fwd_op.register_fake
+def _(q, k, v, rng, scale, dropout_p):
+    return _bhtd_empty_like(q, q.shape[2]), q.new_empty(2, q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
 
-    q (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, bf16 or fp16, D in (32, 64, 128).
-    Differentiable when Tq == Tk. Default scale 1/sqrt(D).
+
+@torch.library.custom_op("gptcore::attention_bwd", mutates_args=(), device_types="cuda")
+def attention_bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    stats: torch.Tensor,
+    do: torch.Tensor,
+    rng: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(q, k, v, o, stats, do, scale, dropout_p, rng)
+
+
+@attention_bwd_op.register_fake
+def _(q, k, v, o, stats, do, rng, scale, dropout_p):
+    t = q.shape[2]
+    return _bhtd_empty_like(q, t), _bhtd_empty_like(k, t), _bhtd_empty_like(v, t)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rng, scale, dropout_p = inputs
+    o, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, o, stats, rng)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _backward(ctx, do, _dstats):
+    q, k, v, o, stats, rng = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(q, k, v, o, stats, do, rng, ctx.scale, ctx.dropout_p)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    rng: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dropout(softmax(scale * q @ k^T, causal, bottom-right aligned)) @ v on cuTile kernels.
+
+    q (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, bf16 or fp16, D in (32, 64, 128). Differentiable
+    when Tq == Tk. Default scale 1/sqrt(D). dropout_p drops attention probabilities with the kernels'
+    counter-based mask (needs Tq == Tk, as in training), its keys `rng` drawn from the default CUDA
+    generator unless given (gptcore.kernels.dropout).
     """
     _check(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        if q.shape[2] != k.shape[2]:
-            raise NotImplementedError(
-                f"cuTile attention backward needs Tq == Tk, got Tq={q.shape[2]} "
-                f"Tk={k.shape[2]}: run KV-cache decoding under torch.no_grad()"
-            )
-        return CausalAttentionFunction.apply(q, k, v, float(scale))
-    return attention_forward(q, k, v, float(scale))[0]
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"causal_attention dropout_p must be in [0, 1), got {dropout_p}")
+    same_length = q.shape[2] == k.shape[2]
+    if not same_length and (dropout_p > 0 or (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))):
+        raise NotImplementedError(
+            f"cuTile attention backward and dropout need Tq == Tk, got Tq={q.shape[2]} Tk={k.shape[2]}: run "
+            "KV-cache decoding under torch.no_grad(), without dropout"
+        )
+    if dropout_p > 0 and rng is None:
+        rng = dropout_rng(q.device)
+    return attention_fwd_op(q, k, v, rng, float(scale), float(dropout_p))[0]

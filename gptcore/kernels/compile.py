@@ -32,6 +32,7 @@ DEFAULT_ARCHS = ("sm_90", "sm_100")
 ATTN_SIGNATURES = (("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64))
 ATTN_SIGNATURES_FULL = ATTN_SIGNATURES + (("float16", 32), ("float16", 128))
 ATTN_ALIGNED = (("bfloat16", 64),)  # also compiled with the aligned ("16B") signature, see jobs()
+ATTN_DROPOUT = (("bfloat16", 64), ("float16", 64))  # also compiled with dropout in the probabilities
 LN_DTYPES = ("float32", "bfloat16", "float16")  # fp32 under autocast (residual stream), bf16/fp16 when cast
 # The widths of the tiny default model (128), shakespeare_char (384), GPT-2 small (768), and one that is
 # not a power of two (100: padded to 128 and masked). Only the padded width changes the kernel.
@@ -108,6 +109,8 @@ def jobs(archs, full: bool = False) -> list[CompileJob]:
             for suffix in signature_suffixes(d) if (dt, d) in ATTN_ALIGNED else ("",):
                 for kern in ("attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv"):
                     out.append(CompileJob(kern, f"{dt} D={d}{suffix}", arch))
+                    if (dt, d) in ATTN_DROPOUT:  # training with attention dropout (the presets' 0.2)
+                        out.append(CompileJob(kern, f"{dt} D={d} dropout{suffix}", arch))
                 # The forward's block order is a kernel constant; long sequences may use another one.
                 if tiles.fwd_sched_long != tiles.fwd_sched:
                     out.append(CompileJob("attention.fwd", f"{dt} D={d} long{suffix}", arch))
@@ -133,6 +136,7 @@ def _signature_and_kernel(job: CompileJob):
 
     cc = CallingConvention.cutile_python_v1()
     f32 = ScalarConstraint(ct.float32)
+    i32 = ScalarConstraint(ct.int32)
     words = job.label.split()
     dt = getattr(ct, words[0])
     aligned = ALIGNED in words  # (B, H, T, D) and (M, N) arrays: T, D, M and N multiples of 16, strides aligned
@@ -142,18 +146,58 @@ def _signature_and_kernel(job: CompileJob):
         a4 = _array(ct, dt, 4, (False, False, True, True) if aligned else None)
         a3 = _array(ct, ct.float32, 3, (False, False, True) if aligned else None)  # delta (B, H, T)
         stats = _array(ct, ct.float32, 4, (False, False, False, True) if aligned else None)  # (2, B, H, T)
+        dropout = "dropout" in words
+        # the dropout keys (int64 (2,)); without dropout the stats array stands in, as in the launch helpers
+        rng = _array(ct, ct.int64, 1) if dropout else stats
+        drop = [f32, i32]  # keep_scale, drop_threshold
         if job.kernel == "attention.fwd":
             kern = attention.fwd_kernel(tiles.fwd_occ)
             sched = tiles.fwd_sched_long if "long" in words else tiles.fwd_sched
-            params = [a4, a4, a4, a4, stats, f32, d, tiles.fwd_m, tiles.fwd_n, sched]
+            params = [a4, a4, a4, a4, stats, rng, f32, *drop, d, tiles.fwd_m, tiles.fwd_n, sched, dropout]
             desc = f"M{tiles.fwd_m} N{tiles.fwd_n} occ{tiles.fwd_occ} sched{sched}"
         elif job.kernel == "attention.bwd_dq":
             kern = attention.bwd_dq_kernel(tiles.dq_occ)
-            params = [a4, a4, a4, a4, a4, stats, a3, a4, f32, f32, d, tiles.dq_m, tiles.dq_n, tiles.bwd_sched]
+            params = [
+                a4,
+                a4,
+                a4,
+                a4,
+                a4,
+                stats,
+                a3,
+                a4,
+                rng,
+                f32,
+                f32,
+                *drop,
+                d,
+                tiles.dq_m,
+                tiles.dq_n,
+                tiles.bwd_sched,
+                dropout,
+            ]
             desc = f"M{tiles.dq_m} N{tiles.dq_n} occ{tiles.dq_occ} sched{tiles.bwd_sched}"
         else:
             kern = attention.bwd_dkdv_kernel(tiles.dkv_occ)
-            params = [a4, a4, a4, a4, stats, a3, a4, a4, f32, f32, d, tiles.dkv_m, tiles.dkv_n, tiles.bwd_sched]
+            params = [
+                a4,
+                a4,
+                a4,
+                a4,
+                stats,
+                a3,
+                a4,
+                a4,
+                rng,
+                f32,
+                f32,
+                *drop,
+                d,
+                tiles.dkv_m,
+                tiles.dkv_n,
+                tiles.bwd_sched,
+                dropout,
+            ]
             desc = f"M{tiles.dkv_m} N{tiles.dkv_n} occ{tiles.dkv_occ} sched{tiles.bwd_sched}"
     else:
         n = 0 if words[1] == "N=any" else int(words[1].split("=")[1])  # the column sums: any width

@@ -396,28 +396,56 @@ def layer_norm_backward(x2, weight, bias_dtype: torch.dtype | None, stats, dy2, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd
+# The custom operators: opaque to torch.compile (no graph break), with shapes for fake tensors and the
+# backward registered, so the model compiles with fullgraph=True, exports and captures in CUDA graphs.
 # --------------------------------------------------------------------------------------------------
-class LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        n = x.shape[-1]
-        x2 = _rows(x, n)
-        y, stats = layer_norm_forward(x2, weight, bias, eps)
-        ctx.save_for_backward(x2, weight, stats)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.view(x.shape)
+@torch.library.custom_op("gptcore::layer_norm_fwd", mutates_args=(), device_types="cuda")
+def layer_norm_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, stats = layer_norm_forward(_rows(x, x.shape[-1]), weight, bias, eps)
+    return y.view(x.shape), stats
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, stats = ctx.saved_tensors
-        dx, dw, db = layer_norm_backward(x2, weight, ctx.bias_dtype, stats, _rows(dy, x2.shape[1]))
-        return (
-            dx.view(dy.shape),
-            dw if ctx.needs_input_grad[1] else None,
-            db if ctx.needs_input_grad[2] else None,
-            None,
-        )
+
+@layer_norm_fwd_op.register_fake
+def _(x, weight, bias, eps):
+    rows = x.numel() // x.shape[-1]
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(2, rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("gptcore::layer_norm_bwd", mutates_args=(), device_types="cuda")
+def layer_norm_bwd_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, stats: torch.Tensor, dy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, and dweight / dbias in their parameters' dtypes (empty where the parameter is None)."""
+    n = x.shape[-1]
+    dx, dw, db = layer_norm_backward(_rows(x, n), weight, None if bias is None else bias.dtype, stats, _rows(dy, n))
+    return dx.view(dy.shape), x.new_empty(0) if dw is None else dw, x.new_empty(0) if db is None else db
+
+
+@layer_norm_bwd_op.register_fake
+def _(x, weight, bias, stats, dy):
+    n = x.shape[-1]
+    return (
+        torch.empty_like(dy, memory_format=torch.contiguous_format),
+        x.new_empty(0) if weight is None else weight.new_empty(n),
+        x.new_empty(0) if bias is None else bias.new_empty(n),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, bias, output[1])
+
+
+def _backward(ctx, dy, _dstats):
+    x, weight, bias, stats = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd_op(x, weight, bias, stats, dy)
+    return dx, None if weight is None else dw, None if bias is None else db, None
+
+
+layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(x, weight, bias):
@@ -446,4 +474,4 @@ def layer_norm(
     _check(x, weight, bias)
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    return LayerNormFunction.apply(x, weight, bias, float(eps))
+    return layer_norm_fwd_op(x, weight, bias, float(eps))[0]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from gptcore.kernels.dropout import dropout_keep_mask
 from gptcore.model import GPT, CausalSelfAttention, LayerNorm, causal_attention_reference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,7 +29,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Candidate:
-    """The ops under test: `layer_norm(x, weight, bias, eps)` and causal `attention(q, k, v)` on
+    """The ops under test: `layer_norm(x, weight, bias, eps)` and causal `attention(q, k, v, dropout_p, rng)` on
     (B, H, T, D) tensors. Everything else (embeddings, matmuls, GELU) is PyTorch's in both models, so any
     difference the levels find comes from these two ops."""
 
@@ -73,12 +74,16 @@ def torch_layer_norm(x, weight, bias, eps=1e-5):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def torch_attention(q, k, v):
+def torch_attention(q, k, v, dropout_p: float = 0.0, rng=None):
     """The hand-written causal attention in fp32 math. Autocast is switched off inside, as it does not
     reach into a cuTile kernel either (under fp16 autocast its score matmul would come out fp16, where the
-    -1e20 mask floor overflows)."""
+    -1e20 mask floor overflows). With dropout, the kernels' own mask for the keys `rng`."""
+    keep = None
+    if dropout_p > 0:
+        b, h, tq, _ = q.shape
+        keep = dropout_keep_mask(rng, b, h, tq, k.shape[2], dropout_p)
     with torch.autocast(q.device.type, enabled=False):
-        return causal_attention_reference(q, k, v)
+        return causal_attention_reference(q, k, v, keep, dropout_p)
 
 
 def torch_candidate(name: str = "torch") -> Candidate:

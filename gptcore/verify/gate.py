@@ -42,12 +42,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptcore" / "compile-gate"
 
 
-def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: list[str]):
+def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: list[str], dropout: bool = False):
     """The CompileJobs of the signatures the levels run this model with (labels in the format of
     gptcore.kernels.compile): attention forward and backward in model_dtype, forward in decode_dtype (and
     the forward's long-sequence block order where the block size reaches it); LayerNorm forward, backward
     and the weight/bias column sums in float32 (autocast) and in model_dtype (a model cast to it); each
-    also with the aligned ("16B") signature where the model's sizes give it."""
+    also with the aligned ("16B") signature where the model's sizes give it. `dropout`: the three attention
+    kernels in model_dtype with dropout on the probabilities too (training, L1's dropout cases)."""
     from gptcore.kernels import attention
     from gptcore.kernels.compile import CompileJob, signature_suffixes
 
@@ -85,6 +86,8 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
                 jobs.append(CompileJob(kernel, f"{dtype} {size}{suffix}", arch))
                 if kernel == "attention.fwd" and long_order:
                     jobs.append(CompileJob(kernel, f"{dtype} {size} long{suffix}", arch))
+                if dropout and kernel.startswith("attention.") and dtype == model_dtype:
+                    jobs.append(CompileJob(kernel, f"{dtype} {size} dropout{suffix}", arch))
     return jobs
 
 
@@ -109,7 +112,13 @@ def error_summary(traceback_text: str, limit: int = 300) -> str:
 
 
 def run(
-    config: GPTConfig, archs: list[str], scope: str, model_dtype: str, decode_dtype: str, workers: int | None = None
+    config: GPTConfig,
+    archs: list[str],
+    scope: str,
+    model_dtype: str,
+    decode_dtype: str,
+    workers: int | None = None,
+    dropout: bool = False,
 ) -> Result:
     result = Result("compile", f"{TITLE} ({scope} signatures)", columns=COLUMNS)
     if not archs:
@@ -122,7 +131,7 @@ def run(
     from gptcore.kernels.compile import jobs as all_jobs
 
     t0 = time.perf_counter()
-    todo = model_jobs(config, model_dtype, decode_dtype, archs) if scope == "model" else all_jobs(archs)
+    todo = model_jobs(config, model_dtype, decode_dtype, archs, dropout) if scope == "model" else all_jobs(archs)
     labels = [f"{j.arch} {j.kernel} {j.label}" for j in todo]
     cached = cache_dir() / f"{cache_key(labels)}.json"
     from_cache = cached.is_file()

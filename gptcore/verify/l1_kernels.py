@@ -24,8 +24,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gptcore.kernels.dropout import dropout_keep_mask
 from gptcore.model import MASK_FLOOR, GPTConfig
-from gptcore.verify.common import DTYPES, PASS, Candidate, Result, scaled_max, torch_layer_norm, within
+from gptcore.verify.common import (
+    DTYPES,
+    PASS,
+    Candidate,
+    Result,
+    scaled_max,
+    torch_attention,
+    torch_layer_norm,
+    within,
+)
 
 BATCH = 2
 EPS = 1e-5
@@ -46,14 +56,18 @@ COLUMNS = [
 TORCH_SLACK = 2.0  # a candidate may be up to this many times PyTorch's own error in the same dtype
 
 
-def attention_reference(q, k, v):
-    """Causal attention in float64, bottom-right aligned when Tq < Tk (a query block after a cached prefix)."""
+def attention_reference(q, k, v, keep=None, dropout_p: float = 0.0):
+    """Causal attention in float64, bottom-right aligned when Tq < Tk (a query block after a cached prefix);
+    with a dropout mask `keep` on the probabilities, the kept ones scaled by 1 / (1 - dropout_p)."""
     q, k, v = q.double(), k.double(), v.double()
     tq, tk = q.size(-2), k.size(-2)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
     cols = torch.arange(tk, device=q.device)[None, :]
-    return torch.softmax(scores.masked_fill(cols > rows, MASK_FLOOR), dim=-1) @ v
+    probs = torch.softmax(scores.masked_fill(cols > rows, MASK_FLOOR), dim=-1)
+    if keep is not None:
+        probs = probs * keep / (1.0 - dropout_p)
+    return probs @ v
 
 
 def layer_norm_reference(x, weight, bias):
@@ -89,13 +103,18 @@ def compare(ref_fn: Callable, cand_fn: Callable, inputs: dict, backward: bool) -
     return fwd, errs[worst], worst
 
 
-def attention_cases(config: GPTConfig, seq_lens: list[int], widths: list[int]) -> list[tuple[int, int, int, str]]:
-    """(heads, head dim, T, case) to run in each dtype."""
-    shapes = [(config.n_head, config.n_embd // config.n_head)] + [(w // 64, 64) for w in widths if w % 64 == 0]
+def attention_cases(
+    config: GPTConfig, seq_lens: list[int], widths: list[int], dropouts: list[float] = ()
+) -> list[tuple[int, int, int, str, float]]:
+    """(heads, head dim, T, case, dropout p) to run in each dtype: with dropout at the model's shape."""
+    model_shape = (config.n_head, config.n_embd // config.n_head)
+    shapes = [model_shape] + [(w // 64, 64) for w in widths if w % 64 == 0]
     cases = []
     for h, d in dict.fromkeys(shapes):  # dedupe, keep the order
-        cases += [(h, d, t, "single key" if t == 1 else "causal") for t in seq_lens]
-        cases += [(h, d, config.block_size, "scores ~1e4"), (h, d, config.block_size, "decode: 1 query")]
+        cases += [(h, d, t, "single key" if t == 1 else "causal", 0.0) for t in seq_lens]
+        cases += [(h, d, config.block_size, "scores ~1e4", 0.0), (h, d, config.block_size, "decode: 1 query", 0.0)]
+    for p in sorted(set(dropouts) - {0.0}):
+        cases += [(*model_shape, t, f"dropout {p:g}", p) for t in seq_lens]
     return cases
 
 
@@ -127,11 +146,23 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
     def randn(*shape, scale=1.0, mean=0.0):  # drawn on the CPU: the same inputs on every device
         return (torch.randn(*shape, generator=gen) * scale + mean).to(device)
 
-    def attention(t):
+    def attention(t, p=0.0, rng=None):
+        if p > 0:
+            return cand.attention(t["q"], t["k"], t["v"], dropout_p=p, rng=rng)
         return cand.attention(t["q"], t["k"], t["v"])
 
-    def attention_ref(t):
-        return attention_reference(t["q"], t["k"], t["v"])
+    def attention_ref(t, p=0.0, rng=None):
+        keep = None
+        if p > 0:  # the candidate's own mask for these keys: the reference drops the same probabilities
+            b, h, tq, _ = t["q"].shape
+            keep = dropout_keep_mask(rng, b, h, tq, t["k"].shape[2], p).to(t["q"].device)
+        return attention_reference(t["q"], t["k"], t["v"], keep, p)
+
+    def attention_torch(t, p=0.0, rng=None):
+        """PyTorch in the inputs' dtype: SDPA, or with dropout the hand-written attention with the same mask."""
+        if p > 0:
+            return torch_attention(t["q"], t["k"], t["v"], p, rng)
+        return sdpa(t["q"], t["k"], t["v"])
 
     def layer_norm(t):
         return cand.layer_norm(t["x"], t["weight"], t.get("bias"), EPS)
@@ -141,7 +172,7 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
 
     for dname in vp.dtypes:
         dtype, tol = DTYPES[dname], getattr(vp.tolerances, dname)
-        for h, d, t, case in attention_cases(config, seq_lens, widths):
+        for h, d, t, case, p in attention_cases(config, seq_lens, widths, vp.dropouts):
             scale = 100.0 if case == "scores ~1e4" else 1.0  # q.k / sqrt(D) then has a std of scale**2
             tq = 1 if case.startswith("decode") else t
             inputs = {
@@ -156,11 +187,19 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
                 "T": t if tq == t else f"1 of {t}",
                 "case": case,
             }
+            rng = torch.randint(0, 2**62, (2,), generator=gen).to(device) if p > 0 else None  # the call's keys
             result.rows.append(
                 measure(
                     row,
-                    lambda: compare(attention_ref, attention, inputs, backward=tq == t),
-                    lambda: compare(attention_ref, lambda t: sdpa(t["q"], t["k"], t["v"]), inputs, backward=tq == t),
+                    lambda: compare(
+                        lambda x: attention_ref(x, p, rng), lambda x: attention(x, p, rng), inputs, backward=tq == t
+                    ),
+                    lambda: compare(
+                        lambda x: attention_ref(x, p, rng),
+                        lambda x: attention_torch(x, p, rng),
+                        inputs,
+                        backward=tq == t,
+                    ),
                     tol,
                 )
             )

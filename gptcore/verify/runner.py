@@ -74,7 +74,7 @@ def prompts_from(val: np.ndarray, count: int, length: int, device) -> torch.Tens
 
 
 def build(cls: type[GPT], weights: CheckedWeights, device: torch.device) -> GPT:
-    # Dropout 0: eval mode switches it off anyway, and CuTileGPT would warn about attention dropout.
+    # Dropout 0: eval mode switches it off anyway; L1 checks the kernels' dropout on its own.
     model = cls(dataclasses.replace(weights.config, dropout=0.0))
     model.load_state_dict(weights.state_dict, strict=True)
     return model.to(device).eval()
@@ -114,7 +114,14 @@ def verify(
     v.results.append(
         guarded(
             "compile",
-            lambda: gate.run(config, list(vp.compile_archs), vp.compile_scope, vp.model_dtype, vp.decode_dtype),
+            lambda: gate.run(
+                config,
+                list(vp.compile_archs),
+                vp.compile_scope,
+                vp.model_dtype,
+                vp.decode_dtype,
+                dropout=config.dropout > 0 or any(p > 0 for p in vp.dropouts),
+            ),
         )
     )
     if candidate.unavailable:  # skipped with the reason, never a silent fallback to PyTorch

