@@ -60,7 +60,9 @@ for phase in "${phases[@]}"; do
   start=$SECONDS
   case $phase in
     tests)
-      python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$logs/gpu-tests.log" ;;
+      # the files that hold GPU tests: the others import DVC, MLflow or ruamel.yaml, which the machine lacks
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_*_gpu.py tests/test_devices.py 2>&1 \
+        | tee "$logs/gpu-tests.log" ;;
     kernels)
       python3 -m gptcore.bench.kernels --graphs --host --json "$logs/kernel-bench.json" 2>&1 \
         | tee "$logs/kernel-bench.log" ;;
