@@ -51,9 +51,10 @@ def test_layer_norm_ops_pass_opcheck(affine):
     b = (0.1 * torch.randn(384, device="cuda")).requires_grad_(True) if affine else None
     torch.library.opcheck(L.layer_norm_fwd_op, (x, w, b, 1e-5))
     y, stats = L.layer_norm_fwd_op(x.detach(), w, b, 1e-5)
+    params = [None if t is None else t.detach() for t in (w, b)]  # no double backward: a backward's inputs
     torch.library.opcheck(
         L.layer_norm_bwd_op,
-        (x.detach(), w, b, stats, torch.randn_like(y)),
+        (x.detach(), *params, stats, torch.randn_like(y)),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
 

@@ -23,7 +23,7 @@ def dropout_threshold(p: float) -> int:
 def dropout_rng(device: torch.device) -> torch.Tensor:
     """One call's two dropout keys, drawn from the default CUDA generator: reproducible from its state
     (torch.manual_seed, a checkpoint's RNG state) and drawn anew by every replay of a captured graph."""
-    return torch.empty(2, dtype=torch.int64, device=device).random_()
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
 
 
 def dropout_keep_mask(rng: torch.Tensor, b: int, h: int, tq: int, tk: int, p: float) -> torch.Tensor:
