@@ -102,7 +102,7 @@ class CharVocab:
     def load(cls, path: Path) -> CharVocab:
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"{path} not found: run the prepare stage first (python stages/prepare.py)")
+            raise DataError(f"{path} not found: run the prepare stage first (python -m gptcore prepare)")
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -361,7 +361,7 @@ def _split_path(out_dir: Path, split: str) -> Path:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     path = Path(out_dir) / f"{split}.bin"
     if not path.is_file():
-        raise DataError(f"{path} not found: run the prepare stage first (python stages/prepare.py)")
+        raise DataError(f"{path} not found: run the prepare stage first (python -m gptcore prepare)")
     return path
 
 

@@ -160,7 +160,7 @@ class ToleranceTable(Section):
 
 
 class VerifyParams(Section):
-    # The pipeline verifies <transplant.out_dir>/model.safetensors; `python stages/verify.py --checkpoint PATH`
+    # The pipeline verifies <transplant.out_dir>/model.safetensors; `python -m gptcore verify --checkpoint PATH`
     # verifies any other checkpoint without editing params.yaml.
     device: str = "auto"  # auto picks CUDA when present; the cuTile levels need it
     seed: int = 1234
@@ -203,7 +203,7 @@ class VerifyParams(Section):
 
 class BenchParams(Section):
     # The trained model whose config gives the shapes of the train-step, inference and "model" kernel
-    # cases. `python stages/bench.py --checkpoint PATH` benchmarks another one without editing this.
+    # cases. `python -m gptcore bench --checkpoint PATH` benchmarks another one without editing this.
     checkpoint: str = "out/ckpt.pt"
     device: str = "auto"  # auto picks CUDA when present; the cuTile rows need it (skipped otherwise)
     # Train step under autocast in this dtype, as training does; inference casts the model to it.
@@ -234,7 +234,7 @@ class BenchParams(Section):
 
 
 class SampleParams(Section):
-    # `python stages/sample.py --checkpoint PATH --backend cutile ...` overrides these from the command line.
+    # `python -m gptcore sample --checkpoint PATH --backend cutile ...` overrides these from the command line.
     checkpoint: str = "out/ckpt.pt"
     prompt: str = "\n"  # must use characters of the training vocabulary
     num_samples: int = Field(3, ge=1)

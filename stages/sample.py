@@ -1,9 +1,9 @@
 """Sample stage: generate text from a checkpoint with the reference or the cuTile model, decoding
 incrementally with a KV cache; write the samples (samples/samples.txt), metrics/sample.json and MLflow.
 
-    python stages/sample.py                                          # as `dvc repro` runs it
-    GPTCORE_MLFLOW=off python stages/sample.py --preset shakespeare_char --backend cutile
-    python stages/sample.py --prompt "ROMEO:" --num-samples 2 --max-new-tokens 500 --top-p 0.95
+    python -m gptcore sample                                         # as `dvc repro` runs it
+    GPTCORE_MLFLOW=off python -m gptcore sample --preset shakespeare_char --backend cutile
+    python -m gptcore sample --prompt "ROMEO:" --num-samples 2 --max-new-tokens 500 --top-p 0.95
 
 Run by hand in a terminal, the text streams to the console as it is generated.
 """
