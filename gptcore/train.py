@@ -33,6 +33,7 @@ from gptcore.errors import CheckpointError
 from gptcore.kernels import require_cutile
 from gptcore.model import GPT, GPTConfig
 from gptcore.params import Params, ParamsError
+from gptcore.tokenizer import load as load_tokenizer
 from gptcore.train_graph import GraphedTrainStep
 
 BEST_CHECKPOINT = "ckpt.pt"  # the lowest validation loss seen: what the later stages use
@@ -154,7 +155,7 @@ class Trainer:
             )
 
         data_dir = root / params.data.out_dir
-        self.vocab = gdata.CharVocab.load(data_dir / "meta.json")
+        self.tokenizer = load_tokenizer(data_dir)
         self.train_data = gdata.load_split(data_dir, "train")
         self.val_data = gdata.load_split(data_dir, "val")
         self.data_sha256 = gdata.data_sha256(data_dir)
@@ -174,7 +175,7 @@ class Trainer:
         self.micro_steps = self.p.gradient_accumulation_steps // world
         self.tokens_per_iter = self.p.gradient_accumulation_steps * self.p.batch_size * params.model.block_size
         self.out_dir = root / self.p.out_dir
-        self.config = model_config(params, self.vocab.vocab_size)
+        self.config = model_config(params, self.tokenizer.vocab_size)
         # Everything that can fail is checked here, before anything is written: the resume state too.
         self.resume_state = self.load_resume_state() if self.p.resume else None
         self.run_id: str | None = None  # the MLflow run, written into the checkpoints (a resumed run links to it)
@@ -281,7 +282,7 @@ class Trainer:
             "history": history,
             "params": self.params.model_dump(),
             "data_sha256": self.data_sha256,
-            "vocab": self.vocab.itos,
+            "tokenizer": self.tokenizer.to_json(),  # decoding needs nothing else
             "mlflow_run_id": self.run_id,
             "rng": {
                 "data": generator.get_state(),

@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 
 from gptcore.checkpoint import CheckpointError, clean_state_dict, load_checkpoint
-from gptcore.errors import UserError
+from gptcore.errors import DataError, UserError
 from gptcore.files import atomic_write, atomic_write_text, sha256_file
 from gptcore.manifest import find_manifest, verify_checkpoint
 from gptcore.model import GPT, GPTConfig
+from gptcore.tokenizer import from_json as tokenizer_from_json
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -63,6 +64,7 @@ class CheckedWeights:
     source_format: str  # "gptcore" | "nanogpt" | "transplant" | "torch"
     checks: list[Check] = field(default_factory=list)
     info: dict = field(default_factory=dict)  # iter_num, best_val_loss, data_sha256 when the source has them
+    tokenizer: str | None = None  # the tokenizer (JSON) that travels with the weights, when the source has one
 
     def n_params(self) -> int:
         """Parameters of the model (the tied embedding counted once), as GPT.num_params(False)."""
@@ -86,8 +88,8 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 # ---- reading a source -------------------------------------------------------------------------------------
 
 
-def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    """(model_args, state_dict) of a transplant's safetensors file; the header carries the config."""
+def _read_safetensors(path: Path) -> tuple[dict, dict, dict]:
+    """(model_args, state_dict, header) of a transplant's safetensors file; the header carries the config."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -115,20 +117,21 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     # The file stores the tied embedding once; the model has it under both names.
     if header.get("tied") == f"{LM_HEAD}={EMBEDDING}" and LM_HEAD not in tensors and EMBEDDING in tensors:
         tensors[LM_HEAD] = tensors[EMBEDDING]
-    return model_args, tensors
+    return model_args, tensors, header
 
 
-def read_source(path: str | Path) -> tuple[dict, dict, str, dict]:
-    """(model_args, raw state dict, format, info) from a torch checkpoint or a transplant's safetensors.
-    Never executes code from the file. A directory means the transplant's model.safetensors in it."""
+def read_source(path: str | Path) -> tuple[dict, dict, str, dict, str | None]:
+    """(model_args, raw state dict, format, info, tokenizer JSON or None) from a torch checkpoint or a
+    transplant's safetensors. Never executes code from the file. A directory means the transplant's
+    model.safetensors in it."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_FILE
     if not path.is_file():
         raise TransplantError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
-        model_args, tensors = _read_safetensors(path)
-        return model_args, tensors, "transplant", {}
+        model_args, tensors, header = _read_safetensors(path)
+        return model_args, tensors, "transplant", {}, header.get("tokenizer")
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
@@ -147,7 +150,8 @@ def read_source(path: str | Path) -> tuple[dict, dict, str, dict]:
             value = value.item()
         if isinstance(value, (int, float, str)):
             info[key] = value
-    return ckpt["model_args"], ckpt["model"], fmt, info
+    tokenizer = ckpt.get("tokenizer") if isinstance(ckpt.get("tokenizer"), str) else None
+    return ckpt["model_args"], ckpt["model"], fmt, info, tokenizer
 
 
 # ---- the checks -------------------------------------------------------------------------------------------
@@ -156,9 +160,10 @@ def read_source(path: str | Path) -> tuple[dict, dict, str, dict]:
 def check_weights(path: str | Path, vocab_size: int | None, vocab_source: str = "meta.json") -> CheckedWeights:
     """Read `path` and run every check; raise TransplantError at the first that fails.
 
-    `vocab_size` is the prepared data's vocabulary (None skips that check, said so in the result)."""
+    `vocab_size` is the prepared data's vocabulary (None: the tokenizer the checkpoint carries, if it does;
+    else the check is skipped, said so in the result)."""
     path = Path(path)
-    model_args, raw, fmt, info = read_source(path)
+    model_args, raw, fmt, info, tokenizer = read_source(path)
     file = path / WEIGHTS_FILE if path.is_dir() else path
     checks = [Check("file", "pass", f"{fmt} checkpoint, {len(raw)} tensors, loaded without executing code")]
 
@@ -201,6 +206,11 @@ def check_weights(path: str | Path, vocab_size: int | None, vocab_source: str = 
         )
     checks.append(Check("shapes", "pass", "every tensor has the shape the config implies"))
 
+    if vocab_size is None and tokenizer is not None:  # no prepared data: the tokenizer the checkpoint carries
+        try:
+            vocab_size, vocab_source = tokenizer_from_json(tokenizer, str(file)).vocab_size, "the tokenizer it carries"
+        except DataError as e:
+            raise TransplantError(str(e)) from None
     if vocab_size is None:
         checks.append(Check("vocab", "skipped", "no prepared data given to compare with"))
     elif config.vocab_size != vocab_size:
@@ -242,14 +252,16 @@ def check_weights(path: str | Path, vocab_size: int | None, vocab_source: str = 
         source_format=fmt,
         checks=checks,
         info=info,
+        tokenizer=tokenizer,
     )
 
 
 # ---- writing the transplant -------------------------------------------------------------------------------
 
 
-def save_weights(weights: CheckedWeights, path: Path, dtype: torch.dtype) -> Path:
-    """The state dict as safetensors in `dtype`, the tied embedding stored once, the config in the header."""
+def save_weights(weights: CheckedWeights, path: Path, dtype: torch.dtype, tokenizer: str | None = None) -> Path:
+    """The state dict as safetensors in `dtype`, the tied embedding stored once, the config and the
+    tokenizer (the checkpoint's own, else `tokenizer`) in the header: the file alone decodes."""
     from safetensors.torch import save_file
 
     tensors = {name: t.detach().to(dtype).contiguous() for name, t in weights.state_dict.items() if name != LM_HEAD}
@@ -259,6 +271,8 @@ def save_weights(weights: CheckedWeights, path: Path, dtype: torch.dtype) -> Pat
         "tied": f"{LM_HEAD}={EMBEDDING}",
         "source_sha256": weights.source_sha256,
     }
+    if weights.tokenizer or tokenizer:
+        header["tokenizer"] = weights.tokenizer or tokenizer
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
@@ -271,17 +285,19 @@ def transplant(
     source_label: str | None = None,
     provenance: dict | None = None,
     data: dict | None = None,
+    tokenizer: str | None = None,
 ) -> dict:
     """Check `source`, write `<out_dir>/model.safetensors` and `<out_dir>/manifest.json`; return the manifest.
     `source_label` is the path recorded in the manifest (the stage gives it relative to the repo);
     `provenance` (the stage's mlflow_run_id, git_commit, dvc_stage) goes into the manifest as it is, and so
-    does `data` (the vocabulary and the corpus it was trained on: what re-verifying a fetched copy needs)."""
+    does `data` (the corpus it was trained on: what re-verifying a fetched copy needs). `tokenizer`: the
+    prepared data's (JSON), for a source that carries none (a nanoGPT checkpoint)."""
     if dtype not in DTYPES:
         raise TransplantError(f"transplant.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()
     weights = check_weights(source, vocab_size, vocab_source)
     out_dir = Path(out_dir)
-    weights_path = save_weights(weights, out_dir / WEIGHTS_FILE, DTYPES[dtype])
+    weights_path = save_weights(weights, out_dir / WEIGHTS_FILE, DTYPES[dtype], tokenizer)
     manifest = {
         "format": FORMAT,
         "source": {

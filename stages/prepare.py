@@ -1,4 +1,5 @@
-"""Prepare stage: turn the corpus into a character vocabulary and uint16 train/val token files.
+"""Prepare stage: tokenise the corpus (data.tokenizer: char, bpe, or a tokenizer.json) into train/val token
+files, tokenizer.json and meta.json.
 
 python -m stages.prepare [--params params.yaml] [--set data.corpus=my.txt]
 """
@@ -17,7 +18,10 @@ def main(argv=None) -> int:
     root = stage.workspace()
     with stage.tracked("prepare", params, [SECTION]) as run:
         t0 = time.perf_counter()
-        stats = data.prepare(params.data.corpus, root / params.data.out_dir, params.data.val_fraction, root=root)
+        d = params.data
+        stats = data.prepare(
+            d.corpus, root / d.out_dir, d.val_fraction, root=root, tokenizer=d.tokenizer, vocab_size=d.vocab_size
+        )
         stats["seconds"] = round(time.perf_counter() - t0, 3)
         stage.write_metrics("prepare", stats, root)
         run.log_metrics(stats)

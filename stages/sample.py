@@ -15,12 +15,13 @@ import torch
 
 from gptcore import stage
 from gptcore.checkpoint import CheckpointError, load_checkpoint
-from gptcore.data import CharVocab, DataError
 from gptcore.devices import resolve_device, resolve_dtype
-from gptcore.errors import ParamsError
+from gptcore.errors import DataError, ParamsError
 from gptcore.files import atomic_write_text
 from gptcore.manifest import checkpoint_tags
 from gptcore.sampling import Decoder, load_for_inference
+from gptcore.tokenizer import from_json as tokenizer_from_json
+from gptcore.tokenizer import load as load_tokenizer
 
 SECTION = "sample"
 SECTIONS = ["data", "sample"]
@@ -74,24 +75,28 @@ def main(argv=None) -> int:
     device = resolve_device(s.device, "sample.device")
     dtype = resolve_dtype(s.dtype, device)
 
-    vocab = CharVocab.load(root / params.data.out_dir / "meta.json")
     if not s.prompt:
         raise ParamsError(
             "sample.prompt: must not be empty (the model needs one token to start from; nanoGPT's default is a newline)"
+        )
+    ckpt_path = root / s.checkpoint
+    checkpoint = load_checkpoint(ckpt_path)  # checked against its manifest (out/ckpt.json) when it has one
+    ckpt_tags = checkpoint_tags(ckpt_path)
+    # The checkpoint's own tokenizer; the prepared data's for one that carries none (nanoGPT's, older ones).
+    if isinstance(checkpoint.get("tokenizer"), str):
+        vocab, vocab_source = tokenizer_from_json(checkpoint["tokenizer"], str(ckpt_path)), str(ckpt_path)
+    else:
+        vocab, vocab_source = load_tokenizer(root / params.data.out_dir), f"{params.data.out_dir}/tokenizer.json"
+    vocab_size = checkpoint["model_args"].get("vocab_size")
+    if vocab_size != vocab.vocab_size:
+        raise CheckpointError(
+            f"{ckpt_path}: trained with a vocabulary of {vocab_size} tokens, but {vocab_source} has "
+            f"{vocab.vocab_size}: not the same tokenizer"
         )
     try:
         prompt_ids = vocab.encode(s.prompt)
     except DataError as e:
         raise ParamsError(f"sample.prompt {s.prompt!r}: {e}") from None
-    ckpt_path = root / s.checkpoint
-    checkpoint = load_checkpoint(ckpt_path)  # checked against its manifest (out/ckpt.json) when it has one
-    ckpt_tags = checkpoint_tags(ckpt_path)
-    vocab_size = checkpoint["model_args"].get("vocab_size")
-    if vocab_size != vocab.vocab_size:
-        raise CheckpointError(
-            f"{ckpt_path}: trained with a vocabulary of {vocab_size} tokens, but "
-            f"{params.data.out_dir}/meta.json has {vocab.vocab_size}: not the same data"
-        )
     model = load_for_inference(checkpoint, s.backend, device, dtype)
     generator = torch.Generator(device=device).manual_seed(s.seed)
     decoder = Decoder(model, 1, s.temperature, s.top_k, s.top_p, generator, cuda_graph=s.cuda_graph)

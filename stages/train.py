@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                     dtype=result.dtype,
                     world_size=result.world_size,
                     params={k: getattr(params, k).model_dump() for k in SECTIONS},
-                    **data.data_record(params.data, root / params.data.out_dir, trainer.vocab),
+                    **data.data_record(params.data, root / params.data.out_dir),
                 )
             metrics = {
                 "best_val_loss": result.best_val_loss,

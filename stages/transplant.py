@@ -10,6 +10,7 @@ import sys
 
 from gptcore import data, stage
 from gptcore.manifest import checkpoint_tags
+from gptcore.tokenizer import load as load_tokenizer
 from gptcore.transplant import MANIFEST_FILE, transplant
 
 SECTION = "transplant"
@@ -21,19 +22,20 @@ def main(argv=None) -> int:
     root = stage.workspace()
     p = params.transplant
     data_dir = root / params.data.out_dir
-    vocab = data.CharVocab.load(data_dir / "meta.json")
-    record = data.data_record(params.data, data_dir, vocab)  # travels with the weights, for re-verifying a copy
+    tokenizer = load_tokenizer(data_dir)
+    record = data.data_record(params.data, data_dir)  # in the manifest, for re-verifying a fetched copy
     with stage.tracked("transplant", params, [SECTION]) as run:
         # Paths in the manifest are relative to the workspace, so it reads the same wherever the repo lives.
         manifest = transplant(
             root / p.source,
             root / p.out_dir,
-            vocab.vocab_size,
+            tokenizer.vocab_size,
             p.dtype,
-            vocab_source=f"{params.data.out_dir}/meta.json",
+            vocab_source=f"{params.data.out_dir}/tokenizer.json",
             source_label=p.source,
             provenance={"mlflow_run_id": run.run_id, "git_commit": run.tags["git.commit"], "dvc_stage": "transplant"},
             data=record,
+            tokenizer=tokenizer.to_json(),  # a source without its own (nanoGPT's) gets the data's
         )
         metrics = {
             "n_params": manifest["n_params"],

@@ -6,8 +6,8 @@
         # any checkpoint (ours, a nanoGPT ckpt.pt, a transplant's safetensors or its folder), checked as the
         # transplant stage checks it, from any folder; report and record go to DIR (default
         # verify-runs/<name>-<sha>/), never to the pipeline's outputs. The data: --data DIR (meta.json,
-        # val.bin), else the project's prepared data when here, else the vocabulary and corpus that the
-        # checkpoint's manifest records. Without a params.yaml here, verify's defaults.
+        # val.bin), else the project's prepared data when here, else the tokenizer the checkpoint carries
+        # and the corpus its manifest records. Without a params.yaml here, verify's defaults.
     GPTCORE_MLFLOW=off python -m stages.verify --checkpoint out/ckpt.pt --preset shakespeare_char --out DIR
         # the GPU machine (no MLflow there: records go to a JSON file)
 
@@ -23,6 +23,8 @@ from gptcore import data, stage
 from gptcore.errors import DataError
 from gptcore.files import atomic_write_text
 from gptcore.manifest import checkpoint_tags, find_manifest
+from gptcore.tokenizer import from_json as tokenizer_from_json
+from gptcore.tokenizer import load as load_tokenizer
 from gptcore.tracking import flatten
 from gptcore.transplant import WEIGHTS_FILE, check_weights
 from gptcore.verify import FAIL, headline_metrics, metrics, render, verify
@@ -31,25 +33,25 @@ SECTION = "verify"
 REPORT = Path("reports") / "verify.md"
 
 
-def verification_data(args, params, root: Path, source: Path):
-    """(vocabulary, validation tokens, where the vocabulary came from) for the checkpoint being verified."""
+def checked_data(args, params, root: Path, source: Path):
+    """(checked weights, tokenizer, validation tokens): with prepared data (--data, or the project's), its
+    tokenizer and split; without, the tokenizer the checkpoint carries and the split rebuilt from the corpus
+    its manifest records."""
     project_data = root / params.data.out_dir
     if args.data or not args.checkpoint or (project_data / "meta.json").is_file():
         data_dir = Path(args.data) if args.data else project_data
-        return (
-            data.CharVocab.load(data_dir / "meta.json"),
-            data.load_split(data_dir, "val"),
-            str(data_dir / "meta.json"),
-        )
-    file = source / WEIGHTS_FILE if source.is_dir() else source
-    found = find_manifest(file) if file.is_file() else None
-    if found is None:
+        tokenizer = load_tokenizer(data_dir)
+        weights = check_weights(source, tokenizer.vocab_size, vocab_source=str(data_dir / "tokenizer.json"))
+        return weights, tokenizer, data.load_split(data_dir, "val")
+    weights = check_weights(source, None)  # its vocabulary checked against the tokenizer it carries
+    found = find_manifest(weights.source)
+    if weights.tokenizer is None or found is None:
         raise DataError(
-            f"{file}: no prepared data here and no manifest beside it that records its vocabulary: "
-            "pass --data DIR, a prepared data folder (meta.json, val.bin)"
+            f"{weights.source}: no prepared data here, and the checkpoint carries no tokenizer or has no manifest "
+            "beside it that records its corpus: pass --data DIR, a prepared data folder (meta.json, val.bin)"
         )
-    vocab, val = data.from_record(found.data, str(found.path), root)
-    return vocab, val, str(found.path)
+    tokenizer = tokenizer_from_json(weights.tokenizer, str(weights.source))
+    return weights, tokenizer, data.from_record(found.data, tokenizer, str(found.path), root)
 
 
 def main(argv=None) -> int:
@@ -65,8 +67,7 @@ def main(argv=None) -> int:
     params = stage.load(args, SECTION, {"device": args.device}, defaults_if_missing=bool(args.checkpoint))
     root = stage.workspace()
     source = Path(args.checkpoint) if args.checkpoint else root / params.transplant.out_dir / WEIGHTS_FILE
-    vocab, val, vocab_source = verification_data(args, params, root, source)
-    weights = check_weights(source, vocab.vocab_size, vocab_source=vocab_source)
+    weights, tokenizer, val = checked_data(args, params, root, source)
 
     if args.checkpoint:  # ad hoc: a folder of its own, named after the checkpoint, never the pipeline's outputs
         name = source.name if source.is_dir() else source.stem
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
                 **checkpoint_tags(weights.source, weights.source_sha256),
             }
         )
-        result = verify(weights, val, params.verify, decode=vocab.decode)
+        result = verify(weights, val, params.verify, decode=tokenizer.decode)
         record = {**metrics(result), "mlflow_run_id": run.run_id}
         headline = headline_metrics(result)
         # Report and record first: a failed level must still leave them behind for reading.

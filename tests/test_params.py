@@ -4,8 +4,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from gptcore.model import GPT, GPTConfig
 from gptcore.params import ParamsError, load_params, parse_params
 from gptcore.presets import apply_preset, available
 
@@ -95,6 +97,10 @@ def test_presets_apply_and_keep_comments(tmp_path, name):
         assert (p.train.eval_interval, p.train.eval_iters) == (250, 200)
     if name == "gpt2_small":
         assert (p.model.n_layer, p.model.n_head, p.model.n_embd, p.model.block_size) == (12, 12, 768, 1024)
+        assert (p.data.tokenizer, p.data.vocab_size, p.train.beta2, p.train.learning_rate) == ("bpe", 50304, 0.95, 6e-4)
+        with torch.device("meta"):  # GPT-2 small: 124M parameters at its vocabulary
+            gpt2 = GPT(GPTConfig(block_size=1024, vocab_size=p.data.vocab_size, n_layer=12, n_head=12, n_embd=768))
+        assert round(gpt2.num_params(non_embedding=False) / 1e6) == 124
     if name == "tiny_cpu":
         assert p.model == load_params(ROOT / "params.yaml").model
 

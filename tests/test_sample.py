@@ -8,9 +8,11 @@ import pytest
 import torch
 from pipeline_helpers import SPEECHES, env_for, make_project, run
 
-from gptcore.data import CharVocab
+from gptcore import tokenizer as tok
+from gptcore.files import atomic_write_bytes
 from gptcore.model import GPT, GPTConfig
 from gptcore.sampling import Decoder, filtered_probs, sample_tokens
+from gptcore.tokenizer import CharTokenizer
 
 BLOCK = 16
 
@@ -141,7 +143,7 @@ def test_cuda_graph_request_on_cpu_is_reported_not_faked():
 # ---- the stage ---------------------------------------------------------------------------------------------
 
 
-def write_model(project, vocab: CharVocab) -> None:
+def write_model(project, vocab: CharTokenizer) -> None:
     """A tiny untrained checkpoint over the corpus vocabulary (the stage does not care how good it is)."""
     torch.manual_seed(0)
     config = GPTConfig(block_size=BLOCK, vocab_size=vocab.vocab_size, n_layer=1, n_head=2, n_embd=32)
@@ -154,9 +156,9 @@ def project(tmp_path_factory):
     proj = make_project(
         tmp_path_factory.mktemp("sample"), sample={"num_samples": 3, "max_new_tokens": 40, "prompt": "MENENIUS:\n"}
     )
-    vocab = CharVocab.from_text(SPEECHES)
+    vocab = CharTokenizer.from_text(SPEECHES)
     (proj / "data").mkdir(exist_ok=True)
-    vocab.save(proj / "data" / "meta.json")
+    tok.save(vocab, proj / "data", atomic_write_bytes)
     write_model(proj, vocab)
     return proj
 

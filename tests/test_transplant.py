@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gptcore import data
+from gptcore import tokenizer as tok
 from gptcore.checkpoint import save_checkpoint
 from gptcore.files import sha256_file
 from gptcore.model import GPT, GPTConfig
@@ -31,7 +32,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vocab_size(root):
-    return data.CharVocab.load(root / "data" / "meta.json").vocab_size
+    return tok.load(root / "data").vocab_size
 
 
 def make_model(vocab_size: int, seed: int = 0) -> GPT:
@@ -272,7 +273,11 @@ def test_transplant_stage_writes_metrics_and_stops_cleanly_on_a_bad_checkpoint(r
     manifest = json.loads((project / "cutile" / MANIFEST_FILE).read_text())
     assert manifest["source"]["format"] == "nanogpt" and metrics["checks_passed"] == 7
     assert manifest["weights"]["sha256"] == sha256_file(project / "cutile" / WEIGHTS_FILE)
-    assert manifest["source"]["path"] == "ckpt.pt" and len(manifest["vocab"]) == vocab_size  # travels with it
+    assert manifest["source"]["path"] == "ckpt.pt" and manifest["data"]["tokenizer"] == "char"
+    from safetensors import safe_open
+
+    with safe_open(str(project / "cutile" / WEIGHTS_FILE), framework="pt") as f:  # the tokenizer travels with it
+        assert tok.from_json(f.metadata()["tokenizer"]).vocab_size == vocab_size
 
     save_checkpoint(ours(make_model(vocab_size + 1)), project / "ckpt.pt")
     out = run([sys.executable, str(ROOT / "stages" / "transplant.py")], project, check=False, env=stage_env(project))

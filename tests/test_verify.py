@@ -12,6 +12,7 @@ from pipeline_helpers import ROOT, run, tiny_params, write_corpus
 from test_transplant import stage_env, stage_project
 
 from gptcore import data
+from gptcore import tokenizer as tok
 from gptcore.params import VerifyParams
 from gptcore.train import Trainer
 from gptcore.transplant import check_weights, transplant
@@ -52,7 +53,7 @@ def trained(tmp_path_factory):
         ),
         root,
     ).run()
-    vocab = data.CharVocab.load(root / "data" / "meta.json")
+    vocab = tok.load(root / "data")
     transplant(root / "out" / "ckpt.pt", root / "cutile", vocab.vocab_size)
     weights = check_weights(root / "cutile", vocab.vocab_size)
     return root, weights, data.load_split(root / "data", "val"), vocab
