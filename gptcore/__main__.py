@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 STAGES = {
-    "prepare": "the corpus as character tokens: data/{train,val}.bin, data/meta.json",
+    "prepare": "the corpus as tokens (characters or BPE): data/{train,val}.bin, data/tokenizer.json",
     "train": "train the model: out/ckpt.pt with its manifest out/ckpt.json, out/last.pt",
     "transplant": "check a checkpoint, write the cuTile model's weights: cutile/model.safetensors",
     "verify": "the cuTile model against the reference, compile gate and L1-L5 (--checkpoint PATH: any checkpoint)",
@@ -16,6 +16,7 @@ STAGES = {
     "sample": "text from either model: samples/samples.txt",
 }
 TOOLS = {
+    "python -m gptcore.chat --checkpoint PATH": "talk to a model: it answers each speech you type, streaming",
     "python -m gptcore.presets NAME": "switch params.yaml to a preset (shakespeare_char, gpt2_small, tiny_cpu)",
     "python -m gptcore.release ARTIFACT... vX.Y.Z": "release a version (git tag + dvc push); --list lists them",
     "python -m gptcore.manifest FILE...": "check checkpoints against their manifests (sha256)",

@@ -24,7 +24,7 @@ example a kernel launcher that the CUDA runtime refuses to record), decoding goe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import torch
 
@@ -35,9 +35,7 @@ from gptcore.kernels.runtime import attention_dtype_unsupported, cutile_unavaila
 from gptcore.model import GPT
 from gptcore.train_graph import capture
 
-__all__ = ["BackendUnavailable", "Decoder", "filtered_probs", "load_for_inference", "sample_tokens"]
-
-TokenCallback = Callable[[list[int]], None]  # the new token of each batch row, as soon as it exists
+__all__ = ["BackendUnavailable", "Decoder", "filtered_probs", "load_for_inference", "sample_tokens", "stream_text"]
 
 
 def load_for_inference(checkpoint: dict, backend: str, device: torch.device, dtype: torch.dtype) -> GPT:
@@ -182,9 +180,9 @@ class Decoder:
             self.graphs.clear()
 
     # ---- generation -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, on_token: TokenCallback | None = None) -> torch.Tensor:
-        """`idx` (batch, T) followed by `max_new_tokens` sampled tokens (nanoGPT's `generate`)."""
+    def stream(self, idx: torch.Tensor, max_new_tokens: int) -> Iterator[torch.Tensor]:
+        """The tokens sampled after `idx` (batch, T), each (batch, 1) as soon as it exists (nothing is
+        waited for but the GPU work of that token)."""
         if idx.dim() != 2 or idx.size(0) != self.batch:
             raise ValueError(f"expected token ids of shape ({self.batch}, T), got {tuple(idx.shape)}")
         if idx.size(1) == 0:
@@ -193,16 +191,31 @@ class Decoder:
         self.n = context.size(1)
         self.cached = 0
         self.window[:, : self.n].copy_(context)
-        new = []
         for _ in range(max_new_tokens):
-            self._run(self.cached, self.n)
+            with torch.no_grad():  # around the step only: the caller's code between tokens keeps its grad mode
+                self._run(self.cached, self.n)
             if self.n < self.block:  # the token went to window[:, n]; everything before it is cached
                 self.cached = self.n if self.cache is not None else 0
                 self.n += 1
             else:  # the window slid: the cached keys are at the wrong positions now
                 self.cached = 0
-            token = self.window[:, self.n - 1 : self.n]
-            new.append(token.clone())
-            if on_token is not None:
-                on_token(token[:, 0].tolist())
-        return torch.cat([idx] + new, dim=1)
+            yield self.window[:, self.n - 1 : self.n].clone()
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """`idx` (batch, T) followed by `max_new_tokens` sampled tokens (nanoGPT's `generate`)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens)], dim=1)
+
+
+def stream_text(decoder: Decoder, tokenizer, ids: list[int], max_new_tokens: int) -> Iterator[str]:
+    """Text as it is generated after the prompt `ids` (one row): each piece is what the new token adds. A
+    byte-level BPE token can end inside a character; its bytes wait for the token that completes it."""
+    prompt = torch.tensor([ids], dtype=torch.long, device=decoder.device)
+    new: list[int] = []
+    shown = ""
+    for token in decoder.stream(prompt, max_new_tokens):
+        new.append(int(token[0, 0]))
+        text = tokenizer.decode(new)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: the next token completes it
+            continue
+        yield text[len(shown) :]
+        shown = text

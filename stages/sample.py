@@ -19,7 +19,7 @@ from gptcore.devices import resolve_device, resolve_dtype
 from gptcore.errors import DataError, ParamsError
 from gptcore.files import atomic_write_text
 from gptcore.manifest import checkpoint_tags
-from gptcore.sampling import Decoder, load_for_inference
+from gptcore.sampling import Decoder, load_for_inference, stream_text
 from gptcore.tokenizer import from_json as tokenizer_from_json
 from gptcore.tokenizer import load as load_tokenizer
 
@@ -104,9 +104,6 @@ def main(argv=None) -> int:
 
     stream = sys.stdout.isatty()  # by hand: text as it comes; under DVC or a pipe: each sample whole
 
-    def show(tokens: list[int]):
-        print(vocab.decode(tokens), end="", flush=True)
-
     with stage.tracked("sample", params, SECTIONS) as run:
         texts, seconds = [], []
         for i in range(s.num_samples):
@@ -115,8 +112,14 @@ def main(argv=None) -> int:
             if stream:
                 print(s.prompt, end="", flush=True)
             t0 = time.perf_counter()
-            out = decoder.generate(idx, s.max_new_tokens, on_token=show if stream else None)
-            text = vocab.decode(out[0].tolist())  # reads the tokens back: the GPU work is done
+            if stream:
+                pieces = [s.prompt]
+                for piece in stream_text(decoder, vocab, prompt_ids, s.max_new_tokens):
+                    print(piece, end="", flush=True)
+                    pieces.append(piece)
+                text = "".join(pieces)
+            else:
+                text = vocab.decode(decoder.generate(idx, s.max_new_tokens)[0].tolist())  # waits for the GPU
             seconds.append(time.perf_counter() - t0)
             print("" if stream else text)
             texts.append(f"{header}\n{text}\n")

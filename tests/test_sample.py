@@ -2,6 +2,8 @@
 greedy), and the sample stage writes the samples, its metrics and clear errors."""
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -201,6 +203,41 @@ def test_sample_stage_is_reproducible_and_takes_command_line_overrides(project):
     record = json.loads(max((project / "mlflow-offline").glob("sample-*.json")).read_text())
     logged = record["params"]
     assert (logged["sample.num_samples"], logged["sample.max_new_tokens"], logged["sample.top_p"]) == (2, 25, 0.9)
+
+
+@pytest.mark.slow
+def test_sample_stage_streams_in_a_terminal_the_text_it_writes(project):
+    """In a terminal (a pseudo-terminal here) the stage prints each sample as it is generated: what the
+    terminal shows is what samples.txt holds, from the same seed."""
+    env = {**env_for(project), "GPTCORE_MLFLOW": "off"}
+    args = ["--num-samples", "2", "--max-new-tokens", "30"]
+    run([sys.executable, "stages/sample.py", *args, "--out", "piped.txt"], project, env=env)
+    leader, follower = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "stages/sample.py", *args, "--out", "tty.txt"],
+        cwd=project,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=subprocess.PIPE,
+    )
+    os.close(follower)
+    shown = b""
+    while chunk := read_or_eof(leader):
+        shown += chunk
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    written = (project / "tty.txt").read_text()
+    assert written == (project / "piped.txt").read_text()  # streaming changes nothing but when text shows
+    terminal = shown.decode().replace("\r\n", "\n")
+    assert written.replace("\n\n==> ", "\n==> ") in terminal  # the samples, each as it was generated
+
+
+def read_or_eof(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # Linux reports the closed terminal as EIO
+        return b""
 
 
 @pytest.mark.slow

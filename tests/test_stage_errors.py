@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import importlib
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 from pipeline_helpers import tiny_params_dict, write_corpus
 
 from gptcore import data, stage
+from gptcore.__main__ import TOOLS
 from gptcore.__main__ import main as gptcore_main
 
 STAGES = ["prepare", "train", "transplant", "verify", "bench", "sample"]
@@ -92,3 +95,11 @@ def test_set_overrides_any_section_and_python_m_gptcore_lists_the_stages(workspa
     shown = capsys.readouterr().out
     assert all(f"  {name} " in shown for name in STAGES) and "gptcore.release" in shown
     assert gptcore_main(["trian"]) == 2 and "unknown stage 'trian'" in capsys.readouterr().err
+
+
+def test_every_listed_tool_runs():
+    """`python -m gptcore --help` lists tools: each is a module that answers --help (no GPU needed)."""
+    for command in TOOLS:
+        module = command.split()[2]
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and "usage:" in out.stdout, (module, out.stderr[-500:])
