@@ -24,7 +24,7 @@ example a kernel launcher that the CUDA runtime refuses to record), decoding goe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -35,7 +35,17 @@ from gptcore.kernels.runtime import attention_dtype_unsupported, cutile_unavaila
 from gptcore.model import GPT
 from gptcore.train_graph import capture
 
-__all__ = ["BackendUnavailable", "Decoder", "filtered_probs", "load_for_inference", "sample_tokens", "stream_text"]
+__all__ = [
+    "BackendUnavailable",
+    "Decoder",
+    "filtered_probs",
+    "generate_many",
+    "load_for_inference",
+    "sample_tokens",
+    "stream_text",
+]
+
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per row
 
 
 def load_for_inference(checkpoint: dict, backend: str, device: torch.device, dtype: torch.dtype) -> GPT:
@@ -75,9 +85,10 @@ def sample_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
-    """One token per row from (B, V) logits: greedy at temperature 0, else top-k / top-p sampling.
+    """One token per row from (B, V) logits: greedy at temperature 0, else top-k / top-p sampling. With a
+    list of B generators, row i draws from generator i alone.
 
     The draws of `torch.multinomial(probs, 1)`, written so that a CUDA graph can capture it: ATen
     implements that as argmax(probs / E) with E ~ Exp(1) drawn from the generator (the "exponential race");
@@ -88,7 +99,11 @@ def sample_tokens(
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = filtered_probs(logits, temperature, top_k, top_p)
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    if isinstance(generator, (list, tuple)):  # one generator per row: each row draws what it would alone
+        rows = [torch.empty_like(probs[i : i + 1]).exponential_(1, generator=g) for i, g in enumerate(generator)]
+        race = torch.cat(rows)
+    else:
+        race = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / race).argmax(dim=-1, keepdim=True)
 
 
@@ -109,13 +124,15 @@ class Decoder:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         cuda_graph: bool = False,
         kv_cache: bool = True,
     ):
         self.model = model
         self.batch = batch
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"one generator per row: expected {batch}, got {len(generator)}")
         self.generator = generator
         self.block = model.config.block_size
         self.device = model.lm_head.weight.device
@@ -131,6 +148,11 @@ class Decoder:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._stream = torch.cuda.Stream(self.device) if self.use_graph else None
+
+    def generators(self) -> list[torch.Generator]:
+        if self.generator is None:
+            return []
+        return list(self.generator) if isinstance(self.generator, (list, tuple)) else [self.generator]
 
     # ---- one step -------------------------------------------------------------------------------------
     def _step(self, start: int, n: int) -> None:
@@ -148,10 +170,10 @@ class Decoder:
     def _capture(self, start: int, n: int) -> None:
         """Record the step (start, n) as a CUDA graph. Capturing runs nothing, so no state changes."""
         graph = torch.cuda.CUDAGraph()
-        if self.generator is not None:
-            # A generator the graph does not know about cannot be used inside it; registered, every replay
-            # draws fresh numbers from it exactly as an eager step would.
-            graph.register_generator_state(self.generator)
+        # A generator the graph does not know about cannot be used inside it; registered, every replay
+        # draws fresh numbers from it exactly as an eager step would.
+        for generator in self.generators():
+            graph.register_generator_state(generator)
         capture(graph, self._stream, lambda: self._step(start, n), pool=self._pool)
         if self._pool is None:
             self._pool = graph.pool()  # every step shares one memory pool: they never run concurrently
@@ -219,3 +241,56 @@ def stream_text(decoder: Decoder, tokenizer, ids: list[int], max_new_tokens: int
             continue
         yield text[len(shown) :]
         shown = text
+
+
+def generate_many(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    seeds: Sequence[int] | None = None,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cuda_graph: bool = False,
+) -> list[list[int]]:
+    """The `max_new_tokens` tokens after each prompt, in the prompts' order, generated in batches.
+
+    The model's positions are absolute and a decode step runs every row of its batch at one position, so a
+    batch holds prompts of one length (after the crop to block_size): the prompts are grouped by length and
+    each group runs in batches of at most `batch_size` rows. Row i samples from its own generator seeded
+    with seeds[i] (default: i), as `Decoder(model, 1, generator=<seeded seeds[i]>)` would alone, so its
+    tokens do not depend on which prompts share its batch. One Decoder per batch size serves every batch of
+    that size (its CUDA graphs are keyed by position, not by prompt)."""
+    if not prompts:
+        raise ValueError("generate_many needs at least one prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    block = model.config.block_size
+    device = model.lm_head.weight.device
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
+        by_length.setdefault(min(len(prompt), block), []).append(i)
+    decoders: dict[int, Decoder] = {}
+    out: list[list[int]] = [[] for _ in prompts]
+    for rows in by_length.values():
+        for first in range(0, len(rows), batch_size):
+            batch = rows[first : first + batch_size]
+            if len(batch) not in decoders:
+                generators = [torch.Generator(device=device) for _ in batch]
+                decoders[len(batch)] = Decoder(
+                    model, len(batch), temperature, top_k, top_p, generators, cuda_graph=cuda_graph
+                )
+            decoder = decoders[len(batch)]
+            for row, generator in zip(batch, decoder.generator, strict=True):
+                generator.manual_seed(seeds[row])
+            idx = torch.tensor([list(prompts[row][-block:]) for row in batch], dtype=torch.long, device=device)
+            new = decoder.generate(idx, max_new_tokens)[:, idx.size(1) :].tolist()
+            for row, tokens in zip(batch, new, strict=True):
+                out[row] = tokens
+    return out
