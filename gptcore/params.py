@@ -225,6 +225,8 @@ class BenchParams(Section):
     compile: Literal["auto"] | bool = "auto"
     decode_batch_sizes: list[int] = [1, 16]
     prompt_tokens: int = Field(1, ge=1)  # decoding runs from this many tokens to the end of the block
+    # Uncached regeneration costs a full forward per token: timed on this many tokens mid-run, per token.
+    uncached_tokens: int = Field(32, ge=1)
     cuda_graph: bool = True  # the KV-cache decode step replayed as a CUDA graph (CUDA only)
     warmup: int = Field(2, ge=1)  # untimed calls first: compilation, autotuning, allocator
     repeats: int = Field(5, ge=1)  # timed repeats: the median and the spread over these are reported

@@ -65,7 +65,14 @@ def main(argv=None) -> int:
             model_bench.train_step_rows(rec, checkpoint, p.model_batch, dtype, p.backends, p.compile)
         if "inference" in p.cases:
             model_bench.inference_rows(
-                rec, checkpoint, dtype, p.backends, p.decode_batch_sizes, p.prompt_tokens, p.cuda_graph
+                rec,
+                checkpoint,
+                dtype,
+                p.backends,
+                p.decode_batch_sizes,
+                p.prompt_tokens,
+                p.cuda_graph,
+                p.uncached_tokens,
             )
         records = rec.records
         add_speedups(records, {**kernel_bench.REFERENCE, **model_bench.REFERENCE})
@@ -87,7 +94,7 @@ def main(argv=None) -> int:
         for r in records:
             if r["status"] != OK:
                 continue
-            for key in ("ms", "tflops", "gbps", "tokens_per_sec", "speedup", "speedup_vs_uncached"):
+            for key in ("ms", "ms_per_token", "tflops", "gbps", "tokens_per_sec", "speedup", "speedup_vs_uncached"):
                 if key in r:
                     figures[metric_name(f"{record_id(r)}/{key}")] = r[key]
         run.log_metrics({**figures, **{f"rows_{k}": v for k, v in headline["rows"].items()}})

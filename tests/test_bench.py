@@ -30,7 +30,7 @@ def test_rows_on_cpu_measure_pytorch_and_skip_the_gpu_rows():
     rec = Recorder(torch.device("cpu"), Timer(torch.device("cpu"), 1, 2, 0.0), log=lambda _: None)
     kernel_bench.kernel_rows(rec, config, ["model"], 2, 1, [torch.float32])
     model_bench.train_step_rows(rec, checkpoint, 2, torch.float32, ["torch", "cutile"])
-    model_bench.inference_rows(rec, checkpoint, torch.float32, ["torch", "cutile"], [1, 2], 4, cuda_graph=True)
+    model_bench.inference_rows(rec, checkpoint, torch.float32, ["torch", "cutile"], [1, 2], 4, True, 4)
     add_speedups(rec.records, {**kernel_bench.REFERENCE, **model_bench.REFERENCE})
     rows = {(r["case"], r["shape"], r["implementation"]): r for r in rec.records}
 
@@ -41,7 +41,7 @@ def test_rows_on_cpu_measure_pytorch_and_skip_the_gpu_rows():
         ("train_step", "B2xT16", "torch eager"),
         ("prefill", "B2xT16", "torch"),
         ("decode", "B1xP4+12", "torch kv_cache"),
-        ("decode", "B2xP4+12", "torch uncached"),
+        ("decode", "B2xP4+12", "torch kv_cache"),
     ]:
         r = rows[key]
         assert r["status"] == "ok" and r["ms"] > 0 and r["speedup"] > 0, r
@@ -50,6 +50,10 @@ def test_rows_on_cpu_measure_pytorch_and_skip_the_gpu_rows():
     assert rows[("train_step", "B2xT16", "torch eager")]["tokens_per_sec"] > 0
     decode = rows[("decode", "B1xP4+12", "torch kv_cache")]
     assert decode["tokens_per_sec"] > 0 and decode["speedup_vs_uncached"] > 0 and decode["same_tokens_as_uncached"]
+    uncached = rows[("decode", "B1xP8+4", "torch uncached")]  # 4 tokens from the middle of the 12
+    assert uncached["status"] == "ok" and uncached["new_tokens"] == 4
+    assert uncached["ms_per_token"] == pytest.approx(uncached["ms"] / 4)
+    assert decode["speedup_vs_uncached"] == pytest.approx(uncached["ms_per_token"] / decode["ms_per_token"])
 
     for key in [
         ("attention_fwd", "B2xH2xT16xD16", "cutile"),

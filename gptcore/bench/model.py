@@ -24,7 +24,7 @@ from gptcore.train_graph import GraphCaptureError, GraphedTrainStep
 REFERENCE = {
     "train_step": ["torch eager"],
     "prefill": ["torch"],
-    "decode": ["torch uncached"],
+    "decode": ["torch kv_cache"],
 }
 SAMPLING = dict(temperature=0.8, top_k=200, top_p=None)  # the sample stage's defaults
 DECODE_SEED = 1234
@@ -151,9 +151,11 @@ def inference_rows(
     batch_sizes: list[int],
     prompt_tokens: int,
     cuda_graph: bool,
+    uncached_tokens: int = 32,
 ) -> None:
     """Prefill ms for a full block, and decode tokens/s from `prompt_tokens` tokens to the end of the block:
-    with the KV cache (eager; replayed as CUDA graphs) and uncached, per backend and batch size."""
+    with the KV cache (eager; replayed as CUDA graphs) and uncached (on `uncached_tokens` of them), per
+    backend and batch size."""
     device = rec.device
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
     block = config.block_size
@@ -196,7 +198,9 @@ def inference_rows(
                 batch=batch,
             )
 
-            decode_rows(rec, model, load_error, backend, batch, prompt_tokens, new_tokens, dtype, cuda_graph)
+            decode_rows(
+                rec, model, load_error, backend, batch, prompt_tokens, new_tokens, dtype, cuda_graph, uncached_tokens
+            )
 
 
 def decode_rows(
@@ -209,17 +213,26 @@ def decode_rows(
     new_tokens: int,
     dtype: torch.dtype,
     cuda_graph: bool,
+    uncached_tokens: int,
 ) -> None:
+    """Decoding from `prompt_tokens` to the end of the block with the KV cache (eager; replayed as CUDA
+    graphs), and uncached regeneration timed on `uncached_tokens` tokens from the middle of that run: its
+    cost per token grows with the context, and the middle tokens cost the run's average. Each row reports
+    ms per token; the uncached row continues the eager row's tokens with its generator's state, so the
+    two can be checked to sample the same tokens."""
     device = rec.device
     shape = f"B{batch}xP{prompt_tokens}+{new_tokens}"
+    timed = min(uncached_tokens, new_tokens)
+    start = prompt_tokens + (new_tokens - timed) // 2  # the uncached row's context when it starts
     outputs: dict[str, torch.Tensor] = {}
+    state_at_start: dict[str, torch.Tensor] = {}
 
     def generator():
         return torch.Generator(device=device).manual_seed(DECODE_SEED)
 
-    def prompt():
+    def prompt(length: int):
         g = torch.Generator(device=device).manual_seed(0)
-        return torch.randint(model.config.vocab_size, (batch, prompt_tokens), device=device, generator=g)
+        return torch.randint(model.config.vocab_size, (batch, length), device=device, generator=g)
 
     def check():
         if model is None:
@@ -230,17 +243,6 @@ def decode_rows(
                 f"{model.config.block_size}"
             )
 
-    def setup_uncached():
-        check()
-        idx = prompt()
-        decoder = Decoder(model, batch, kv_cache=False, **SAMPLING)
-
-        def run():
-            decoder.generator = generator()  # every repeat draws the same tokens
-            outputs["uncached"] = decoder.generate(idx, new_tokens)
-
-        return run
-
     def setup_cached(graph: bool):
         def setup():
             check()
@@ -248,42 +250,67 @@ def decode_rows(
                 require_cuda_graphs(device)
             if graph and not cuda_graph:
                 raise Skip("off by bench.cuda_graph: false")
-            idx = prompt()
+            idx = prompt(prompt_tokens)
             decoder = Decoder(model, batch, generator=generator(), cuda_graph=graph, **SAMPLING)
-            decoder.generate(idx, new_tokens)  # first run: eager steps, each captured as a graph after it
+            # First run: eager steps (each captured as a graph after it); the eager one also keeps the
+            # generator's state where the uncached row starts.
+            tokens, drawn = [idx], start - prompt_tokens  # tokens drawn before the uncached row's start
+            if not graph and drawn == 0:
+                state_at_start["state"] = decoder.generator.get_state()
+            for step, token in enumerate(decoder.stream(idx, new_tokens)):
+                tokens.append(token)
+                if not graph and step + 1 == drawn:
+                    state_at_start["state"] = decoder.generator.get_state()
             if graph and decoder.graph_error:
                 # The graphs are what this row measures: without them it would only repeat the eager row.
                 raise Skip(decoder.graph_error)
             key = "kv_cache+cuda_graph" if graph else "kv_cache"
+            outputs[key] = torch.cat(tokens, dim=1)
 
             def run():
                 decoder.generator.manual_seed(DECODE_SEED)  # every repeat draws the same tokens
-                outputs[key] = decoder.generate(idx, new_tokens)
+                decoder.generate(idx, new_tokens)
 
             return run
 
         return setup
 
-    def tokens_per_sec(ms: float) -> dict:
-        return {
-            "tokens_per_sec": batch * new_tokens / ms * 1000,
-            "ms_per_token": ms / new_tokens,
-            "new_tokens": new_tokens,
+    def setup_uncached():
+        check()
+        reference = outputs.get("kv_cache")
+        # The eager row's context and generator state where the timed tokens start; without that row, a
+        # random context of the same length.
+        idx = reference[:, :start] if reference is not None else prompt(start)
+        decoder = Decoder(model, batch, kv_cache=False, **SAMPLING)
+
+        def run():
+            decoder.generator = generator()
+            if reference is not None:
+                decoder.generator.set_state(state_at_start["state"])  # every repeat draws the same tokens
+            outputs["uncached"] = decoder.generate(idx, timed)
+
+        return run
+
+    def per_token(tokens: int):
+        return lambda ms: {
+            "tokens_per_sec": batch * tokens / ms * 1000,
+            "ms_per_token": ms / tokens,
+            "new_tokens": tokens,
         }
 
     records = {}
-    for variant, setup in (
-        ("uncached", setup_uncached),
-        ("kv_cache", setup_cached(False)),
-        ("kv_cache+cuda_graph", setup_cached(True)),
+    for variant, setup, row_shape, tokens in (
+        ("kv_cache", setup_cached(False), shape, new_tokens),
+        ("kv_cache+cuda_graph", setup_cached(True), shape, new_tokens),
+        ("uncached", setup_uncached, f"B{batch}xP{start}+{timed}", timed),
     ):
         records[variant] = rec.measure(
             "decode",
             f"{backend} {variant}",
-            shape,
+            row_shape,
             dtype_name(dtype),
             setup,
-            tokens_per_sec,
+            per_token(tokens),
             backend=backend,
             variant=variant,
             batch=batch,
@@ -292,10 +319,11 @@ def decode_rows(
     for variant in ("kv_cache", "kv_cache+cuda_graph"):
         r = records[variant]
         if r["status"] == OK and base["status"] == OK:
-            # the 5x criterion: cached vs regenerating the whole context, same backend, same run
-            r["speedup_vs_uncached"] = r["tokens_per_sec"] / base["tokens_per_sec"]
-        if variant in outputs and "uncached" in outputs:
-            r["same_tokens_as_uncached"] = bool(torch.equal(outputs[variant], outputs["uncached"]))
+            # cached against regenerating the whole context, per token, same backend, same run
+            r["speedup_vs_uncached"] = base["ms_per_token"] / r["ms_per_token"]
+        if variant in outputs and "uncached" in outputs and "kv_cache" in outputs:
+            same = outputs["uncached"][:, start : start + timed]
+            r["same_tokens_as_uncached"] = bool(torch.equal(outputs[variant][:, start : start + timed], same))
 
 
 def headline_metrics(records: list[dict]) -> dict:
