@@ -214,7 +214,8 @@ class BenchParams(Section):
     # auto: bf16 on GPUs that support it, else fp16; fp32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     kernel_dtypes: list[Literal["auto", "float32", "bfloat16", "float16"]] = ["auto"]
-    cases: list[Literal["kernels", "train", "inference"]] = ["kernels", "train", "inference"]
+    # `profile`: where one eager training step's kernel time goes, per backend (not in the default run).
+    cases: list[Literal["kernels", "train", "inference", "profile"]] = ["kernels", "train", "inference"]
     backends: list[Literal["torch", "cutile"]] = ["torch", "cutile"]
     # Kernel shapes: `model` = the checkpoint's (model_batch x n_head x block_size x head_dim; LayerNorm
     # over model_batch*block_size rows of n_embd); `gpt2_small` = gpt2_batch x 12 x 1024 x 64 (768 wide).

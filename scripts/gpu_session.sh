@@ -6,7 +6,8 @@
 #
 #   tests    the GPU tests (python -m pytest -m gpu)
 #   kernels  the kernel tables: eager, graph replay, host time (python -m gptcore.bench.kernels)
-#   bench    the bench stage on PRESET's model (a checkpoint trained for 20 iterations: speed only)
+#   bench    the bench stage on PRESET's model (a checkpoint trained for 20 iterations: speed only), with the
+#            training step's profile
 #   parity   PRESET trained to its end with torch and with cutile, each as one CUDA graph, same seed and data
 #   verify   the torch run of `parity`, transplanted and verified (compile gate, L1-L5)
 #
@@ -69,7 +70,7 @@ for phase in "${phases[@]}"; do
     bench)
       prepare
       run "bench-$preset" train --set train.max_iters=20 --set train.eval_interval=20 --set train.eval_iters=2
-      run "bench-$preset" bench ;;
+      run "bench-$preset" bench --cases kernels train inference profile ;;
     parity)
       prepare
       run "parity-$preset-torch" train --set train.cuda_graph=true

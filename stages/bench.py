@@ -5,6 +5,7 @@ versions), plots/bench.csv (speed relative to the PyTorch reference) and MLflow 
     python -m stages.bench                                           # as `dvc repro` runs it
     GPTCORE_MLFLOW=off python -m stages.bench --preset shakespeare_char --checkpoint out/ckpt.pt
     python -m stages.bench --cases inference --backends torch --set decode_batch_sizes=[1]
+    python -m stages.bench --profile      # only where a training step's kernel time goes, per backend
 
 Rows that cannot run here (cuTile without a GPU, an SDPA backend this device lacks) are recorded as
 `skipped` with the reason. A row that fails is recorded as `failed`; the stage then exits with status 1
@@ -18,6 +19,7 @@ from pathlib import Path
 from gptcore import stage
 from gptcore.bench import kernels as kernel_bench
 from gptcore.bench import model as model_bench
+from gptcore.bench.profile import format_table
 from gptcore.bench.timing import FAILED, OK, Recorder, Timer, add_speedups, plot_rows, record_id
 from gptcore.checkpoint import load_checkpoint
 from gptcore.devices import resolve_device, resolve_dtype
@@ -40,7 +42,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", nargs="+", help="bench.cases: kernels train inference")
     ap.add_argument("--backends", nargs="+", help="bench.backends: torch cutile")
     ap.add_argument("--repeats", type=int, help="bench.repeats")
+    ap.add_argument("--profile", action="store_true", help="only the training step's profile: --cases profile")
     args = ap.parse_args(argv)
+    if args.profile:
+        if args.cases:
+            ap.error("--profile is --cases profile: give one or the other")
+        args.cases = ["profile"]
     flags = {k: getattr(args, k) for k in ("checkpoint", "device", "cases", "backends", "repeats")}
     params = stage.load(args, SECTION, flags)
     p = params.bench
@@ -74,9 +81,16 @@ def main(argv=None) -> int:
                 p.cuda_graph,
                 p.uncached_tokens,
             )
+        profiles = {}
+        if "profile" in p.cases:
+            name = rec.env["device"]
+            profiles = model_bench.step_profiles(checkpoint, p.model_batch, dtype, p.backends, device, name)
+            for backend, table in profiles.items():
+                skipped = table.get("skipped")
+                print(f"{backend}: not profiled: {skipped}" if skipped else format_table(backend, table))
         records = rec.records
         add_speedups(records, {**kernel_bench.REFERENCE, **model_bench.REFERENCE})
-        headline = model_bench.headline_metrics(records)
+        headline = model_bench.headline_metrics(records, profiles)
         stage.write_json(
             root / RECORDS,
             {
@@ -85,6 +99,7 @@ def main(argv=None) -> int:
                 "checkpoint": p.checkpoint,
                 "mlflow_run_id": run.run_id,
                 "records": {record_id(r): r for r in records},
+                "profiles": profiles,
             },
         )
         path = stage.write_metrics("bench", headline, root)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from gptcore.bench import profile
 from gptcore.bench.timing import OK, Recorder, Skip, require_cuda_graphs
 from gptcore.checkpoint import gpt_from_checkpoint
 from gptcore.cutile_model import model_class
@@ -72,6 +73,45 @@ def graphed_train_step(
     return lambda: graphed.step(xs, ys, lr)
 
 
+def train_step(
+    checkpoint: dict,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int,
+    use_compile: bool = False,
+    graph: bool = False,
+) -> Callable[[], None]:
+    """One training step as the train stage runs it: forward and loss under autocast, backward, gradient
+    clipping at 1.0, fused AdamW on CUDA; eagerly, compiled, or captured as one CUDA graph. Random tokens:
+    the data does not change the time. Raises Skip when it cannot run here."""
+    config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
+    lr = 1e-4
+    if graph:
+        require_cuda_graphs(device)
+    model = train_model(checkpoint, backend, device)
+    optimizer = model.configure_optimizers(0.1, lr, (0.9, 0.99), device.type, capturable=graph)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(config.vocab_size, (batch, config.block_size), device=device, generator=g)
+    y = torch.randint(config.vocab_size, (batch, config.block_size), device=device, generator=g)
+    if graph:
+        return graphed_train_step(model, optimizer, x, y, dtype, lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    forward = torch.compile(model) if use_compile else model
+
+    def step():
+        with autocast(device, dtype):
+            _, loss = forward(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def train_step_rows(
     rec: Recorder,
     checkpoint: dict,
@@ -80,16 +120,13 @@ def train_step_rows(
     backends: list[str],
     compile_setting: bool | str = "auto",
 ) -> None:
-    """One training step as the train stage runs it: forward and loss under autocast, backward, gradient
-    clipping at 1.0, fused AdamW on CUDA; eagerly, compiled, or captured as one CUDA graph (`+graph`).
-    Random tokens: the data does not change the time.
-    `compile_setting` (bench.compile): True, False, or "auto" (on CUDA only)."""
+    """The training step (`train_step`) eagerly, compiled, and captured as one CUDA graph (`+graph`), per
+    backend. `compile_setting` (bench.compile): True, False, or "auto" (on CUDA only)."""
     device = rec.device
     compile_on = compile_setting is True or (compile_setting == "auto" and device.type == "cuda")
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
     shape = f"B{batch}xT{config.block_size}"
     tokens = batch * config.block_size
-    lr = 1e-4
     rows = [
         ("torch eager", "torch", False, False),
         ("torch compile", "torch", True, False),
@@ -108,29 +145,7 @@ def train_step_rows(
                     f"torch.compile row off (bench.compile: {compile_setting}, device {device.type}): "
                     "compiling takes minutes on a small CPU; set bench.compile: true to measure it"
                 )
-            if graph:
-                require_cuda_graphs(device)
-            model = train_model(checkpoint, backend, device)
-            optimizer = model.configure_optimizers(0.1, lr, (0.9, 0.99), device.type, capturable=graph)
-            g = torch.Generator(device=device).manual_seed(0)
-            x = torch.randint(config.vocab_size, (batch, config.block_size), device=device, generator=g)
-            y = torch.randint(config.vocab_size, (batch, config.block_size), device=device, generator=g)
-            if graph:
-                return graphed_train_step(model, optimizer, x, y, dtype, lr)
-            scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-            forward = torch.compile(model) if use_compile else model
-
-            def step():
-                with autocast(device, dtype):
-                    _, loss = forward(x, y)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-
-            return step
+            return train_step(checkpoint, backend, device, dtype, batch, use_compile, graph)
 
         rec.measure(
             "train_step",
@@ -141,6 +156,30 @@ def train_step_rows(
             lambda ms: {"tokens_per_sec": tokens / ms * 1000, "ms_per_iter": ms},
             dropout=config.dropout,
         )
+
+
+def step_profiles(
+    checkpoint: dict, batch: int, dtype: torch.dtype, backends: list[str], device: torch.device, device_name: str
+) -> dict[str, dict]:
+    """Per backend, where one eager training step's kernel time goes (gptcore.bench.profile), or why it
+    could not be profiled here ({"skipped": reason})."""
+    config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
+    profiles = {}
+    for backend in ("torch", "cutile"):
+        if backend not in backends:
+            continue
+        try:
+            step = train_step(checkpoint, backend, device, dtype, batch)
+        except Skip as e:
+            profiles[backend] = {"skipped": str(e)}
+            continue
+        table = profile.category_table(
+            profile.kernel_times(step, device), profile.StepFlops.of(config, batch), device_name
+        )
+        profiles[backend] = {"shape": f"B{batch}xT{config.block_size}", "dtype": dtype_name(dtype), **table}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return profiles
 
 
 def inference_rows(
@@ -326,10 +365,11 @@ def decode_rows(
             r["same_tokens_as_uncached"] = bool(torch.equal(outputs[variant][:, start : start + timed], same))
 
 
-def headline_metrics(records: list[dict]) -> dict:
+def headline_metrics(records: list[dict], profiles: dict[str, dict] | None = None) -> dict:
     """The few numbers metrics/bench.json holds, per backend: the training step (eager, compiled, as one
-    CUDA graph), training tokens/s, prefill of a full block and decoding at batch 1; and the row counts.
-    Every row, with its device and versions, goes to the records file."""
+    CUDA graph), training tokens/s, prefill of a full block and decoding at batch 1, the step profile's
+    kernel time, kernel count, matmul TFLOP/s and MFU; and the row counts. Every row, with its device and
+    versions, goes to the records file."""
     out: dict = {"rows": {status: sum(r["status"] == status for r in records) for status in (OK, "skipped", "failed")}}
     ok = [r for r in records if r["status"] == OK]
 
@@ -359,6 +399,15 @@ def headline_metrics(records: list[dict]) -> dict:
         ):
             if row is not None and field in row:
                 figures[key] = row[field]
+        table = (profiles or {}).get(backend, {})
+        for key, field in (
+            ("profile_kernel_ms", "total_ms"),
+            ("profile_kernels", "kernels"),
+            ("profile_matmul_tflops", "matmul_tflops"),
+            ("profile_mfu", "mfu"),
+        ):
+            if field in table:
+                figures[key] = table[field]
         if figures:
             out[backend] = figures
     torch_figures, cutile_figures = out.get("torch", {}), out.get("cutile", {})
