@@ -62,6 +62,16 @@ def layernorm_bytes(m: int, n: int, elt: int, backward: bool = False) -> float:
 # ---- attention ---------------------------------------------------------------------------------------------
 
 
+def tflops(flops: float):
+    """The figures of a row doing `flops` floating-point operations per call, from its milliseconds."""
+    return lambda ms: {"tflops": flops / ms / 1e9}
+
+
+def gbps(nbytes: float):
+    """The figures of a row moving `nbytes` bytes per call, from its milliseconds."""
+    return lambda ms: {"gbps": nbytes / ms / 1e6}
+
+
 def _sdpa_params(q, k, v):
     from torch.backends.cuda import SDPAParams
 
@@ -157,26 +167,11 @@ def attention_rows(
 
                 return run
 
-            rec.measure(
-                "attention_fwd",
-                impl,
-                shape,
-                dtype_name(dtype),
-                setup_fwd,
-                lambda ms: {"tflops": flops_fwd / ms / 1e9},
-                timing=timing,
-                shapes=shapes,
-            )
-            rec.measure(
-                "attention_fwd_bwd",
-                impl,
-                shape,
-                dtype_name(dtype),
-                setup_fwd_bwd,
-                lambda ms: {"tflops": flops_fwd_bwd / ms / 1e9},
-                timing=timing,
-                shapes=shapes,
-            )
+            for case, setup, flops in (
+                ("attention_fwd", setup_fwd, flops_fwd),
+                ("attention_fwd_bwd", setup_fwd_bwd, flops_fwd_bwd),
+            ):
+                rec.measure(case, impl, shape, dtype_name(dtype), setup, tflops(flops), timing=timing, shapes=shapes)
 
 
 # ---- LayerNorm ---------------------------------------------------------------------------------------------
@@ -233,26 +228,11 @@ def layernorm_rows(
 
                 return run
 
-            rec.measure(
-                "layernorm_fwd",
-                impl,
-                shape,
-                dtype_name(dtype),
-                setup_fwd,
-                lambda ms: {"gbps": fwd_bytes / ms / 1e6},
-                timing=timing,
-                shapes=shapes,
-            )
-            rec.measure(
-                "layernorm_fwd_bwd",
-                impl,
-                shape,
-                dtype_name(dtype),
-                setup_fwd_bwd,
-                lambda ms: {"gbps": fwd_bwd_bytes / ms / 1e6},
-                timing=timing,
-                shapes=shapes,
-            )
+            for case, setup, nbytes in (
+                ("layernorm_fwd", setup_fwd, fwd_bytes),
+                ("layernorm_fwd_bwd", setup_fwd_bwd, fwd_bwd_bytes),
+            ):
+                rec.measure(case, impl, shape, dtype_name(dtype), setup, gbps(nbytes), timing=timing, shapes=shapes)
         if timing == "graph":
             memory_floor_rows(rec, shapes, shape, n, c, dtype, fwd_bytes, fwd_bwd_bytes)
 
@@ -271,7 +251,7 @@ def memory_floor_rows(
         shape,
         dtype_name(dtype),
         lambda: lambda: y.copy_(x),
-        lambda ms: {"gbps": fwd_bytes / ms / 1e6},
+        gbps(fwd_bytes),
         timing="graph",
         shapes=shapes,
         note=note,
@@ -287,7 +267,7 @@ def memory_floor_rows(
         shape,
         dtype_name(dtype),
         lambda: copy_then_add,
-        lambda ms: {"gbps": fwd_bwd_bytes / ms / 1e6},
+        gbps(fwd_bwd_bytes),
         timing="graph",
         shapes=shapes,
         note=note,
