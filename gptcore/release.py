@@ -76,6 +76,11 @@ def declared_artifacts(root: Path) -> dict[str, dict]:
     return {name: a.to_dict() for name, a in found.get("dvc.yaml", {}).items()}
 
 
+def first_ten(paths: list[str]) -> str:
+    """Up to ten paths, comma-separated, with " ..." when there are more."""
+    return ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else "")
+
+
 def check_clean(root: Path, allow_untracked: bool = False) -> str:
     """The HEAD commit, after checking git has nothing uncommitted (nor untracked, unless allowed)."""
     head = _run(["git", "rev-parse", "HEAD"], root, check=False)
@@ -86,17 +91,13 @@ def check_clean(root: Path, allow_untracked: bool = False) -> str:
     untracked = [line[3:] for line in status if line.startswith("??")]
     if changed:
         raise ReleaseError(
-            "uncommitted changes: "
-            + ", ".join(changed[:10])
-            + (" ..." if len(changed) > 10 else "")
+            f"uncommitted changes: {first_ten(changed)}"
             + "\ncommit them (git add ... && git commit) so the version's commit holds the code, "
             "params.yaml and dvc.lock that made the checkpoint"
         )
     if untracked and not allow_untracked:
         raise ReleaseError(
-            "untracked files: "
-            + ", ".join(untracked[:10])
-            + (" ..." if len(untracked) > 10 else "")
+            f"untracked files: {first_ten(untracked)}"
             + "\ncommit them or add them to .gitignore (or pass --allow-untracked if they played no "
             "part in making the checkpoint)"
         )

@@ -72,6 +72,11 @@ def gbps(nbytes: float):
     return lambda ms: {"gbps": nbytes / ms / 1e6}
 
 
+def host_us(ms: float) -> dict:
+    """The figures of a host-time row: microseconds per call."""
+    return {"host_us": ms * 1000}
+
+
 def _sdpa_params(q, k, v):
     from torch.backends.cuda import SDPAParams
 
@@ -307,26 +312,12 @@ def host_rows(rec: Recorder, dtype: torch.dtype = torch.bfloat16) -> None:
 
         return setup
 
-    for impl in ["cutile", *SDPA_BACKENDS]:
-        rec.measure(
-            "attention_host",
-            impl,
-            f"B{b}xH{h}xT{t}xD{d}",
-            dtype_name(dtype),
-            attention_setup(impl),
-            lambda ms: {"host_us": ms * 1000},
-            timing="host",
-        )
-    for impl in ["cutile", "torch"]:
-        rec.measure(
-            "layernorm_host",
-            impl,
-            f"N{rows}xC{width}",
-            dtype_name(dtype),
-            layernorm_setup(impl),
-            lambda ms: {"host_us": ms * 1000},
-            timing="host",
-        )
+    for case, shape, impls, setup in (
+        ("attention_host", f"B{b}xH{h}xT{t}xD{d}", ["cutile", *SDPA_BACKENDS], attention_setup),
+        ("layernorm_host", f"N{rows}xC{width}", ["cutile", "torch"], layernorm_setup),
+    ):
+        for impl in impls:
+            rec.measure(case, impl, shape, dtype_name(dtype), setup(impl), host_us, timing="host")
 
 
 # ---- the shapes of a model ---------------------------------------------------------------------------------
