@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from gptcore.errors import ParamsError
 from gptcore.kernels import require_cutile
+from gptcore.kernels.runtime import attention_head_dim_unsupported
 from gptcore.model import GPT, CausalSelfAttention, GPTConfig, LayerNorm
 
 BACKENDS = ("torch", "cutile")
@@ -29,6 +31,12 @@ class CuTileLayerNorm(LayerNorm):
 
 class CuTileSelfAttention(CausalSelfAttention):
     def __init__(self, config: GPTConfig):
+        reason = attention_head_dim_unsupported(config.n_embd // config.n_head)
+        if reason:  # refused when the model is built, not at its first forward
+            raise ParamsError(
+                f"the cuTile model cannot use n_embd {config.n_embd} with n_head {config.n_head} "
+                f"(head dim {config.n_embd // config.n_head}): {reason}"
+            )
         super().__init__(config)
         from gptcore.kernels.attention import causal_attention
 

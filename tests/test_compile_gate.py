@@ -76,3 +76,30 @@ def test_layernorm_forward_chunks(n, chunk, expected):
     assert c & (c - 1) == 0 and c <= chunk
     assert (k - 1) * c < n <= k * c
     assert pad_last == (k * c != n)
+
+
+def test_every_gate_signature_comes_from_its_kernels_launch_spec():
+    """Without compiling: each job of the full gate builds its kernel's own LaunchSpec (every argument named)
+    and a signature from it, with the tiles of its architecture as the constants."""
+    pytest.importorskip("cuda.tile", reason="cuda-tile[tileiras] is not installed")
+    from gptcore.kernels import attention, layernorm
+    from gptcore.kernels.compile import example_spec, jobs, signature
+
+    for job in jobs(["sm_90", "sm_100"], full=True):
+        spec = example_spec(job)
+        spec.ordered_args()
+        sig = signature(spec, job.aligned)
+        assert sig.symbol.startswith(spec.name)
+        if job.kernel == "attention.fwd":
+            tiles = attention.tiles_for(job.arch, job.size)
+            assert (spec.args["TILE_M"], spec.args["TILE_N"], spec.args["DROPOUT"]) == (
+                tiles.fwd_m,
+                tiles.fwd_n,
+                job.dropout,
+            )
+            assert spec.args["SCHED"] == (tiles.fwd_sched_long if job.long else tiles.fwd_sched)
+        if job.kernel == "layernorm.bwd":
+            tiles = layernorm.tiles_for(job.arch, job.size)
+            assert (spec.args["TILE_ROWS"], spec.args["HAS_W"]) == (tiles.bwd_rows, job.affine)
+        if job.aligned:  # the aligned signature assumes more of the arrays than the plain one
+            assert sig.symbol != signature(spec, False).symbol

@@ -152,3 +152,13 @@ def test_inference_model_exports(cpu_allowed):
     reference = GPT(model.config).eval()
     reference.load_state_dict(model.state_dict())
     torch.testing.assert_close(model(x)[0], reference(x)[0], rtol=1e-4, atol=1e-4)  # the same function
+
+
+@pytest.mark.parametrize("n_embd, n_head", [(48, 2), (256, 1), (32, 4)])  # head dims 24, 256, 8
+def test_the_cutile_model_refuses_a_head_dim_its_attention_cannot_take_when_built(n_embd, n_head):
+    from gptcore.cutile_model import CuTileGPT
+    from gptcore.errors import ParamsError
+
+    config = GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=n_head, n_embd=n_embd)
+    with pytest.raises(ParamsError, match=f"n_embd {n_embd} with n_head {n_head} .head dim {n_embd // n_head}.*16"):
+        CuTileGPT(config)

@@ -6,7 +6,7 @@
 prints the kernel tables on a GPU: forward and forward+backward per implementation, eager (host launch
 cost included) and, with --graphs, replayed as CUDA graphs (GPU time only) beside a memory-floor row for
 LayerNorm (a copy and an add moving the same bytes). --host adds the host time of one eager
-forward+backward at tiny sizes, where it is all there is. Tile sweeps are gptcore.kernels.tune.
+forward+backward at tiny sizes, where it is all there is. Tile sweeps are gptcore.bench.tune.
 """
 
 from __future__ import annotations

@@ -44,17 +44,15 @@ import cuda.tile as ct
 import torch
 
 from gptcore.kernels.dropout import dropout_rng, dropout_threshold
-from gptcore.kernels.runtime import ATTENTION_DTYPES, arch_of, ensure_cuda_context, stream_handle
+from gptcore.kernels.runtime import ATTENTION_DTYPES, arch_of, attention_head_dim_unsupported
+from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, launch
 from gptcore.model import MASK_FLOOR
 
-ConstInt = ct.Constant[int]
-ConstBool = ct.Constant[bool]
 ZERO = ct.PaddingMode.ZERO
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-HEAD_DIMS = (32, 64, 128)
 
 # Block order. HEAD_MAJOR: consecutive blocks work on the same (batch, head), its longest tiles first,
 # so the blocks resident at once share K/V in L2. LONGEST_FIRST: the longest tiles of every head first
@@ -89,8 +87,8 @@ class AttnTiles:
         return self.fwd_sched_long if tq >= self.fwd_long_from else self.fwd_sched
 
 
-# sm_90: the fastest of the sweeps on an H100 at B16 H12 T1024 D64 (bf16, CUDA-graph replay); from
-# T = 2048 on, longest-first order was the faster forward. Other architectures: untuned, compile-checked.
+# sm_90: the winners of the tile sweeps (gptcore.bench.tune; results/h100/tune-attention.json), with the
+# forward's own block order for long sequences. Other architectures: untuned, compile-checked.
 ATTN_TILES = {
     "sm_90": AttnTiles(
         fwd_m=64,
@@ -108,9 +106,14 @@ ATTN_TILES = {
 }
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The kernels' head-dim tile: the next power of two (zero padding in the loads, dropped by the stores)."""
+    return 1 << max(0, (head_dim - 1).bit_length())
+
+
 def tiles_for(arch: str, head_dim: int = 64) -> AttnTiles:
     tiles = ATTN_TILES.get(arch, ATTN_TILES["default"])
-    if head_dim >= 128:
+    if padded_head_dim(head_dim) >= 128:
         # A [TILE_M, 128] fp32 accumulator plus the score tile no longer fits twice per SM with
         # 128-wide key tiles; halve the key tile so register pressure stays out of local memory.
         tiles = replace(
@@ -158,20 +161,22 @@ def _fmix32(x):
     return x ^ (x >> 16)
 
 
-def _dropout_keys(RNG):
-    """The call's two 32-bit keys, read from the device (int64 (2,)): a replayed CUDA graph reads the new
-    draw that the replay made, where a kernel argument would stay frozen at capture."""
+def _dropout(RNG, bh, drop_threshold, keep_scale):
+    """What every kernel's dropout needs, as one tuple: the call's two 32-bit keys, read from the device
+    (int64 (2,)) so that a replayed CUDA graph reads the replay's new draw where a kernel argument would stay
+    frozen at capture; the head bh; the threshold; the kept probabilities' scale 1 / (1 - p)."""
     keys = ct.load(RNG, (0,), (2,))
     k0 = ct.astype(ct.bitcast(ct.extract(keys, (0,), shape=(1,)).item(), ct.uint64), ct.uint32)
     k1 = ct.astype(ct.bitcast(ct.extract(keys, (1,), shape=(1,)).item(), ct.uint64), ct.uint32)
-    return k0, k1
+    return k0, k1, bh, drop_threshold, keep_scale
 
 
-def _keep(k0, k1, bh, q_idx, k_idx, drop_threshold):
-    """Dropout's keep mask at query q_idx, key k_idx (broadcastable int32 tiles) of head bh: a counter-based
-    hash of the coordinates (q_idx << 16 | k_idx: distinct below 65536 positions) keyed by the call's keys,
-    kept where it reaches the threshold p * 2^32. gptcore.kernels.dropout.dropout_keep_mask computes the same
-    in PyTorch."""
+def _keep(drop, q_idx, k_idx):
+    """Dropout's keep mask at query q_idx, key k_idx (broadcastable int32 tiles) of `drop`'s head: a
+    counter-based hash of the coordinates (q_idx << 16 | k_idx: distinct below 65536 positions) keyed by the
+    call's keys, kept where it reaches the threshold p * 2^32. gptcore.kernels.dropout.dropout_keep_mask
+    computes the same in PyTorch."""
+    k0, k1, bh, drop_threshold, _ = drop
     x = (ct.astype(q_idx, ct.uint32) << 16) | ct.astype(k_idx, ct.uint32)
     x = _fmix32(x ^ k0)
     x = _fmix32(x ^ k1 ^ (ct.astype(bh, ct.uint32) * 0x9E3779B1))
@@ -179,8 +184,8 @@ def _keep(k0, k1, bh, q_idx, k_idx, drop_threshold):
 
 
 def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked, D, TILE_M, TILE_N, drop):
-    """One key tile of the online softmax. rows: key position of each query row, [TILE_M, 1]. `drop`:
-    (keys, head, query indices [TILE_M, 1], threshold) with dropout, else None."""
+    """One key tile of the online softmax. rows: key position of each query row, [TILE_M, 1] (its query
+    index too: dropout runs with Tq == Tk). `drop`: `_dropout`'s tuple, or None without dropout."""
     k_t = ct.load(K, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO, latency=2).reshape(
         (D, TILE_N)
     )  # [D, TILE_N]
@@ -191,9 +196,8 @@ def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked, D, T
     alpha = ct.exp2((m_i - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, 1]
     l_i = l_i * alpha + ct.sum(p, axis=1, keepdims=True)  # the softmax normalises before dropout
     if drop is not None:
-        k0, k1, bh, q_idx, threshold = drop
         cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]  # [1, TILE_N]
-        p = ct.where(_keep(k0, k1, bh, q_idx, cols, threshold), p, 0.0)
+        p = ct.where(_keep(drop, rows, cols), p, 0.0)
     v = ct.load(V, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO, latency=4).reshape((TILE_N, D))  # [TILE_N, D]
     acc = ct.mma(p.astype(q.dtype), v, acc * alpha)  # [TILE_M, D]
     return m_new, l_i, acc
@@ -227,8 +231,7 @@ def attn_fwd_kernel_body(
     q = ct.load(Q, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
     drop = None
     if DROPOUT:
-        k0, k1 = _dropout_keys(RNG)
-        drop = (k0, k1, b * Q.shape[1] + h, m_blk * TILE_M + ct.arange(TILE_M, dtype=ct.int32)[:, None], drop_threshold)
+        drop = _dropout(RNG, b * Q.shape[1] + h, drop_threshold, keep_scale)
 
     m_i = ct.full((TILE_M, 1), MASK_FLOOR, dtype=ct.float32)  # running max of the raw scores
     l_i = ct.zeros((TILE_M, 1), dtype=ct.float32)  # running sum of exp2
@@ -267,9 +270,9 @@ def _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked,
     p = ct.exp2(s * qk_scale_log2 - bias, flush_to_zero=True)  # [TILE_M, TILE_N]
     dp = ct.mma(do, v_t, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
     if drop is not None:  # the gradient reaches the kept probabilities only, scaled as they were
-        k0, k1, bh, q_idx, threshold, keep_scale = drop
         cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]  # [1, TILE_N]
-        dp = ct.where(_keep(k0, k1, bh, q_idx, cols, threshold), dp * keep_scale, 0.0)
+        _, _, _, _, keep_scale = drop
+        dp = ct.where(_keep(drop, rows, cols), dp * keep_scale, 0.0)
     ds = p * (dp - delta)  # [TILE_M, TILE_N]
     return ct.mma(ds.astype(q.dtype), k, dq)  # [TILE_M, D]
 
@@ -308,9 +311,7 @@ def attn_bwd_dq_kernel_body(
     bias = _exp2_bias(STATS, b, h, m_blk, qk_scale_log2, TILE_M).reshape((TILE_M, 1))  # [TILE_M, 1]
     drop = None
     if DROPOUT:
-        k0, k1 = _dropout_keys(RNG)
-        q_idx = m_blk * TILE_M + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
-        drop = (k0, k1, b * Q.shape[1] + h, q_idx, drop_threshold, keep_scale)
+        drop = _dropout(RNG, b * Q.shape[1] + h, drop_threshold, keep_scale)
 
     first_key = m_blk * TILE_M + tk - tq
     rows = first_key + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
@@ -336,8 +337,8 @@ def _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, m
     p_t = ct.exp2(s_t * qk_scale_log2 - bias, flush_to_zero=True)  # [TILE_N, TILE_M]
     dp_t = ct.mma(v, ct.transpose(do), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))  # [TILE_N, TILE_M]
     if drop is not None:  # the same mask as the forward's, transposed: keys along rows, queries along columns
-        k0, k1, bh, threshold, keep_scale = drop
-        keep_t = _keep(k0, k1, bh, qpos, keys, threshold)  # [TILE_N, TILE_M]
+        _, _, _, _, keep_scale = drop
+        keep_t = _keep(drop, qpos, keys)  # [TILE_N, TILE_M]
         dv = ct.mma(ct.where(keep_t, p_t * keep_scale, 0.0).astype(q.dtype), do, dv)  # [TILE_N, D]
         dp_t = ct.where(keep_t, dp_t * keep_scale, 0.0)
     else:
@@ -380,8 +381,7 @@ def attn_bwd_dkdv_kernel_body(
     dv = ct.zeros((TILE_N, D), dtype=ct.float32)
     drop = None
     if DROPOUT:
-        k0, k1 = _dropout_keys(RNG)
-        drop = (k0, k1, b * Q.shape[1] + h, drop_threshold, keep_scale)
+        drop = _dropout(RNG, b * Q.shape[1] + h, drop_threshold, keep_scale)
 
     n_q = ct.cdiv(t, TILE_M)
     first = (n_blk * TILE_N) // TILE_M  # first query tile with a row at or after this key tile
@@ -413,11 +413,14 @@ def bwd_dkdv_kernel(occupancy: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Launch helpers
+# Launch specs: each kernel's grid and arguments, by name, from the tensors and the tiles. Without dropout
+# the stats array stands in for the keys, which the constant DROPOUT flag keeps unread.
 # --------------------------------------------------------------------------------------------------
-
-
 MAX_GRID_Y = 65535
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _order(sched: int, bh: int) -> int:
@@ -427,6 +430,99 @@ def _order(sched: int, bh: int) -> int:
 
 def _grid(sched: int, bh: int, tiles: int) -> tuple[int, int, int]:
     return (tiles, bh, 1) if sched == HEAD_MAJOR else (bh, tiles, 1)
+
+
+def _dropout_args(rng, stats, dropout_p: float) -> dict:
+    return dict(
+        RNG=rng if dropout_p > 0 else stats,
+        keep_scale=1.0 / (1.0 - dropout_p),
+        drop_threshold=dropout_threshold(dropout_p),
+        DROPOUT=dropout_p > 0,
+    )
+
+
+def fwd_spec(q, k, v, o, stats, rng, *, scale: float, dropout_p: float, tiles: AttnTiles) -> LaunchSpec:
+    """q, o (B, H, Tq, D); k, v (B, H, Tk, D); stats (2, B, H, Tq) fp32; rng the dropout keys or None."""
+    bsz, n_head, tq, d = q.shape
+    sched = _order(tiles.fwd_order(tq), bsz * n_head)
+    args = dict(
+        Q=q,
+        K=k,
+        V=v,
+        O=o,
+        STATS=stats,
+        qk_scale_log2=scale * LOG2E,
+        **_dropout_args(rng, stats, dropout_p),
+        D=padded_head_dim(d),
+        TILE_M=tiles.fwd_m,
+        TILE_N=tiles.fwd_n,
+        SCHED=sched,
+    )
+    grid = _grid(sched, bsz * n_head, cdiv(tq, tiles.fwd_m))
+    return LaunchSpec(attn_fwd_kernel_body, fwd_kernel(tiles.fwd_occ), grid, args)
+
+
+def bwd_dq_spec(
+    q, k, v, o, do, stats, delta, dq, rng, *, scale: float, dropout_p: float, tiles: AttnTiles
+) -> LaunchSpec:
+    """delta (B, H, T) fp32, written here for the dK/dV kernel; dq like q."""
+    bsz, n_head, t, d = q.shape
+    sched = _order(tiles.bwd_sched, bsz * n_head)
+    args = dict(
+        Q=q,
+        K=k,
+        V=v,
+        O=o,
+        DO=do,
+        STATS=stats,
+        DELTA=delta,
+        DQ=dq,
+        qk_scale_log2=scale * LOG2E,
+        qk_scale=scale,
+        **_dropout_args(rng, stats, dropout_p),
+        D=padded_head_dim(d),
+        TILE_M=tiles.dq_m,
+        TILE_N=tiles.dq_n,
+        SCHED=sched,
+    )
+    grid = _grid(sched, bsz * n_head, cdiv(t, tiles.dq_m))
+    return LaunchSpec(attn_bwd_dq_kernel_body, bwd_dq_kernel(tiles.dq_occ), grid, args)
+
+
+def bwd_dkdv_spec(
+    q, k, v, do, stats, delta, dk, dv, rng, *, scale: float, dropout_p: float, tiles: AttnTiles
+) -> LaunchSpec:
+    """dk, dv like k and v; delta from the dQ kernel."""
+    bsz, n_head, t, d = q.shape
+    sched = _order(tiles.bwd_sched, bsz * n_head)
+    args = dict(
+        Q=q,
+        K=k,
+        V=v,
+        DO=do,
+        STATS=stats,
+        DELTA=delta,
+        DK=dk,
+        DV=dv,
+        qk_scale_log2=scale * LOG2E,
+        qk_scale=scale,
+        **_dropout_args(rng, stats, dropout_p),
+        D=padded_head_dim(d),
+        TILE_M=tiles.dkv_m,
+        TILE_N=tiles.dkv_n,
+        SCHED=sched,
+    )
+    grid = _grid(sched, bsz * n_head, cdiv(t, tiles.dkv_n))
+    return LaunchSpec(attn_bwd_dkdv_kernel_body, bwd_dkdv_kernel(tiles.dkv_occ), grid, args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch helpers: allocate the outputs, build the specs, launch. `tiles` is an explicit configuration (a
+# tuning candidate); None takes the architecture's table.
+# --------------------------------------------------------------------------------------------------
+@cache
+def _table_tiles(device_index: int, head_dim: int) -> AttnTiles:
+    return tiles_for(arch_of(device_index), head_dim)
 
 
 def _as_tiled(x: torch.Tensor) -> torch.Tensor:
@@ -441,6 +537,55 @@ def _bhtd_empty_like(x: torch.Tensor, t: int) -> torch.Tensor:
     """An empty (B, H, t, D) tensor laid out (B, t, H, D): the caller's transpose back is free."""
     b, h, _, d = x.shape
     return torch.empty(b, t, h, d, device=x.device, dtype=x.dtype).transpose(1, 2)
+
+
+def fwd_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's empty o (B, H, Tq, D), laid out (B, Tq, H, D), and stats (2, B, H, Tq) fp32."""
+    bsz, n_head, tq, _ = q.shape
+    return _bhtd_empty_like(q, tq), torch.empty(2, bsz, n_head, tq, device=q.device, dtype=torch.float32)
+
+
+def bwd_outputs(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The backward's empty dq, dk, dv (like q, laid out (B, T, H, D)) and delta (B, H, T) fp32."""
+    bsz, n_head, t, _ = q.shape
+    grads = tuple(_bhtd_empty_like(q, t) for _ in range(3))
+    return (*grads, torch.empty(bsz, n_head, t, device=q.device, dtype=torch.float32))
+
+
+def logsumexp(stats: torch.Tensor, scale: float) -> torch.Tensor:
+    """The natural-log log-sum-exp (B, H, Tq) of the scaled, masked scores, from the forward's stats:
+    what torch.logsumexp(scale * q @ k^T, masked) gives."""
+    return stats[0].double() * scale + stats[1].double() * LN2
+
+
+def attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, rng=None, tiles: AttnTiles | None = None):
+    """Launch the forward kernel. Returns (o, stats), stats (2, B, H, Tq) fp32 (see `logsumexp`).
+    With dropout_p > 0, `rng` holds the call's keys (`dropout_rng`)."""
+    q, k, v = _as_tiled(q), _as_tiled(k), _as_tiled(v)
+    dev = q.get_device()
+    tiles = tiles or _table_tiles(dev, q.shape[3])
+    o, stats = fwd_outputs(q)
+    launch(fwd_spec(q, k, v, o, stats, rng, scale=scale, dropout_p=dropout_p, tiles=tiles), dev)
+    return o, stats
+
+
+def attention_backward(
+    q, k, v, o, stats, do, *, scale: float, dropout_p: float = 0.0, rng=None, tiles: AttnTiles | None = None
+):
+    """Launch the two backward kernels. Returns (dq, dk, dv)."""
+    q, k, v, o, do = (_as_tiled(x) for x in (q, k, v, o, do))
+    if k.shape[2] != q.shape[2]:
+        raise NotImplementedError(
+            f"cuTile attention backward needs Tq == Tk, got Tq={q.shape[2]} Tk={k.shape[2]} "
+            "(the KV-cache path is inference-only)"
+        )
+    dev = q.get_device()
+    tiles = tiles or _table_tiles(dev, q.shape[3])
+    dq, dk, dv, delta = bwd_outputs(q)
+    common = dict(scale=scale, dropout_p=dropout_p, tiles=tiles)
+    launch(bwd_dq_spec(q, k, v, o, do, stats, delta, dq, rng, **common), dev)
+    launch(bwd_dkdv_spec(q, k, v, do, stats, delta, dk, dv, rng, **common), dev)
+    return dq, dk, dv
 
 
 def _check(q, k, v):
@@ -459,125 +604,11 @@ def _check(q, k, v):
             f"cuTile causal_attention supports bf16 and fp16 (q, k, v alike), got "
             f"{q.dtype}, {k.dtype}, {v.dtype}; cast to bf16 or use autocast"
         )
-    if q.shape[3] not in HEAD_DIMS:
-        raise ValueError(f"cuTile causal_attention supports head dims {HEAD_DIMS}, got {q.shape[3]}")
+    reason = attention_head_dim_unsupported(q.shape[3])
+    if reason:
+        raise ValueError(f"causal_attention: {reason}")
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         raise RuntimeError("cuTile causal_attention needs CUDA tensors")
-
-
-def logsumexp(stats: torch.Tensor, scale: float) -> torch.Tensor:
-    """The natural-log log-sum-exp (B, H, Tq) of the scaled, masked scores, from the forward's stats:
-    what torch.logsumexp(scale * q @ k^T, masked) gives."""
-    return stats[0].double() * scale + stats[1].double() * LN2
-
-
-def attention_forward(q, k, v, scale: float, dropout_p: float = 0.0, rng=None, tiles: AttnTiles | None = None):
-    """Launch the forward kernel. Returns (o, stats), stats (2, B, H, Tq) fp32 (see `logsumexp`).
-    With dropout_p > 0, `rng` holds the call's keys (`dropout_rng`)."""
-    q, k, v = _as_tiled(q), _as_tiled(k), _as_tiled(v)
-    bsz, n_head, tq, d = q.shape
-    dev = q.get_device()
-    tiles = tiles or tiles_for(arch_of(dev), d)
-    o = _bhtd_empty_like(q, tq)
-    stats = torch.empty(2, bsz, n_head, tq, device=q.device, dtype=torch.float32)
-    ensure_cuda_context(dev)
-    sched = _order(tiles.fwd_order(tq), bsz * n_head)
-    grid = _grid(sched, bsz * n_head, math.ceil(tq / tiles.fwd_m))
-    dropout = dropout_p > 0
-    ct.launch(
-        stream_handle(dev),
-        grid,
-        fwd_kernel(tiles.fwd_occ),
-        (
-            q,
-            k,
-            v,
-            o,
-            stats,
-            rng if dropout else stats,
-            scale * LOG2E,
-            1.0 / (1.0 - dropout_p),
-            dropout_threshold(dropout_p),
-            d,
-            tiles.fwd_m,
-            tiles.fwd_n,
-            sched,
-            dropout,
-        ),
-    )
-    return o, stats
-
-
-def attention_backward(
-    q, k, v, o, stats, do, scale: float, dropout_p: float = 0.0, rng=None, tiles: AttnTiles | None = None
-):
-    """Launch the two backward kernels. Returns (dq, dk, dv)."""
-    q, k, v, o, do = (_as_tiled(x) for x in (q, k, v, o, do))
-    bsz, n_head, t, d = q.shape
-    if k.shape[2] != t:
-        raise NotImplementedError(
-            f"cuTile attention backward needs Tq == Tk, got Tq={t} Tk={k.shape[2]} "
-            "(the KV-cache path is inference-only)"
-        )
-    dev = q.get_device()
-    tiles = tiles or tiles_for(arch_of(dev), d)
-    dq, dk, dv = _bhtd_empty_like(q, t), _bhtd_empty_like(k, t), _bhtd_empty_like(v, t)
-    delta = torch.empty(bsz, n_head, t, device=q.device, dtype=torch.float32)
-    ensure_cuda_context(dev)  # autograd's worker thread may have no current context
-    stream = stream_handle(dev)
-    sched = _order(tiles.bwd_sched, bsz * n_head)
-    dropout = dropout_p > 0
-    drop_args = (rng if dropout else stats,)
-    drop_scalars = (1.0 / (1.0 - dropout_p), dropout_threshold(dropout_p))
-    ct.launch(
-        stream,
-        _grid(sched, bsz * n_head, math.ceil(t / tiles.dq_m)),
-        bwd_dq_kernel(tiles.dq_occ),
-        (
-            q,
-            k,
-            v,
-            o,
-            do,
-            stats,
-            delta,
-            dq,
-            *drop_args,
-            scale * LOG2E,
-            scale,
-            *drop_scalars,
-            d,
-            tiles.dq_m,
-            tiles.dq_n,
-            sched,
-            dropout,
-        ),
-    )
-    ct.launch(
-        stream,
-        _grid(sched, bsz * n_head, math.ceil(t / tiles.dkv_n)),
-        bwd_dkdv_kernel(tiles.dkv_occ),
-        (
-            q,
-            k,
-            v,
-            do,
-            stats,
-            delta,
-            dk,
-            dv,
-            *drop_args,
-            scale * LOG2E,
-            scale,
-            *drop_scalars,
-            d,
-            tiles.dkv_m,
-            tiles.dkv_n,
-            sched,
-            dropout,
-        ),
-    )
-    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,12 +619,12 @@ def attention_backward(
 def attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rng: torch.Tensor | None, scale: float, dropout_p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, scale, dropout_p, rng)
+    return attention_forward(q, k, v, scale=scale, dropout_p=dropout_p, rng=rng)
 
 
 @attention_fwd_op.register_fake
 def _(q, k, v, rng, scale, dropout_p):
-    return _bhtd_empty_like(q, q.shape[2]), q.new_empty(2, q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
+    return fwd_outputs(q)
 
 
 @torch.library.custom_op("gptcore::attention_bwd", mutates_args=(), device_types="cuda")
@@ -608,13 +639,12 @@ def attention_bwd_op(
     scale: float,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(q, k, v, o, stats, do, scale, dropout_p, rng)
+    return attention_backward(q, k, v, o, stats, do, scale=scale, dropout_p=dropout_p, rng=rng)
 
 
 @attention_bwd_op.register_fake
 def _(q, k, v, o, stats, do, rng, scale, dropout_p):
-    t = q.shape[2]
-    return _bhtd_empty_like(q, t), _bhtd_empty_like(k, t), _bhtd_empty_like(v, t)
+    return bwd_outputs(q)[:3]
 
 
 def _setup_context(ctx, inputs, output):
@@ -644,7 +674,7 @@ def causal_attention(
 ) -> torch.Tensor:
     """dropout(softmax(scale * q @ k^T, causal, bottom-right aligned)) @ v on cuTile kernels.
 
-    q (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, bf16 or fp16, D in (32, 64, 128). Differentiable
+    q (B, H, Tq, D), k and v (B, H, Tk, D), Tq <= Tk, bf16 or fp16, D a multiple of 16 up to 128. Differentiable
     when Tq == Tk. Default scale 1/sqrt(D). dropout_p drops attention probabilities with the kernels'
     counter-based mask (needs Tq == Tk, as in training), its keys `rng` drawn from the default CUDA
     generator unless given (gptcore.kernels.dropout).

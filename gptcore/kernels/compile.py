@@ -4,10 +4,10 @@
 
 Runs on a CPU-only machine (cuda-tile[tileiras] brings the compiler; no GPU, no driver needed), so
 CI catches a kernel that stops compiling. Prints one line per kernel, signature and architecture
-(OK/FAIL and the compile time) and exits non-zero if any failed. The signatures mirror what the
-launch helpers pass: the tile constants are the ones chosen for that architecture, arrays have a
-unit last stride (the model's strided q/k/v views included) and 16-byte aligned bases. ct.launch also
-specialises a kernel on the divisibility of shapes and strides, and the model's training tensors are
+(OK/FAIL and the compile time) and exits non-zero if any failed. The signatures come from the
+kernels' own launch specs (gptcore.kernels.spec), built on small CPU tensors in the model's layouts with
+the tiles chosen for that architecture: arrays have a unit last stride and 16-byte aligned bases. ct.launch
+also specialises a kernel on the divisibility of shapes and strides, and the model's training tensors are
 aligned (widths and sequence lengths multiples of 16): that signature compiles to other code (TMA copies),
 so the gate checks it too, as the "16B" labels.
 """
@@ -25,10 +25,9 @@ from pathlib import Path
 
 DEFAULT_ARCHS = ("sm_90", "sm_100")
 # Attention: bf16 is what the model runs (autocast on any GPU cuTile supports); fp16 (train.dtype
-# float16) is checked at the presets' head dim 64 and, with --full, at every head dim. Attention
-# kernels take 5-30 s each in tileiras on a 2-core machine, so the default set stays what the model
-# really uses; cubins land in cuTile's disk cache (~/.cache/cutile-python), so a rerun on unchanged
-# kernels is fast and a changed kernel always recompiles (the cache key is the exact bytecode).
+# float16) is checked at the presets' head dim 64 and, with --full, at every head dim. Cold attention
+# compiles are the slow ones, so the default set stays what the model really uses; cubins land in cuTile's
+# disk cache (~/.cache/cutile-python), keyed by the exact bytecode, so a rerun on unchanged kernels is fast.
 ATTN_SIGNATURES = (("bfloat16", 32), ("bfloat16", 64), ("bfloat16", 128), ("float16", 64))
 ATTN_SIGNATURES_FULL = ATTN_SIGNATURES + (("float16", 32), ("float16", 128))
 ATTN_ALIGNED = (("bfloat16", 64),)  # also compiled with the aligned ("16B") signature, see jobs()
@@ -37,13 +36,32 @@ LN_DTYPES = ("float32", "bfloat16", "float16")  # fp32 under autocast (residual 
 # The widths of the tiny default model (128), shakespeare_char (384), GPT-2 small (768), and one that is
 # not a power of two (100: padded to 128 and masked). Only the padded width changes the kernel.
 LN_WIDTHS = (100, 128, 384, 768)
+ALIGNED = "16B"  # the label word of the aligned signatures
+EXAMPLE_SMS = 132  # the SM count the example launches assume (an H100 / H200): it sizes grids only
 
 
 @dataclass(frozen=True)
 class CompileJob:
+    """One kernel signature for one architecture: the kernel and what its example launch is made of."""
+
     kernel: str  # e.g. "attention.fwd"
-    label: str  # human-readable signature
     arch: str
+    dtype: str
+    size: int  # attention: the head dim; LayerNorm: the width (the column sums take any width: 0)
+    dropout: bool = False  # attention: dropout on the probabilities
+    long: bool = False  # attention forward: a sequence long enough for the long-sequence block order
+    affine: bool = True  # LayerNorm: with weight and bias (False: neither)
+    aligned: bool = False  # shapes and strides multiples of 16 bytes, as training-shaped tensors are (see _array)
+
+    @property
+    def label(self) -> str:
+        """The signature in words: `bfloat16 D=64 dropout 16B`, `float32 N=384 weight+bias`."""
+        if self.kernel.startswith("attention."):
+            words = [f"D={self.size}"] + ["dropout"] * self.dropout + ["long"] * self.long
+        else:
+            size = f"N={self.size or 'any'}"
+            words = [size, "weight+bias"] if self.affine else [size, "no weight, no bias"]
+        return " ".join([self.dtype, *words] + [ALIGNED] * self.aligned)
 
 
 @dataclass
@@ -54,46 +72,20 @@ class CompileResult:
     ok: bool
     seconds: float
     error: str = ""
-    tiles: str = ""
+    constants: str = ""  # the spec's compile-time constants: the tiles the kernel was built with
 
     def line(self) -> str:
         status = "OK  " if self.ok else "FAIL"
         tail = f"  {self.error.splitlines()[-1] if self.error else ''}" if not self.ok else ""
-        return f"{status} {self.arch:7s} {self.kernel:20s} {self.label:34s} {self.tiles:28s} {self.seconds:6.1f}s{tail}"
-
-
-def _array(ct, dtype, ndim: int, shape16: tuple[bool, ...] | None = None):
-    """An array parameter: unit last stride and a 16-byte aligned base. With shape16 (the "16B" signatures),
-    also what ct.launch assumes of the model's usual tensors and specialises the kernel on (it picks TMA
-    copies then): every other stride a multiple of 16 bytes and the dims flagged True multiples of 16."""
-    from cuda.tile.compilation import ArrayConstraint
-
-    aligned = {}
-    if shape16 is not None:
-        aligned = dict(
-            stride_divisible_by=(128 // dtype.bitwidth,) * (ndim - 1) + (1,),
-            shape_divisible_by=tuple(16 if d else 1 for d in shape16),
+        return (
+            f"{status} {self.arch:7s} {self.kernel:20s} {self.label:34s} {self.seconds:6.1f}s  {self.constants}{tail}"
         )
-    return ArrayConstraint(
-        dtype,
-        ndim,
-        index_dtype=ct.int32,
-        stride_lower_bound_incl=0,
-        alias_groups=(),
-        may_alias_internally=False,
-        stride_constant=(None,) * (ndim - 1) + (1,),
-        base_addr_divisible_by=16,
-        **aligned,
-    )
 
 
-ALIGNED = "16B"  # the label word of the aligned signatures
-
-
-def signature_suffixes(*sizes: int) -> tuple[str, ...]:
-    """The label suffixes of a kernel launched on tensors of these sizes: the plain signature, and the
-    aligned one (see _array) when every size is a multiple of 16."""
-    return ("", f" {ALIGNED}") if all(size % 16 == 0 for size in sizes) else ("",)
+def aligned_variants(*sizes: int) -> tuple[bool, ...]:
+    """The signatures a kernel launched on tensors of these sizes gets: the plain one, and the aligned one
+    (see _array) when every size is a multiple of 16."""
+    return (False, True) if all(size % 16 == 0 for size in sizes) else (False,)
 
 
 def jobs(archs, full: bool = False) -> list[CompileJob]:
@@ -102,154 +94,148 @@ def jobs(archs, full: bool = False) -> list[CompileJob]:
     out = []
     for arch in archs:
         for dt, d in ATTN_SIGNATURES_FULL if full else ATTN_SIGNATURES:
-            # "16B": the aligned signature that training-shaped tensors launch (see _array); the plain one
-            # is what other shapes get (a sampled prompt of 13 tokens, say). Cold attention compiles are
-            # slow, so the aligned one is checked for the presets' signature (bf16, D=64) only.
+            # The aligned signature is what training-shaped tensors launch; the plain one what other shapes
+            # get (a sampled prompt of 13 tokens, say). It is checked for the presets' signature only.
             tiles = attention.tiles_for(arch, d)
-            for suffix in signature_suffixes(d) if (dt, d) in ATTN_ALIGNED else ("",):
-                for kern in ("attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv"):
-                    out.append(CompileJob(kern, f"{dt} D={d}{suffix}", arch))
+            for aligned in aligned_variants(d) if (dt, d) in ATTN_ALIGNED else (False,):
+                for kernel in ("attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv"):
+                    out.append(CompileJob(kernel, arch, dt, d, aligned=aligned))
                     if (dt, d) in ATTN_DROPOUT:  # training with attention dropout (the presets' 0.2)
-                        out.append(CompileJob(kern, f"{dt} D={d} dropout{suffix}", arch))
+                        out.append(CompileJob(kernel, arch, dt, d, dropout=True, aligned=aligned))
                 # The forward's block order is a kernel constant; long sequences may use another one.
                 if tiles.fwd_sched_long != tiles.fwd_sched:
-                    out.append(CompileJob("attention.fwd", f"{dt} D={d} long{suffix}", arch))
+                    out.append(CompileJob("attention.fwd", arch, dt, d, long=True, aligned=aligned))
         for dt in LN_DTYPES:
             for n in LN_WIDTHS:
-                for suffix in signature_suffixes(n):
-                    for kern in ("layernorm.fwd", "layernorm.bwd"):
-                        out.append(CompileJob(kern, f"{dt} N={n} weight+bias{suffix}", arch))
+                for aligned in aligned_variants(n):
+                    for kernel in ("layernorm.fwd", "layernorm.bwd"):
+                        out.append(CompileJob(kernel, arch, dt, n, aligned=aligned))
         for dt in LN_DTYPES:  # the weight and bias gradients' final column sums, in the parameters' dtype
-            for suffix in signature_suffixes():
-                out.append(CompileJob("layernorm.colsum", f"{dt} N=any weight+bias{suffix}", arch))
+            for aligned in aligned_variants():
+                out.append(CompileJob("layernorm.colsum", arch, dt, 0, aligned=aligned))
         # weight and bias None (bias=False models, and F.layer_norm without affine)
-        out.append(CompileJob("layernorm.fwd", "bfloat16 N=384 no weight, no bias", arch))
-        out.append(CompileJob("layernorm.bwd", "bfloat16 N=384 no weight, no bias", arch))
+        for kernel in ("layernorm.fwd", "layernorm.bwd"):
+            out.append(CompileJob(kernel, arch, "bfloat16", 384, affine=False))
     return out
 
 
-def _signature_and_kernel(job: CompileJob):
+# ---- a job's example launch and its signature ---------------------------------------------------------------
+
+
+def example_spec(job: CompileJob):
+    """The LaunchSpec of a launch of `job`'s signature, built by the kernel's own spec function on small CPU
+    tensors of the model's layouts (q, k, v as views of one c_attn output): only their dtypes, ranks,
+    shapes and strides reach the signature."""
+    import torch
+
+    from gptcore.kernels import attention as A
+    from gptcore.kernels import layernorm as L
+
+    dtype = getattr(torch, job.dtype)
+    if job.kernel.startswith("attention."):
+        tiles = A.tiles_for(job.arch, job.size)
+        b, h, d = 1, 2, job.size
+        t = tiles.fwd_long_from if job.long else 64
+        qkv = torch.empty(b, t, 3 * h * d, dtype=dtype)
+        q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=2))
+        rng = torch.empty(2, dtype=torch.int64) if job.dropout else None
+        common = dict(scale=d**-0.5, dropout_p=0.2 if job.dropout else 0.0, tiles=tiles)
+        o, stats = A.fwd_outputs(q)
+        if job.kernel == "attention.fwd":
+            return A.fwd_spec(q, k, v, o, stats, rng, **common)
+        dq, dk, dv, delta = A.bwd_outputs(q)
+        if job.kernel == "attention.bwd_dq":
+            return A.bwd_dq_spec(q, k, v, o, o, stats, delta, dq, rng, **common)
+        return A.bwd_dkdv_spec(q, k, v, o, stats, delta, dk, dv, rng, **common)
+    n = job.size or 384  # the column sums take any width
+    tiles = L.tiles_for(job.arch, n)
+    x2 = torch.empty(64, n, dtype=dtype)
+    weight, bias = (torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)) if job.affine else (None, None)
+    y, stats = L.fwd_outputs(x2)
+    if job.kernel == "layernorm.fwd":
+        return L.fwd_spec(x2, weight, bias, y, stats, eps=1e-5, tiles=tiles, sm_count=EXAMPLE_SMS)
+    dx, parts = L.bwd_outputs(x2, L.bwd_blocks(64, tiles, EXAMPLE_SMS))
+    if job.kernel == "layernorm.bwd":
+        return L.bwd_spec(x2, weight, y, stats, dx, parts, has_bias=bias is not None, tiles=tiles)
+    return L.colsum_spec(parts, weight, bias)
+
+
+def _array(tensor, aligned: bool):
+    """An array parameter: the tensor's dtype and rank, a unit last stride and a 16-byte aligned base. With
+    `aligned`, also the divisibility ct.launch specialises a kernel on (it picks TMA copies then): the
+    tensor's strides that are multiples of 16 bytes and its dims that are multiples of 16."""
     import cuda.tile as ct
+    from cuda.tile.compilation import ArrayConstraint
+
+    ndim = tensor.dim()
+    divisible = {}
+    if aligned:
+        per_16_bytes = max(1, 16 // tensor.element_size())
+        strides = [per_16_bytes if s % per_16_bytes == 0 else 1 for s in tensor.stride()[:-1]]
+        divisible = dict(
+            stride_divisible_by=(*strides, 1),
+            shape_divisible_by=tuple(16 if size % 16 == 0 else 1 for size in tensor.shape),
+        )
+    return ArrayConstraint(
+        getattr(ct, str(tensor.dtype).removeprefix("torch.")),
+        ndim,
+        index_dtype=ct.int32,
+        stride_lower_bound_incl=0,
+        alias_groups=(),
+        may_alias_internally=False,
+        stride_constant=(None,) * (ndim - 1) + (1,),
+        base_addr_divisible_by=16,
+        **divisible,
+    )
+
+
+def signature(spec, aligned: bool = False):
+    """The ahead-of-time KernelSignature of a LaunchSpec: constants as their values, tensors as arrays (see
+    _array), Python floats and ints as the fp32 and int32 scalars ct.launch passes them as."""
+    import cuda.tile as ct
+    import torch
     from cuda.tile.compilation import CallingConvention, KernelSignature, ScalarConstraint
 
-    from gptcore.kernels import attention, layernorm
+    from gptcore.kernels.spec import parameters
 
-    cc = CallingConvention.cutile_python_v1()
-    f32 = ScalarConstraint(ct.float32)
-    i32 = ScalarConstraint(ct.int32)
-    words = job.label.split()
-    dt = getattr(ct, words[0])
-    aligned = ALIGNED in words  # (B, H, T, D) and (M, N) arrays: T, D, M and N multiples of 16, strides aligned
-    if job.kernel.startswith("attention."):
-        d = int(words[1].split("=")[1])
-        tiles = attention.tiles_for(job.arch, d)
-        a4 = _array(ct, dt, 4, (False, False, True, True) if aligned else None)
-        a3 = _array(ct, ct.float32, 3, (False, False, True) if aligned else None)  # delta (B, H, T)
-        stats = _array(ct, ct.float32, 4, (False, False, False, True) if aligned else None)  # (2, B, H, T)
-        dropout = "dropout" in words
-        # the dropout keys (int64 (2,)); without dropout the stats array stands in, as in the launch helpers
-        rng = _array(ct, ct.int64, 1) if dropout else stats
-        drop = [f32, i32]  # keep_scale, drop_threshold
-        if job.kernel == "attention.fwd":
-            kern = attention.fwd_kernel(tiles.fwd_occ)
-            sched = tiles.fwd_sched_long if "long" in words else tiles.fwd_sched
-            params = [a4, a4, a4, a4, stats, rng, f32, *drop, d, tiles.fwd_m, tiles.fwd_n, sched, dropout]
-            desc = f"M{tiles.fwd_m} N{tiles.fwd_n} occ{tiles.fwd_occ} sched{sched}"
-        elif job.kernel == "attention.bwd_dq":
-            kern = attention.bwd_dq_kernel(tiles.dq_occ)
-            params = [
-                a4,
-                a4,
-                a4,
-                a4,
-                a4,
-                stats,
-                a3,
-                a4,
-                rng,
-                f32,
-                f32,
-                *drop,
-                d,
-                tiles.dq_m,
-                tiles.dq_n,
-                tiles.bwd_sched,
-                dropout,
-            ]
-            desc = f"M{tiles.dq_m} N{tiles.dq_n} occ{tiles.dq_occ} sched{tiles.bwd_sched}"
+    params = []
+    for name, constant in parameters(spec.body):
+        value = spec.args[name]
+        if constant:
+            params.append(value)
+        elif isinstance(value, torch.Tensor):
+            params.append(_array(value, aligned))
+        elif isinstance(value, float):
+            params.append(ScalarConstraint(ct.float32))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            params.append(ScalarConstraint(ct.int32))
         else:
-            kern = attention.bwd_dkdv_kernel(tiles.dkv_occ)
-            params = [
-                a4,
-                a4,
-                a4,
-                a4,
-                stats,
-                a3,
-                a4,
-                a4,
-                rng,
-                f32,
-                f32,
-                *drop,
-                d,
-                tiles.dkv_m,
-                tiles.dkv_n,
-                tiles.bwd_sched,
-                dropout,
-            ]
-            desc = f"M{tiles.dkv_m} N{tiles.dkv_n} occ{tiles.dkv_occ} sched{tiles.bwd_sched}"
-    else:
-        n = 0 if words[1] == "N=any" else int(words[1].split("=")[1])  # the column sums: any width
-        affine = "no" not in words  # "no weight, no bias": both None, dummy fp32 arrays stand in
-        tiles = layernorm.tiles_for(job.arch, max(n, 1))
-        # Missing weight / bias: the stats array (2-D fp32) stands in, as in the launch helpers.
-        x2 = _array(ct, dt, 2, (True, True) if aligned else None)  # (M, N)
-        f2 = _array(ct, ct.float32, 2, (False, True) if aligned else None)  # stats (2, M)
-        f3 = _array(ct, ct.float32, 3, (False, False, True) if aligned else None)  # column-sum partials (2, G, N)
-        p1 = _array(ct, dt, 1, (True,) if aligned else None) if affine else f2
-        if job.kernel == "layernorm.colsum":
-            kern = layernorm.colsum_kernel()
-            params = [f3, p1, p1, layernorm.COLSUM_TILE_G, layernorm.COLSUM_TILE_N, True, True]
-            desc = f"G{layernorm.COLSUM_TILE_G} N{layernorm.COLSUM_TILE_N}"
-        elif job.kernel == "layernorm.fwd":
-            c, k, pad_last = layernorm.fwd_chunks(n, tiles.fwd_chunk)
-            kern = layernorm.fwd_kernel(tiles.fwd_occ, tiles.fwd_warps)
-            params = [x2, p1, p1, x2, f2, f32, c, k, pad_last, tiles.fwd_rows, affine, affine, tiles.fwd_latency]
-            desc = (
-                f"rows{tiles.fwd_rows} chunks{k}x{c}{'(padded)' if pad_last else ''} occ{tiles.fwd_occ} "
-                f"warps{tiles.fwd_warps or 'auto'} latency{tiles.fwd_latency}"
-            )
-        else:
-            pad = layernorm.next_pow2(n)
-            kern = layernorm.bwd_kernel(tiles.bwd_occ, tiles.bwd_warps)
-            params = [x2, p1, x2, f2, x2, f3, pad, tiles.bwd_rows, affine, affine, tiles.bwd_latency, tiles.bwd_defer]
-            desc = (
-                f"rows{tiles.bwd_rows} pad{pad} occ{tiles.bwd_occ} warps{tiles.bwd_warps or 'auto'} "
-                f"latency{tiles.bwd_latency}{' deferred' if tiles.bwd_defer else ''}"
-            )
-    name = kern._annotated_function.pyfunc.__name__
-    return kern, KernelSignature(params, cc).with_mangled_symbol(name), desc
+            raise TypeError(f"{spec.name}: argument {name} = {value!r} is not a tensor, a float or an int")
+    return KernelSignature(params, CallingConvention.cutile_python_v1()).with_mangled_symbol(spec.name)
 
 
 def compile_one(job: CompileJob, out_dir: str | None = None) -> CompileResult:
     from cuda.tile.compilation import export_kernel
 
+    from gptcore.kernels.spec import parameters
+
     t0 = time.perf_counter()
-    desc = ""
+    constants = ""
     try:
-        kern, sig, desc = _signature_and_kernel(job)
+        spec = example_spec(job)
+        constants = " ".join(f"{n}={spec.args[n]}" for n, constant in parameters(spec.body) if constant)
+        sig = signature(spec, job.aligned)
+        spec.ordered_args()  # the spec names every argument the kernel takes
         with tempfile.TemporaryDirectory() as tmp:
             safe = "".join(c if c.isalnum() or c in "=." else "_" for c in job.label)
             path = Path(out_dir or tmp) / f"{job.kernel}.{safe}.{job.arch}.cubin"
-            export_kernel(kern, [sig], str(path), gpu_code=job.arch, output_format="cubin")
+            export_kernel(spec.kernel, [sig], str(path), gpu_code=job.arch, output_format="cubin")
             if path.stat().st_size == 0:
                 raise RuntimeError("empty cubin")
-        return CompileResult(job.kernel, job.label, job.arch, True, time.perf_counter() - t0, tiles=desc)
+        return CompileResult(job.kernel, job.label, job.arch, True, time.perf_counter() - t0, constants=constants)
     except Exception:  # noqa: BLE001 - the gate reports every failure and goes on
-        return CompileResult(
-            job.kernel, job.label, job.arch, False, time.perf_counter() - t0, traceback.format_exc(), tiles=desc
-        )
+        seconds = time.perf_counter() - t0
+        return CompileResult(job.kernel, job.label, job.arch, False, seconds, traceback.format_exc(), constants)
 
 
 def compile_all(

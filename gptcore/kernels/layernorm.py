@@ -17,10 +17,9 @@ from functools import cache
 import cuda.tile as ct
 import torch
 
-from gptcore.kernels.runtime import LAYER_NORM_DTYPES, arch_of, ensure_cuda_context, sm_count, stream_handle
+from gptcore.kernels.runtime import LAYER_NORM_DTYPES, arch_of, sm_count
+from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, launch
 
-ConstInt = ct.Constant[int]
-ConstBool = ct.Constant[bool]
 ZERO = ct.PaddingMode.ZERO
 
 
@@ -122,7 +121,7 @@ def fwd_chunks(n: int, chunk: int) -> tuple[int, int, bool]:
 # Kernels. The forward covers a row with K chunks of C columns (C a power of two, K a compile-time
 # constant unrolled with ct.static_iter), so 768 = 3 x 256 needs no padding and every chunk stays in
 # registers between the mean, the variance and the output. The backward takes one tile of the width
-# padded to a power of two: chunked backwards computed dx as fast, but their column sums made them slower.
+# padded to a power of two, so its weight and bias column sums stay one reduction per tile.
 # Padded columns load as 0 and are masked where they would count (the variance); stores drop them.
 # --------------------------------------------------------------------------------------------------
 def _load(A, index, shape, LATENCY):
@@ -271,33 +270,84 @@ def bwd_kernel(occupancy: int, warps: int | None = None):
 
 
 # --------------------------------------------------------------------------------------------------
-# Launch helpers. At the model's sizes an eager call costs more host time than the kernels take, so
-# what depends only on (device, width, tiles) is worked out once per key (`_plan`).
+# Launch specs: each kernel's grid and arguments, by name, from the tensors and the tiles. A missing weight
+# or bias gets a dummy array in its place, which the constant HAS_W / HAS_B flag keeps unread.
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LNPlan:
-    tiles: LNTiles
-    fwd_chunks: tuple[int, int, bool]  # the forward's column chunks: width, count, last one padded
-    n_pad: int  # the backward's padded width
-    fwd: object  # compiled-on-first-launch kernel objects
-    bwd: object
-    max_bwd_blocks: int  # the persistent backward grid's size cap: SMs x blocks per SM
-    max_fwd_blocks: int  # the same for the forward; 0: one block per row tile
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
-@cache
-def _plan(device_index: int, n: int, tiles: LNTiles | None) -> LNPlan:
-    tiles = tiles or tiles_for(arch_of(device_index), n)
-    sms = sm_count(device_index)
-    return LNPlan(
-        tiles,
-        fwd_chunks(n, tiles.fwd_chunk),
-        next_pow2(n),
-        fwd_kernel(tiles.fwd_occ, tiles.fwd_warps),
-        bwd_kernel(tiles.bwd_occ, tiles.bwd_warps),
-        sms * tiles.bwd_blocks_per_sm,
-        sms * tiles.fwd_blocks_per_sm,
+def fwd_spec(x2, weight, bias, y, stats, *, eps: float, tiles: LNTiles, sm_count: int) -> LaunchSpec:
+    """x2, y (M, N); weight, bias (N,) or None; stats (2, M) fp32."""
+    m, n = x2.shape
+    c, k, pad_last = fwd_chunks(n, tiles.fwd_chunk)
+    blocks = cdiv(m, tiles.fwd_rows)
+    if tiles.fwd_blocks_per_sm:  # a persistent grid
+        blocks = min(blocks, sm_count * tiles.fwd_blocks_per_sm)
+    args = dict(
+        X=x2,
+        W=stats if weight is None else weight,
+        B=stats if bias is None else bias,
+        Y=y,
+        STATS=stats,
+        eps=eps,
+        C=c,
+        K=k,
+        PAD_LAST=pad_last,
+        TILE_ROWS=tiles.fwd_rows,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        LATENCY=tiles.fwd_latency,
     )
+    return LaunchSpec(ln_fwd_kernel_body, fwd_kernel(tiles.fwd_occ, tiles.fwd_warps), (blocks, 1, 1), args)
+
+
+def bwd_blocks(m: int, tiles: LNTiles, sm_count: int) -> int:
+    """The backward's persistent grid size for M rows: the rows of its column-sum partials."""
+    return max(1, min(cdiv(m, tiles.bwd_rows), sm_count * tiles.bwd_blocks_per_sm))
+
+
+def bwd_spec(x2, weight, dy2, stats, dx, parts, *, has_bias: bool, tiles: LNTiles) -> LaunchSpec:
+    """parts (2, G, N) fp32: one row of column sums per block of the grid (G = bwd_blocks)."""
+    args = dict(
+        X=x2,
+        W=stats if weight is None else weight,
+        DY=dy2,
+        STATS=stats,
+        DX=dx,
+        PARTS=parts,
+        N_PAD=next_pow2(x2.shape[1]),
+        TILE_ROWS=tiles.bwd_rows,
+        HAS_W=weight is not None,
+        HAS_B=has_bias,
+        LATENCY=tiles.bwd_latency,
+        DEFER=tiles.bwd_defer,
+    )
+    kernel = bwd_kernel(tiles.bwd_occ, tiles.bwd_warps)
+    return LaunchSpec(ln_bwd_kernel_body, kernel, (parts.shape[1], 1, 1), args)
+
+
+def colsum_spec(parts, dw, db) -> LaunchSpec:
+    """dw, db (N,) or None: the sums of the backward's partials in their own dtypes."""
+    args = dict(
+        PARTS=parts,
+        DW=parts if dw is None else dw,
+        DB=parts if db is None else db,
+        TILE_G=COLSUM_TILE_G,
+        TILE_N=COLSUM_TILE_N,
+        HAS_W=dw is not None,
+        HAS_B=db is not None,
+    )
+    return LaunchSpec(ln_colsum_kernel_body, colsum_kernel(), (cdiv(parts.shape[2], COLSUM_TILE_N), 1, 1), args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch helpers: allocate the outputs, build the specs, launch. `tiles` is an explicit configuration (a
+# tuning candidate); None takes the architecture's table.
+# --------------------------------------------------------------------------------------------------
+@cache
+def _table_tiles(device_index: int, n: int) -> LNTiles:
+    return tiles_for(arch_of(device_index), n)
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -307,91 +357,41 @@ def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return x2
 
 
-def layer_norm_forward(x2, weight, bias, eps: float, tiles: LNTiles | None = None):
-    """x2 (M, N). Returns y (M, N) in x's dtype and stats (2, M) fp32: the rows' mean and rstd.
-    `tiles`: an explicit configuration (a tuning candidate); None takes the architecture's table."""
-    m, n = x2.shape
-    dev = x2.get_device()
-    plan = _plan(dev, n, tiles)
+def fwd_outputs(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's empty y (M, N) and stats (2, M) fp32."""
     y = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    stats = torch.empty(2, m, device=x2.device, dtype=torch.float32)
-    ensure_cuda_context(dev)
-    rows = plan.tiles.fwd_rows
-    blocks = (m + rows - 1) // rows
-    if plan.max_fwd_blocks:
-        blocks = min(blocks, plan.max_fwd_blocks)
-    # A dummy array stands in for a missing weight or bias; the constant flag keeps it unread.
-    ct.launch(
-        stream_handle(dev),
-        (blocks, 1, 1),
-        plan.fwd,
-        (
-            x2,
-            stats if weight is None else weight,
-            stats if bias is None else bias,
-            y,
-            stats,
-            eps,
-            *plan.fwd_chunks,
-            rows,
-            weight is not None,
-            bias is not None,
-            plan.tiles.fwd_latency,
-        ),
-    )
+    return y, torch.empty(2, x2.shape[0], device=x2.device, dtype=torch.float32)
+
+
+def bwd_outputs(x2: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward's empty dx (M, N) and column-sum partials (2, blocks, N) fp32."""
+    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    return dx, torch.empty(2, blocks, x2.shape[1], device=x2.device, dtype=torch.float32)
+
+
+def layer_norm_forward(x2, weight, bias, *, eps: float, tiles: LNTiles | None = None):
+    """x2 (M, N). Returns y (M, N) in x's dtype and stats (2, M) fp32: the rows' mean and rstd."""
+    dev = x2.get_device()
+    tiles = tiles or _table_tiles(dev, x2.shape[1])
+    y, stats = fwd_outputs(x2)
+    launch(fwd_spec(x2, weight, bias, y, stats, eps=eps, tiles=tiles, sm_count=sm_count(dev)), dev)
     return y, stats
 
 
-def layer_norm_backward(x2, weight, bias_dtype: torch.dtype | None, stats, dy2, tiles: LNTiles | None = None):
+def layer_norm_backward(x2, weight, stats, dy2, *, bias_dtype: torch.dtype | None, tiles: LNTiles | None = None):
     """Returns dx (M, N) in x's dtype, dweight in the weight's dtype (None without a weight) and dbias in
     `bias_dtype` (None without a bias)."""
     m, n = x2.shape
     dev = x2.get_device()
-    plan = _plan(dev, n, tiles)
-    t = plan.tiles
-    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    blocks = max(1, min((m + t.bwd_rows - 1) // t.bwd_rows, plan.max_bwd_blocks))
-    has_weight, has_bias = weight is not None, bias_dtype is not None
-    parts = torch.empty(2, blocks, n, device=x2.device, dtype=torch.float32)
-    ensure_cuda_context(dev)  # autograd's worker thread may have no current context
-    stream = stream_handle(dev)
-    ct.launch(
-        stream,
-        (blocks, 1, 1),
-        plan.bwd,
-        (
-            x2,
-            weight if has_weight else stats,
-            dy2,
-            stats,
-            dx,
-            parts,
-            plan.n_pad,
-            t.bwd_rows,
-            has_weight,
-            has_bias,
-            t.bwd_latency,
-            t.bwd_defer,
-        ),
-    )
-    if not (has_weight or has_bias):
+    tiles = tiles or _table_tiles(dev, n)
+    dx, parts = bwd_outputs(x2, bwd_blocks(m, tiles, sm_count(dev)))
+    has_bias = bias_dtype is not None
+    launch(bwd_spec(x2, weight, dy2, stats, dx, parts, has_bias=has_bias, tiles=tiles), dev)
+    if weight is None and not has_bias:
         return dx, None, None
-    dw = torch.empty(n, device=x2.device, dtype=weight.dtype) if has_weight else None
+    dw = None if weight is None else torch.empty(n, device=x2.device, dtype=weight.dtype)
     db = torch.empty(n, device=x2.device, dtype=bias_dtype) if has_bias else None
-    ct.launch(
-        stream,
-        ((n + COLSUM_TILE_N - 1) // COLSUM_TILE_N, 1, 1),
-        colsum_kernel(),
-        (
-            parts,
-            stats if dw is None else dw,
-            stats if db is None else db,
-            COLSUM_TILE_G,
-            COLSUM_TILE_N,
-            has_weight,
-            has_bias,
-        ),
-    )
+    launch(colsum_spec(parts, dw, db), dev)
     return dx, dw, db
 
 
@@ -403,14 +403,14 @@ def layer_norm_backward(x2, weight, bias_dtype: torch.dtype | None, stats, dy2, 
 def layer_norm_fwd_op(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, stats = layer_norm_forward(_rows(x, x.shape[-1]), weight, bias, eps)
+    y, stats = layer_norm_forward(_rows(x, x.shape[-1]), weight, bias, eps=eps)
     return y.view(x.shape), stats
 
 
 @layer_norm_fwd_op.register_fake
 def _(x, weight, bias, eps):
-    rows = x.numel() // x.shape[-1]
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(2, rows, dtype=torch.float32)
+    y, stats = fwd_outputs(x.reshape(-1, x.shape[-1]))
+    return y.view(x.shape), stats
 
 
 @torch.library.custom_op("gptcore::layer_norm_bwd", mutates_args=(), device_types="cuda")
@@ -419,7 +419,8 @@ def layer_norm_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx, and dweight / dbias in their parameters' dtypes (empty where the parameter is None)."""
     n = x.shape[-1]
-    dx, dw, db = layer_norm_backward(_rows(x, n), weight, None if bias is None else bias.dtype, stats, _rows(dy, n))
+    bias_dtype = None if bias is None else bias.dtype
+    dx, dw, db = layer_norm_backward(_rows(x, n), weight, stats, _rows(dy, n), bias_dtype=bias_dtype)
     return dx.view(dy.shape), x.new_empty(0) if dw is None else dw, x.new_empty(0) if db is None else db
 
 

@@ -55,6 +55,14 @@ def attention_dtype_unsupported(dtype: torch.dtype) -> str | None:
     )
 
 
+def attention_head_dim_unsupported(head_dim: int) -> str | None:
+    """None when the cuTile attention kernels take heads of this width, otherwise why not: the kernels' tiles
+    are powers of two, so a multiple of 16 up to 128 is padded to the next one (48 runs as 64)."""
+    if head_dim % 16 == 0 and 16 <= head_dim <= 128:
+        return None
+    return f"the cuTile attention kernels take head dims that are multiples of 16 up to 128, not {head_dim}"
+
+
 @functools.cache
 def arch_of(index: int) -> str:
     """The architecture (`sm_90`) of CUDA device `index`: the key of the tile tables."""

@@ -43,14 +43,14 @@ def cache_dir() -> Path:
 
 
 def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: list[str], dropout: bool = False):
-    """The CompileJobs of the signatures the levels run this model with (labels in the format of
-    gptcore.kernels.compile): attention forward and backward in model_dtype, forward in decode_dtype (and
-    the forward's long-sequence block order where the block size reaches it); LayerNorm forward, backward
-    and the weight/bias column sums in float32 (autocast) and in model_dtype (a model cast to it); each
-    also with the aligned ("16B") signature where the model's sizes give it. `dropout`: the three attention
-    kernels in model_dtype with dropout on the probabilities too (training, L1's dropout cases)."""
+    """The CompileJobs of the signatures the levels run this model with: attention forward and backward in
+    model_dtype, forward in decode_dtype (and the forward's long-sequence block order where the block size
+    reaches it); LayerNorm forward, backward and the weight/bias column sums in float32 (autocast) and in
+    model_dtype (a model cast to it); each also with the aligned ("16B") signature where the model's sizes
+    give it. `dropout`: the three attention kernels in model_dtype with dropout on the probabilities too
+    (training, L1's dropout cases)."""
     from gptcore.kernels import attention
-    from gptcore.kernels.compile import CompileJob, signature_suffixes
+    from gptcore.kernels.compile import CompileJob, aligned_variants
 
     head_dim = config.n_embd // config.n_head
     # compile.py has LayerNorm signatures with weight and bias, or neither; a bias=False model's LayerNorm
@@ -68,8 +68,8 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
     ]
     # Training-shaped tensors (block_size tokens, widths multiples of 16) launch the aligned "16B" signature,
     # other shapes (sampled prompts) the plain one: both where the model's sizes allow the aligned one.
-    attn_suffixes = signature_suffixes(head_dim, config.block_size)
-    ln_suffixes = signature_suffixes(config.n_embd)
+    attn_variants = aligned_variants(head_dim, config.block_size)
+    ln_variants = aligned_variants(config.n_embd)
     jobs = []
     for arch in archs:
         tiles = attention.tiles_for(arch, head_dim)
@@ -78,16 +78,15 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
             if kernel.startswith("attention.") and dtype == "float32":
                 continue  # no fp32 attention kernel: the levels would report that themselves
             if kernel.startswith("attention."):
-                size, suffixes = f"D={head_dim}", attn_suffixes
+                size, variants = head_dim, attn_variants
             else:
-                size = f"N={'any' if kernel == 'layernorm.colsum' else config.n_embd} weight+bias"
-                suffixes = ln_suffixes
-            for suffix in suffixes:
-                jobs.append(CompileJob(kernel, f"{dtype} {size}{suffix}", arch))
+                size, variants = (0 if kernel == "layernorm.colsum" else config.n_embd), ln_variants
+            for aligned in variants:
+                jobs.append(CompileJob(kernel, arch, dtype, size, aligned=aligned))
                 if kernel == "attention.fwd" and long_order:
-                    jobs.append(CompileJob(kernel, f"{dtype} {size} long{suffix}", arch))
+                    jobs.append(CompileJob(kernel, arch, dtype, size, long=True, aligned=aligned))
                 if dropout and kernel.startswith("attention.") and dtype == model_dtype:
-                    jobs.append(CompileJob(kernel, f"{dtype} {size} dropout{suffix}", arch))
+                    jobs.append(CompileJob(kernel, arch, dtype, size, dropout=True, aligned=aligned))
     return jobs
 
 

@@ -1,10 +1,11 @@
 """Tile sweeps: time every candidate configuration of a kernel (CUDA-graph replay, GPU time only) and hand
 back the fastest as an explicit config (an AttnTiles or LNTiles), without touching the kernels' tables.
 
-    python -m gptcore.kernels.tune [attention|layernorm|all] [--json PATH]
+    python -m gptcore.bench.tune [attention|layernorm|all] [--json PATH]
 
 prints the ranking of each kernel and the chosen configs, ready to go into the architecture's table in
-attention.py / layernorm.py (with the records, as data, in results/).
+gptcore/kernels/attention.py / layernorm.py (with the records, as data, in results/). Every candidate runs
+through the kernels' launch helpers, and so through their launch specs, with its config by keyword.
 
 Compiling every candidate serially takes minutes, so a pool of processes first launches each once, which
 fills cuTile's disk cache; the timed launches then find their cubins there.
@@ -22,12 +23,13 @@ from dataclasses import asdict, replace
 
 import torch
 
-from gptcore.bench.timing import OK, Recorder, Timer
+from gptcore.bench.timing import OK, Recorder, Timer, synchronize
+from gptcore.kernels import attention, layernorm
+from gptcore.kernels.attention import HEAD_MAJOR, LONGEST_FIRST
 from gptcore.kernels.runtime import current_arch
 
 ATTN_TUNE_SHAPES = ((16, 12, 1024, 64), (8, 12, 2048, 64))  # (B, H, T, D): the table holds the T1024 winners
 LN_TUNE_SHAPES = ((16384, 384), (16384, 768))  # (rows, width): the "small" and "large" entries
-HEAD_MAJOR, LONGEST_FIRST = 0, 1  # attention.py's block orders
 
 # Candidates, each a set of fields replaced in the architecture's current config.
 ATTN_FWD = [
@@ -121,43 +123,70 @@ def label(changes: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in changes.items())
 
 
-# ---- compiling every candidate first, in parallel ----------------------------------------------------------
+def shape_label(kernel: str, shape) -> str:
+    """B16xH12xT1024xD64 (attention) or N16384xC768 (LayerNorm rows x width)."""
+    return "x".join(f"{axis}{size}" for axis, size in zip("BHTD" if kernel == "attention" else "NC", shape))
 
 
-def _attn_inputs(b, h, t, d, dtype, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(b, h, t, d, device="cuda", dtype=dtype, generator=gen) for _ in range(4)]
+# ---- one candidate's call, the same for compiling it first and for timing it -------------------------------
 
 
-def _warm_one(job) -> str | None:
-    """Child process: launch one candidate once, on inputs of the timed shapes and layouts (the JIT
-    specialises on how shapes and strides divide), so its cubin lands in cuTile's disk cache."""
-    kernel, shape, dtype_name, config, part = job
+def attention_inputs(shape, dtype, device, seed=0) -> dict:
+    """Random q, k, v, dO of `shape` (B, H, T, D), and the forward's o and stats on them (the backward's
+    inputs, laid out as the forward writes them), computed with the architecture's table config."""
+    b, h, t, d = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, do = (torch.randn(b, h, t, d, device=device, dtype=dtype, generator=gen) for _ in range(4))
+    scale = 1 / math.sqrt(d)
+    o, stats = attention.attention_forward(q, k, v, scale=scale)
+    return dict(q=q, k=k, v=v, do=do, o=o, stats=stats, scale=scale)
+
+
+def attention_call(part: str, tiles, x: dict):
+    """The call that times candidate `tiles` of one attention part: the forward, or the whole backward (the
+    dQ and dK/dV candidates are timed together with the other kernel at its current config)."""
+    if part == "fwd":
+        return lambda: attention.attention_forward(x["q"], x["k"], x["v"], scale=x["scale"], tiles=tiles)
+    return lambda: attention.attention_backward(
+        x["q"], x["k"], x["v"], x["o"], x["stats"], x["do"], scale=x["scale"], tiles=tiles
+    )
+
+
+def layernorm_inputs(shape, dtype, device, seed=0) -> dict:
+    """Random x (M, N), a weight not 1 and a bias not 0, and the forward's stats with the table config."""
+    m, n = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, n, device=device, dtype=dtype, generator=gen)
+    w = (1 + 0.1 * torch.randn(n, device=device, generator=gen)).to(dtype)
+    b = (0.1 * torch.randn(n, device=device, generator=gen)).to(dtype)
+    y, stats = layernorm.layer_norm_forward(x, w, b, eps=1e-5)
+    return dict(x=x, w=w, b=b, y=y, stats=stats)
+
+
+def layernorm_call(part: str, tiles, x: dict):
+    if part == "fwd":
+        return lambda: layernorm.layer_norm_forward(x["x"], x["w"], x["b"], eps=1e-5, tiles=tiles)
+    return lambda: layernorm.layer_norm_backward(
+        x["x"], x["w"], x["stats"], x["y"], bias_dtype=x["b"].dtype, tiles=tiles
+    )
+
+
+KERNELS = {  # kernel -> (its module, its inputs, one candidate's call)
+    "attention": (attention, attention_inputs, attention_call),
+    "layernorm": (layernorm, layernorm_inputs, layernorm_call),
+}
+TILES = {"attention": attention.AttnTiles, "layernorm": layernorm.LNTiles}
+
+
+def warm_one(job) -> str | None:
+    """Launch one candidate once on inputs of the timed shapes and layouts (the JIT specialises on how
+    shapes and strides divide), so its cubin lands in cuTile's disk cache; the error, if any."""
+    kernel, shape, dtype_name, config, part, device = job
     try:
-        dtype = getattr(torch, dtype_name)
-        if kernel == "attention":
-            from gptcore.kernels.attention import AttnTiles, attention_backward, attention_forward
-
-            tiles = AttnTiles(**config)
-            b, h, t, d = shape
-            q, k, v, do = _attn_inputs(b, h, t, d, dtype)
-            if part == "fwd":
-                attention_forward(q, k, v, 1 / math.sqrt(d), tiles)
-            else:
-                o = torch.randn(b, t, h, d, device="cuda", dtype=dtype).transpose(1, 2)  # the forward's layout
-                stats = torch.randn(2, b, h, t, device="cuda", dtype=torch.float32)
-                attention_backward(q, k, v, o, stats, do, 1 / math.sqrt(d), tiles)
-        else:
-            from gptcore.kernels.layernorm import LNTiles, layer_norm_backward, layer_norm_forward
-
-            tiles = LNTiles(**config)
-            m, n = shape
-            x = torch.randn(m, n, device="cuda", dtype=dtype)
-            w, b = torch.ones(n, device="cuda", dtype=dtype), torch.zeros(n, device="cuda", dtype=dtype)
-            y, stats = layer_norm_forward(x, w, b, 1e-5, tiles)
-            if part == "bwd":
-                layer_norm_backward(x, w, b.dtype, stats, y, tiles)
-        torch.cuda.synchronize()
+        device = torch.device(device)
+        _, make_inputs, call = KERNELS[kernel]
+        call(part, TILES[kernel](**config), make_inputs(shape, getattr(torch, dtype_name), device))()
+        synchronize(device)
         return None
     except Exception as e:  # noqa: BLE001 - reported by the parent; the timed launch records the failure
         return f"{kernel} {part} {config}: {type(e).__name__}: {e}"
@@ -171,52 +200,48 @@ def prewarm(jobs: list[tuple], workers: int | None = None) -> list[str]:
 
     workers = workers or max(1, min(len(jobs), (os.cpu_count() or 2) - 2, 12))
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        return [e for e in pool.map(_warm_one, jobs) if e]
+        return [e for e in pool.map(warm_one, jobs) if e]
 
 
 # ---- the sweeps --------------------------------------------------------------------------------------------
 
 
-def tune_attention(rec: Recorder, shape=(16, 12, 1024, 64), dtype=torch.bfloat16):
-    """Records of every forward / dQ / dK-dV candidate at one shape, and the fastest config (the dQ and
-    dK/dV candidates are timed as the whole backward, the other kernel at the current config)."""
-    from gptcore.kernels import attention as A
-
-    b, h, t, d = shape
-    base = A.tiles_for(current_arch(), d)
-    candidates = [("fwd", c) for c in ATTN_FWD] + [("bwd_dq", c) for c in ATTN_DQ] + [("bwd_dkdv", c) for c in ATTN_DKV]
+def sweep(rec: Recorder, kernel: str, shape, dtype, candidates: list[tuple[str, dict]], arch: str | None = None):
+    """Time every (part, changes) candidate of `kernel` at one shape on rec.device; returns the base config
+    (the architecture's table) and the fastest changes per part: {part: (ms, changes)}."""
+    module, make_inputs, call = KERNELS[kernel]
+    arch = arch or current_arch(rec.device)
+    base = module.tiles_for(arch, shape[-1])
     dtype_name = str(dtype).removeprefix("torch.")
-    for err in prewarm(
-        [("attention", shape, dtype_name, asdict(replace(base, **c)), part.split("_")[0]) for part, c in candidates]
-    ):
+    device = str(rec.device)
+    warm = [
+        (kernel, shape, dtype_name, asdict(replace(base, **c)), part.split("_")[0], device) for part, c in candidates
+    ]
+    for err in prewarm(warm):
         print("prewarm:", err, file=sys.stderr)
-    q, k, v, do = _attn_inputs(b, h, t, d, dtype)
-    scale = 1 / math.sqrt(d)
-    o, stats = A.attention_forward(q, k, v, scale, base)
+    inputs = make_inputs(shape, dtype, rec.device)
     best: dict[str, tuple[float, dict]] = {}
     for part, changes in candidates:
         tiles = replace(base, **changes)
-        if part == "fwd":
-
-            def run(tiles=tiles):
-                A.attention_forward(q, k, v, scale, tiles)
-        else:
-
-            def run(tiles=tiles):
-                A.attention_backward(q, k, v, o, stats, do, scale, tiles)
-
         r = rec.measure(
-            f"tune attention.{part}",
+            f"tune {kernel}.{part}",
             label(changes),
-            f"B{b}xH{h}xT{t}xD{d}",
+            shape_label(kernel, shape),
             dtype_name,
-            lambda run=run: run,
+            lambda tiles=tiles, part=part: call(part.split("_")[0], tiles, inputs),
             timing="graph",
             config=asdict(tiles),
         )
         if r["status"] == OK and (part not in best or r["ms"] < best[part][0]):
             best[part] = (r["ms"], changes)
-    chosen = base
+    return base, best
+
+
+def tune_attention(rec: Recorder, shape=(16, 12, 1024, 64), dtype=torch.bfloat16, arch: str | None = None):
+    """Records of every forward / dQ / dK-dV candidate at one shape, and the fastest config (the dQ and
+    dK/dV candidates are timed as the whole backward, the other kernel at the current config)."""
+    candidates = [("fwd", c) for c in ATTN_FWD] + [("bwd_dq", c) for c in ATTN_DQ] + [("bwd_dkdv", c) for c in ATTN_DKV]
+    chosen, best = sweep(rec, "attention", shape, dtype, candidates, arch)
     for part in ("fwd", "bwd_dq", "bwd_dkdv"):
         if part in best:
             chosen = replace(chosen, **best[part][1])
@@ -227,44 +252,10 @@ def tune_attention(rec: Recorder, shape=(16, 12, 1024, 64), dtype=torch.bfloat16
     return chosen
 
 
-def tune_layernorm(rec: Recorder, shape=(16384, 768), dtype=torch.bfloat16):
+def tune_layernorm(rec: Recorder, shape=(16384, 768), dtype=torch.bfloat16, arch: str | None = None):
     """Records of every forward and backward candidate at one shape, and the fastest config."""
-    from gptcore.kernels import layernorm as L
-
-    m, n = shape
-    base = L.tiles_for(current_arch(), n)
     candidates = [("fwd", c) for c in LN_FWD] + [("bwd", c) for c in LN_BWD]
-    dtype_name = str(dtype).removeprefix("torch.")
-    for err in prewarm([("layernorm", shape, dtype_name, asdict(replace(base, **c)), part) for part, c in candidates]):
-        print("prewarm:", err, file=sys.stderr)
-    x = torch.randn(m, n, device="cuda", dtype=dtype)
-    w = (1 + 0.1 * torch.randn(n, device="cuda")).to(dtype)
-    b = (0.1 * torch.randn(n, device="cuda")).to(dtype)
-    y, stats = L.layer_norm_forward(x, w, b, 1e-5, base)
-    best: dict[str, tuple[float, dict]] = {}
-    for part, changes in candidates:
-        tiles = replace(base, **changes)
-        if part == "fwd":
-
-            def run(tiles=tiles):
-                L.layer_norm_forward(x, w, b, 1e-5, tiles)
-        else:
-
-            def run(tiles=tiles):
-                L.layer_norm_backward(x, w, b.dtype, stats, y, tiles)
-
-        r = rec.measure(
-            f"tune layernorm.{part}",
-            label(changes),
-            f"N{m}xC{n}",
-            dtype_name,
-            lambda run=run: run,
-            timing="graph",
-            config=asdict(tiles),
-        )
-        if r["status"] == OK and (part not in best or r["ms"] < best[part][0]):
-            best[part] = (r["ms"], changes)
-    chosen = base
+    chosen, best = sweep(rec, "layernorm", shape, dtype, candidates, arch)
     for part in ("fwd", "bwd"):
         if part in best:
             chosen = replace(chosen, **best[part][1])
@@ -295,10 +286,10 @@ def main(argv=None) -> int:
     chosen = {}
     if args.kernel in ("all", "attention"):
         for shape in ATTN_TUNE_SHAPES:
-            chosen[f"attention B{shape[0]}xH{shape[1]}xT{shape[2]}xD{shape[3]}"] = asdict(tune_attention(rec, shape))
+            chosen[f"attention {shape_label('attention', shape)}"] = asdict(tune_attention(rec, shape))
     if args.kernel in ("all", "layernorm"):
         for shape in LN_TUNE_SHAPES:
-            chosen[f"layernorm N{shape[0]}xC{shape[1]}"] = asdict(tune_layernorm(rec, shape))
+            chosen[f"layernorm {shape_label('layernorm', shape)}"] = asdict(tune_layernorm(rec, shape))
     print_ranking(rec.records)
     print("\nchosen (for the architecture's table):")
     for key, config in chosen.items():
