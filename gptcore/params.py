@@ -45,6 +45,15 @@ class ModelParams(Section):
         return self
 
 
+def cuda_graph_refusal(dtype: str) -> str | None:
+    """Why the training step cannot be captured as a CUDA graph in `dtype` (a torch dtype's name), or None
+    when it can: the one statement of the rule, for params.yaml, the Trainer (`auto` can resolve to
+    float16) and the graphed step itself."""
+    if dtype == "float16":
+        return "float16 needs a GradScaler, whose inf check reads the device on the host every step"
+    return None
+
+
 class TrainParams(Section):
     out_dir: str = "out"
     backend: Literal["torch", "cutile"] = "torch"
@@ -80,11 +89,10 @@ class TrainParams(Section):
                 "cannot be combined with train.compile: true (the graph records the eager model's "
                 "kernels; compiling inside a capture is not supported here); switch one of them off"
             )
-        if on and info.data.get("dtype") == "float16":
-            raise ValueError(
-                "cannot be combined with train.dtype: float16 (its GradScaler checks for inf on the "
-                "host every step); use bfloat16, float32 or auto"
-            )
+        dtype = info.data.get("dtype")
+        reason = cuda_graph_refusal(dtype) if on else None
+        if reason:
+            raise ValueError(f"cannot be combined with train.dtype: {dtype} ({reason}); use bfloat16, float32 or auto")
         return on
 
     @model_validator(mode="after")

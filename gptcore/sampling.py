@@ -29,11 +29,11 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from gptcore.checkpoint import gpt_from_checkpoint
+from gptcore.cuda_graphs import capture, on_stream
 from gptcore.cutile_model import model_class
 from gptcore.errors import BackendUnavailable
 from gptcore.kernels.runtime import attention_dtype_unsupported, cutile_unavailable
 from gptcore.model import GPT
-from gptcore.train_graph import capture
 
 __all__ = [
     "BackendUnavailable",
@@ -169,12 +169,9 @@ class Decoder:
 
     def _capture(self, start: int, n: int) -> None:
         """Record the step (start, n) as a CUDA graph. Capturing runs nothing, so no state changes."""
-        graph = torch.cuda.CUDAGraph()
         # A generator the graph does not know about cannot be used inside it; registered, every replay
         # draws fresh numbers from it exactly as an eager step would.
-        for generator in self.generators():
-            graph.register_generator_state(generator)
-        capture(graph, self._stream, lambda: self._step(start, n), pool=self._pool)
+        graph = capture(lambda: self._step(start, n), self._stream, pool=self._pool, generators=self.generators())
         if self._pool is None:
             self._pool = graph.pool()  # every step shares one memory pool: they never run concurrently
         self.graphs[(start, n)] = graph
@@ -189,11 +186,8 @@ class Decoder:
             return
         # First time at this step: run it eagerly on the capture stream (the warm-up capturing needs:
         # kernels compiled, cuBLAS / cuDNN / SDPA set up for that stream), then record it for next time.
-        current = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):
+        with on_stream(self._stream):
             self._step(start, n)
-        current.wait_stream(self._stream)
         try:
             self._capture(start, n)
         except Exception as e:  # noqa: BLE001 - any failure to capture is reported, decoding goes on

@@ -6,13 +6,13 @@ processes draw the offsets of every micro-batch of the global batch from one gen
 and each process trains on its share. One process with `gradient_accumulation_steps: 2` and two
 processes with one micro-step each therefore see the same data and compute the same update.
 
-The step itself runs op by op (`Trainer.eager_step`) or, with `train.cuda_graph: true`, replayed as one
-captured CUDA graph (`Trainer.graphed_step`, gptcore/train_graph.py); everything around it is the same.
+The run is in parts: `RunState` (model, optimizer, RNG, iteration, best; saved to and restored from a
+checkpoint), the step from gptcore/train_step.py (op by op, compiled, or with `train.cuda_graph: true`
+replayed as one captured CUDA graph; everything around it is the same), and `Trainer.run`, the loop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import statistics
@@ -32,9 +32,9 @@ from gptcore.devices import autocast, resolve_device, resolve_dtype
 from gptcore.errors import CheckpointError
 from gptcore.kernels import require_cutile
 from gptcore.model import GPT, GPTConfig
-from gptcore.params import Params, ParamsError
+from gptcore.params import Params, ParamsError, cuda_graph_refusal
 from gptcore.tokenizer import load as load_tokenizer
-from gptcore.train_graph import GraphedTrainStep
+from gptcore.train_step import TrainStep, grad_scaler, make_train_step
 
 BEST_CHECKPOINT = "ckpt.pt"  # the lowest validation loss seen: what the later stages use
 LAST_CHECKPOINT = "last.pt"  # the latest evaluation point, with RNG states: what `resume` continues
@@ -134,6 +134,69 @@ class TrainResult:
     train_losses: list[float] = field(default_factory=list)  # every iteration's training loss, this run
 
 
+@dataclass
+class RunState:
+    """What a run carries from one iteration to the next: the model and its optimizer and GradScaler, the
+    generator the training batches are drawn from, the iteration, the best validation loss so far (and
+    where) and the evaluations. `to_checkpoint` saves it with the RNG states, `restore` continues one."""
+
+    model: GPT  # as built: neither compiled nor wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # the training batches' offsets
+    iteration: int = 0
+    best_val_loss: float = float("inf")
+    best_iter: int = -1
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def record(self, losses: dict[str, float], lr: float) -> bool:
+        """Add this iteration's evaluation to the history; True when its validation loss is the best yet."""
+        it = self.iteration
+        self.history.append({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
+        if losses["val"] < self.best_val_loss:
+            self.best_val_loss, self.best_iter = losses["val"], it
+            return True
+        return False
+
+    def to_checkpoint(self, about: dict) -> dict:
+        """The checkpoint of this state; `about` says what made it (params, data, tokenizer, MLflow run)."""
+        cuda = self.device.type == "cuda"
+        return {
+            "model_args": self.model.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": optimizer_state(self.optimizer),
+            "scaler": self.scaler.state_dict(),
+            "iter_num": self.iteration,
+            "best_val_loss": self.best_val_loss,
+            "best_iter": self.best_iter,
+            "history": self.history,
+            **about,
+            "rng": {
+                "data": self.generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if cuda else torch.empty(0),
+            },
+        }
+
+    def restore(self, ck: dict) -> None:
+        """Continue from a checkpoint of `to_checkpoint`: weights, optimizer, scaler, counters, RNG states."""
+        self.model.load_state_dict(ck["model"])
+        load_optimizer_state(self.optimizer, ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.iteration, self.best_val_loss, self.best_iter = ck["iter_num"], ck["best_val_loss"], ck["best_iter"]
+        self.history = ck["history"]
+        # RNG states are CPU byte tensors, whatever map_location moved the checkpoint to.
+        rng = {name: state.cpu() for name, state in ck["rng"].items()}
+        self.generator.set_state(rng["data"])
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng["cuda"].numel():
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
 class Trainer:
     def __init__(self, params: Params, root: Path, dist_info: Dist | None = None):
         self.params = params
@@ -214,8 +277,8 @@ class Trainer:
         return True
 
     def check_cuda_graph(self) -> None:
-        """What train.cuda_graph needs that params.yaml alone cannot tell (compile and float16 are refused
-        when the params are loaded)."""
+        """What train.cuda_graph needs that params.yaml alone cannot tell (compile and an explicit float16
+        are refused when the params are loaded; `auto` can resolve to float16)."""
         if self.device.type != "cuda":
             raise ParamsError(
                 f"train.cuda_graph: true needs a CUDA device, training runs on {self.device} "
@@ -226,10 +289,12 @@ class Trainer:
                 f"train.cuda_graph: true runs one process, this launch has {self.d.world_size} "
                 "(the DDP gradient all-reduce is not captured); set train.cuda_graph: false"
             )
-        if self.dtype == torch.float16:
+        dtype = str(self.dtype).removeprefix("torch.")
+        refusal = cuda_graph_refusal(dtype)
+        if refusal:
             raise ParamsError(
-                f"train.cuda_graph: true needs bfloat16 or float32, train.dtype: {self.p.dtype} is "
-                "float16 on this GPU (its GradScaler checks for inf on the host every step)"
+                f"train.cuda_graph: true cannot run with train.dtype: {self.p.dtype}, which is {dtype} on "
+                f"this GPU ({refusal}); set train.dtype: float32 or train.cuda_graph: false"
             )
 
     # ---- pieces -------------------------------------------------------------------------------------
@@ -260,86 +325,87 @@ class Trainer:
         model.train()
         return out
 
-    def checkpoint(
-        self,
-        raw: GPT,
-        optimizer,
-        scaler,
-        it: int,
-        best_val: float,
-        best_iter: int,
-        history: list[dict],
-        generator: torch.Generator,
-    ) -> dict:
+    def checkpoint_about(self) -> dict:
+        """What a checkpoint says about the run that wrote it, beside its state."""
         return {
-            "model_args": raw.config.to_dict(),
-            "model": raw.state_dict(),
-            "optimizer": optimizer_state(optimizer),
-            "scaler": scaler.state_dict(),
-            "iter_num": it,
-            "best_val_loss": best_val,
-            "best_iter": best_iter,
-            "history": history,
             "params": self.params.model_dump(),
             "data_sha256": self.data_sha256,
             "tokenizer": self.tokenizer.to_json(),  # decoding needs nothing else
             "mlflow_run_id": self.run_id,
-            "rng": {
-                "data": generator.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.empty(0),
-            },
         }
 
-    # ---- the step: `step(offsets, lr)` trains on this process's micro-batches and returns the loss ------
-    def eager_step(self, model, raw: GPT, optimizer, scaler):
-        """The step run op by op; `model` is `raw` as trained (compiled, wrapped in DDP)."""
-        d, p = self.d, self.p
+    def start_state(self) -> RunState:
+        """A fresh run's state (the same initial weights on every process), or the one last.pt saved."""
+        p, d = self.p, self.d
+        torch.manual_seed(p.seed)
+        model = build_model(self.config, p.backend).to(self.device)
+        optimizer = model.configure_optimizers(
+            p.weight_decay, p.learning_rate, (p.beta1, p.beta2), self.device.type, capturable=p.cuda_graph
+        )
+        state = RunState(model, optimizer, grad_scaler(self.device, self.dtype), torch.Generator().manual_seed(p.seed))
+        if self.resume_state is not None:
+            state.restore(self.resume_state)
+        elif d.master:
+            self.staged.unlink(missing_ok=True)  # the best of an abandoned earlier run, never promoted
+        # Dropout masks differ per process, as in any data-parallel run; seeds offset by rank.
+        if d.rank and not p.resume:
+            torch.manual_seed(p.seed + d.rank)
+        return state
 
-        def step(offsets: torch.Tensor, lr: float) -> torch.Tensor:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=self.device)
-            for micro, row in enumerate(offsets):
-                x, y = self.to_batch(self.train_data, row)
-                sync = micro == self.micro_steps - 1
-                ctx = model.no_sync() if d.world_size > 1 and not sync else contextlib.nullcontext()
-                with ctx, autocast(self.device, self.dtype):
-                    _, loss = model(x, y)
-                    loss = loss / self.micro_steps
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if p.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), p.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if d.world_size > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            return loss_sum
-
-        return step
-
-    def graphed_step(self, raw: GPT, optimizer):
-        """The same step captured once as a CUDA graph and replayed (train.cuda_graph; one process)."""
-        T = self.params.model.block_size
-        graphed = GraphedTrainStep(
-            raw,
-            optimizer,
+    def make_step(self, state: RunState) -> TrainStep:
+        """The run's training step (gptcore.train_step): eager, compiled or replayed as a CUDA graph."""
+        p = self.p
+        return make_train_step(
+            state.model,
+            state.optimizer,
+            mode="graph" if p.cuda_graph else "compile" if p.compile else "eager",
             dtype=self.dtype,
             micro_steps=self.micro_steps,
-            batch_size=self.p.batch_size,
-            block_size=T,
-            grad_clip=self.p.grad_clip,
+            batch_size=p.batch_size,
+            block_size=self.params.model.block_size,
+            grad_clip=p.grad_clip,
+            scaler=state.scaler,
+            distributed=self.d.world_size > 1,
         )
 
-        def step(offsets: torch.Tensor, lr: float) -> torch.Tensor:
-            x, y = self.to_batch(self.train_data, offsets.reshape(-1))  # every micro-batch in one copy
-            shape = (self.micro_steps, self.p.batch_size, T)
-            return graphed.step(x.view(shape), y.view(shape), lr)
+    def train_iteration(self, step: TrainStep, state: RunState, lr: float) -> float:
+        """Draw the global batch's offsets, train on this process's micro-batches; the loss."""
+        offsets = self.draw_batches(self.train_data, self.p.gradient_accumulation_steps, state.generator)
+        mine = offsets[self.d.rank * self.micro_steps : (self.d.rank + 1) * self.micro_steps]
+        x, y = self.to_batch(self.train_data, mine.reshape(-1))  # every micro-batch in one copy
+        shape = (self.micro_steps, self.p.batch_size, self.params.model.block_size)
+        return step.step(x.view(shape), y.view(shape), lr).item()  # also waits for the GPU: the time is real
 
-        return step
+    def evaluate_and_save(self, state: RunState, lr: float, bar: tqdm, on_eval) -> None:
+        """Evaluate at this iteration; on the master, save last.pt (and the staged best when it improved)."""
+        losses = self.evaluate(state.model, state.iteration)
+        improved = state.record(losses, lr)
+        if not self.d.master:
+            return
+        ck = state.to_checkpoint(self.checkpoint_about())
+        if improved:
+            save_checkpoint(ck, self.staged)
+        save_checkpoint(ck, self.out_dir / LAST_CHECKPOINT)
+        bar.write(f"iter {state.iteration}: train {losses['train']:.4f}, val {losses['val']:.4f}, lr {lr:.2e}")
+        if on_eval:
+            on_eval(state.iteration, losses, lr)
+
+    def progress_bar(self, start: int) -> tqdm:
+        return tqdm(
+            total=self.p.max_iters,
+            initial=start,
+            disable=not self.d.master,
+            desc="train",
+            unit="it",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+
+    def show_speed(self, bar: tqdm, loss: float, step_ms: list[float]) -> None:
+        steady = statistics.median(step_ms[-self.p.log_interval :])
+        bar.set_postfix(
+            loss=f"{loss:.4f}", ms_iter=f"{steady:.1f}", tok_s=f"{self.tokens_per_iter / steady * 1000:,.0f}"
+        )
 
     # ---- the loop -----------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None, on_eval=None) -> TrainResult:
@@ -347,112 +413,49 @@ class Trainer:
 
         `on_eval(it, losses, lr)` is called on the master process after each evaluation.
         """
-        p, d = self.p, self.d
-        torch.manual_seed(p.seed)  # same initial weights on every process
-        raw = build_model(self.config, p.backend).to(self.device)
-        optimizer = raw.configure_optimizers(
-            p.weight_decay, p.learning_rate, (p.beta1, p.beta2), self.device.type, capturable=p.cuda_graph
-        )
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        generator = torch.Generator().manual_seed(p.seed)
-        start, best_val, best_iter, history = 0, float("inf"), -1, []
-
-        if self.resume_state is not None:
-            ck = self.resume_state
-            raw.load_state_dict(ck["model"])
-            load_optimizer_state(optimizer, ck["optimizer"])
-            scaler.load_state_dict(ck["scaler"])
-            start, best_val, best_iter, history = ck["iter_num"], ck["best_val_loss"], ck["best_iter"], ck["history"]
-            # RNG states are CPU byte tensors, whatever map_location moved the checkpoint to.
-            rng = {name: state.cpu() for name, state in ck["rng"].items()}
-            generator.set_state(rng["data"])
-            torch.set_rng_state(rng["torch"])
-            if self.device.type == "cuda" and rng["cuda"].numel():
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-        elif d.master:
-            self.staged.unlink(missing_ok=True)  # the best of an abandoned earlier run, never promoted
-        # Dropout masks differ per process, as in any data-parallel run; seeds offset by rank.
-        if d.rank and not p.resume:
-            torch.manual_seed(p.seed + d.rank)
-
-        model = torch.compile(raw) if p.compile else raw
-        if d.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(model, device_ids=[d.local_rank] if self.device.type == "cuda" else None)
-        if p.cuda_graph:
-            train_step = self.graphed_step(raw, optimizer)
-        else:
-            train_step = self.eager_step(model, raw, optimizer, scaler)
-
+        p = self.p
+        state = self.start_state()
+        step = self.make_step(state)
+        start = state.iteration
+        end = p.max_iters if stop_after is None else min(p.max_iters, start + stop_after)
         step_ms: list[float] = []
         train_losses: list[float] = []
-        end = p.max_iters if stop_after is None else min(p.max_iters, start + stop_after)
-        bar = tqdm(
-            total=p.max_iters,
-            initial=start,
-            disable=not d.master,
-            desc="train",
-            unit="it",
-            dynamic_ncols=True,
-            mininterval=1.0,
-        )
+        bar = self.progress_bar(start)
         for it in range(start, end + 1):
+            state.iteration = it
             lr = learning_rate(it, p)
-            resumed_here = p.resume and it == start
+            resumed_here = p.resume and it == start  # last.pt was saved after this evaluation
             if (it % p.eval_interval == 0 or it == p.max_iters) and not resumed_here:
-                losses = self.evaluate(raw, it)
-                history.append({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr})
-                if losses["val"] < best_val:
-                    best_val, best_iter = losses["val"], it
-                    if d.master:
-                        save_checkpoint(
-                            self.checkpoint(raw, optimizer, scaler, it, best_val, best_iter, history, generator),
-                            self.staged,
-                        )
-                if d.master:
-                    save_checkpoint(
-                        self.checkpoint(raw, optimizer, scaler, it, best_val, best_iter, history, generator),
-                        self.out_dir / LAST_CHECKPOINT,
-                    )
-                    bar.write(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}, lr {lr:.2e}")
-                    if on_eval:
-                        on_eval(it, losses, lr)
+                self.evaluate_and_save(state, lr, bar, on_eval)
             if it == end:
                 break
-
             t0 = time.perf_counter()
-            offsets = self.draw_batches(self.train_data, p.gradient_accumulation_steps, generator)
-            mine = offsets[d.rank * self.micro_steps : (d.rank + 1) * self.micro_steps]
-            loss_value = train_step(mine, lr).item()  # also waits for the GPU, so the step time is real
+            loss = self.train_iteration(step, state, lr)
             step_ms.append((time.perf_counter() - t0) * 1000)
-            train_losses.append(loss_value)
+            train_losses.append(loss)
             bar.update(1)
-            if it % p.log_interval == 0 and d.master:
-                steady = statistics.median(step_ms[-p.log_interval :])
-                bar.set_postfix(
-                    loss=f"{loss_value:.4f}",
-                    ms_iter=f"{steady:.1f}",
-                    tok_s=f"{self.tokens_per_iter / steady * 1000:,.0f}",
-                )
+            if it % p.log_interval == 0 and self.d.master:
+                self.show_speed(bar, loss, step_ms)
         bar.close()
-        if end == p.max_iters and d.master:
+        if end == p.max_iters and self.d.master:
             self.improved = self.promote_best()
+        return self.result(state, end, step_ms, train_losses)
 
+    def result(self, state: RunState, end: int, step_ms: list[float], train_losses: list[float]) -> TrainResult:
         # Steady-state speed: skip the first steps (compilation, allocator warm-up) when there are enough.
         steady = step_ms[5:] if len(step_ms) > 10 else step_ms
         ms = statistics.median(steady) if steady else float("nan")
         return TrainResult(
-            best_val_loss=best_val,
-            best_iter=best_iter,
+            best_val_loss=state.best_val_loss,
+            best_iter=state.best_iter,
             iterations=end,
             ms_per_iter=ms,
             tokens_per_sec=self.tokens_per_iter / ms * 1000 if steady else float("nan"),
             device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             dtype=str(self.dtype).removeprefix("torch."),
-            world_size=d.world_size,
-            n_params=raw.num_params(),
-            history=history,
+            world_size=self.d.world_size,
+            n_params=state.model.num_params(),
+            history=state.history,
             checkpoint=str(self.out_dir / BEST_CHECKPOINT),
             train_losses=train_losses,
         )

@@ -24,19 +24,19 @@ PyTorch's whole-network capture (https://pytorch.org/docs/stable/notes/cuda.html
   summed into a static tensor that the caller reads (`.item()`) after the replay.
 
 Limits: fixed shapes (the batch, micro-steps and block size given at construction); one process (DDP's
-gradient all-reduce is not captured here); bfloat16 or float32 (float16 needs a GradScaler, whose inf
-check reads the device every step); not with torch.compile (which makes graphs of its own).
+gradient all-reduce is not captured here); not in float16 (gptcore.params.cuda_graph_refusal says why);
+not with torch.compile (which makes graphs of its own).
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable
 
 import torch
 
+from gptcore.cuda_graphs import capture, on_stream
 from gptcore.devices import autocast
+from gptcore.params import cuda_graph_refusal
 
 # Warm-up steps before capture: the docs' recipe uses 3, enough for cuBLAS and SDPA to settle.
 WARMUP_STEPS = 3
@@ -44,26 +44,6 @@ WARMUP_STEPS = 3
 
 class GraphCaptureError(RuntimeError):
     """The step could not be recorded as a CUDA graph; the message says why."""
-
-
-def capture(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, fn: Callable[[], object], pool=None) -> None:
-    """Record `fn()` into `graph` on `stream`, ordered after the work queued on the current stream.
-
-    Thread-local capture mode: unsafe CUDA calls are refused on this thread, while autograd's backward
-    thread (which launches the backward kernels) may do its own setup. If `fn` raises, the capture is
-    ended so the stream is usable again, and `fn`'s error is the one raised."""
-    current = torch.cuda.current_stream(stream.device)
-    stream.wait_stream(current)
-    with torch.cuda.stream(stream):
-        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-        try:
-            fn()
-        except BaseException:
-            with contextlib.suppress(Exception):  # the capture is invalid anyway; fn's error says why
-                graph.capture_end()
-            raise
-        graph.capture_end()
-    current.wait_stream(stream)
 
 
 class GraphedTrainStep:
@@ -83,13 +63,12 @@ class GraphedTrainStep:
         warmup_steps: int = WARMUP_STEPS,
     ):
         self.device = next(model.parameters()).device
+        dtype_name = str(dtype).removeprefix("torch.")
+        refusal = cuda_graph_refusal(dtype_name)
+        if refusal:
+            raise ValueError(f"the graphed step cannot run in {dtype_name}: {refusal}")
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {self.device}")
-        if dtype == torch.float16:
-            raise ValueError(
-                "the graphed step runs bfloat16 or float32: float16 needs a GradScaler, whose inf "
-                "check reads the device every step"
-            )
         if not all(group.get("capturable") for group in optimizer.param_groups):
             raise ValueError(
                 "the optimizer is not capturable: build it with configure_optimizers(..., capturable=True)"
@@ -153,22 +132,18 @@ class GraphedTrainStep:
 
     def _run_eagerly(self) -> None:
         """A warm-up step: the body run op by op on the side stream that will capture it."""
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream), warnings.catch_warnings():
+        with on_stream(self.stream), warnings.catch_warnings():
             # AdamW warns that a capturable optimizer stepping outside a capture is slower: intended here.
             warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
             self.optimizer.zero_grad(set_to_none=True)
             self._body()
-        current.wait_stream(self.stream)
 
     def _capture(self) -> None:
         # None, not zeros: the capture's first backward then creates the gradients in the graph's pool
         # and its replays overwrite them, instead of adding to tensors from outside the graph.
         self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
         try:
-            capture(graph, self.stream, self._body)
+            graph = capture(self._body, self.stream)
         except Exception as e:  # noqa: BLE001 - reported with the cause, never a silent eager fallback
             raise GraphCaptureError(
                 f"the training step could not be captured as a CUDA graph: {type(e).__name__}: {e}"

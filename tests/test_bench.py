@@ -14,6 +14,7 @@ from gptcore.bench import kernels as kernel_bench
 from gptcore.bench import model as model_bench
 from gptcore.bench.timing import Recorder, Timer, add_speedups
 from gptcore.model import GPT, GPTConfig
+from gptcore.train_step import EagerTrainStep, make_train_step
 
 
 def test_timer_reports_median_and_spread_and_loops_short_calls():
@@ -72,6 +73,36 @@ def test_rows_on_cpu_measure_pytorch_and_skip_the_gpu_rows():
     assert not [r for r in rec.records if r["status"] == "failed"]
     for r in rec.records:  # every record says where and with what it was measured
         assert r["device"] and r["torch"] == torch.__version__ and r["cuda_tile"]
+
+
+def test_the_bench_times_the_training_step_of_the_trainer(monkeypatch):
+    """bench's train-step row is built by gptcore.train_step.make_train_step, the Trainer's step factory,
+    with the bench's settings (one micro-batch, gradient clipping at 1.0), and the call it times trains."""
+    built = []
+
+    def recording(*args, **kwargs):
+        step = make_train_step(*args, **kwargs)
+        built.append((kwargs, step))
+        return step
+
+    monkeypatch.setattr(model_bench, "make_train_step", recording)
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=32)
+    checkpoint = {"model_args": config.to_dict(), "model": GPT(config).state_dict()}
+    timed = model_bench.train_step(checkpoint, "torch", torch.device("cpu"), torch.float32, 2)
+    [(settings, step)] = built
+    assert isinstance(step, EagerTrainStep)
+    assert {k: settings[k] for k in ("mode", "micro_steps", "batch_size", "block_size", "grad_clip")} == {
+        "mode": "eager",
+        "micro_steps": 1,
+        "batch_size": 2,
+        "block_size": 16,
+        "grad_clip": 1.0,
+    }
+    before = {name: t.clone() for name, t in step.model.state_dict().items()}
+    loss = timed()
+    assert bool(torch.isfinite(loss)) and loss.item() > 0
+    assert any(not torch.equal(t, before[name]) for name, t in step.model.state_dict().items())
 
 
 def test_dvc_stage_reruns_on_every_machine_and_declares_its_outputs():

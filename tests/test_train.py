@@ -1,5 +1,7 @@
 """Training: the loss falls, resume ends where an uninterrupted run ends, torchrun agrees with one process."""
 
+import io
+import re
 import sys
 
 import pytest
@@ -9,7 +11,7 @@ from pipeline_helpers import ROOT, run, tiny_params, write_corpus
 from gptcore import data
 from gptcore.checkpoint import load_checkpoint
 from gptcore.model import GPT, GPTConfig
-from gptcore.params import ParamsError
+from gptcore.params import ParamsError, cuda_graph_refusal
 from gptcore.train import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -61,6 +63,53 @@ def test_resume_ends_on_the_same_weights(root):
     assert [h["iter"] for h in final["history"]] == [h["iter"] for h in uninterrupted["history"]]
 
 
+def test_run_state_saved_and_restored_continues_bit_identically(root):
+    """A run's state written as a checkpoint and restored into a freshly built run (other weights, other RNG
+    positions) continues exactly as the saved run goes on: weights, AdamW moments, batch and dropout RNG."""
+    params = tiny_params(model={"dropout": 0.1}, train={"gradient_accumulation_steps": 2})
+    trainer = Trainer(params, root)
+
+    def train(state, step, iterations):
+        return [trainer.train_iteration(step, state, learning_rate(it, params.train)) for it in iterations]
+
+    state = trainer.start_state()
+    step = trainer.make_step(state)
+    train(state, step, range(3))
+    state.iteration = 3
+    assert state.record({"train": 3.0, "val": 2.5}, 1e-3)
+    buffer = io.BytesIO()
+    torch.save(state.to_checkpoint(trainer.checkpoint_about()), buffer)
+    expected = train(state, step, range(3, 6))
+
+    buffer.seek(0)
+    ck = torch.load(buffer, weights_only=False)
+    assert list(ck) == [
+        "model_args",
+        "model",
+        "optimizer",
+        "scaler",
+        "iter_num",
+        "best_val_loss",
+        "best_iter",
+        "history",
+        "params",
+        "data_sha256",
+        "tokenizer",
+        "mlflow_run_id",
+        "rng",
+    ]
+    fresh = trainer.start_state()
+    train(fresh, trainer.make_step(fresh), range(2))  # moves every RNG and the weights away from the saved ones
+    fresh.restore(ck)
+    assert (fresh.iteration, fresh.best_val_loss, fresh.best_iter) == (3, 2.5, 3)
+    assert fresh.history == [{"iter": 3, "train_loss": 3.0, "val_loss": 2.5, "lr": 1e-3}]
+    assert train(fresh, trainer.make_step(fresh), range(3, 6)) == expected
+    for name, tensor in state.model.state_dict().items():
+        assert torch.equal(fresh.model.state_dict()[name], tensor), name
+    for p_saved, p_fresh in zip(state.model.parameters(), fresh.model.parameters()):
+        assert torch.equal(fresh.optimizer.state[p_fresh]["exp_avg_sq"], state.optimizer.state[p_saved]["exp_avg_sq"])
+
+
 def test_learning_rate_schedule():
     p = tiny_params().train
     lrs = [learning_rate(i, p) for i in range(40)]
@@ -102,6 +151,25 @@ def test_graphed_step_and_capturable_optimizer_need_cuda():
             model,
             model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu"),
             dtype=torch.float32,
+            micro_steps=1,
+            batch_size=2,
+            block_size=16,
+            grad_clip=1.0,
+        )
+
+
+def test_float16_cuda_graph_refusals_state_one_rule():
+    """params.yaml, the Trainer and the graphed step refuse float16 with the reason of one function."""
+    reason = cuda_graph_refusal("float16")
+    assert reason and cuda_graph_refusal("bfloat16") is None and cuda_graph_refusal("float32") is None
+    with pytest.raises(ParamsError, match=r"train\.cuda_graph: .*train\.dtype: float16 \(" + re.escape(reason)):
+        tiny_params(train={"cuda_graph": True, "dtype": "float16"})
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="the graphed step cannot run in float16: " + re.escape(reason)):
+        GraphedTrainStep(
+            model,
+            model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu"),
+            dtype=torch.float16,
             micro_steps=1,
             batch_size=2,
             block_size=16,

@@ -14,12 +14,12 @@ from gptcore.bench import profile
 from gptcore.bench.timing import OK, Recorder, Skip, require_cuda_graphs
 from gptcore.checkpoint import gpt_from_checkpoint
 from gptcore.cutile_model import model_class
-from gptcore.devices import autocast
 from gptcore.errors import BackendUnavailable
 from gptcore.kernels.runtime import cutile_unavailable
 from gptcore.model import GPT, GPTConfig
 from gptcore.sampling import Decoder, load_for_inference
-from gptcore.train_graph import GraphCaptureError, GraphedTrainStep
+from gptcore.train_graph import GraphCaptureError
+from gptcore.train_step import make_train_step
 
 # The implementation each speedup is relative to, per case (the first one measured in the list).
 REFERENCE = {
@@ -53,26 +53,6 @@ def inference_model(checkpoint: dict, backend: str, device: torch.device, dtype:
         raise Skip(str(e)) from None
 
 
-def graphed_train_step(
-    model: GPT, optimizer, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, lr: float
-) -> Callable[[], object]:
-    """The step of `train_step_rows` captured as a CUDA graph (gptcore/train_graph.py), past its eager
-    warm-up steps and the capture, so that only replays are timed."""
-    try:
-        graphed = GraphedTrainStep(
-            model, optimizer, dtype=dtype, micro_steps=1, batch_size=x.size(0), block_size=x.size(1), grad_clip=1.0
-        )
-    except ValueError as e:  # a setting the graphed step refuses (float16), with its reason
-        raise Skip(str(e)) from None
-    xs, ys = x[None], y[None]
-    try:
-        while not graphed.captured:
-            graphed.step(xs, ys, lr)
-    except GraphCaptureError as e:
-        raise Skip(str(e)) from None
-    return lambda: graphed.step(xs, ys, lr)
-
-
 def train_step(
     checkpoint: dict,
     backend: str,
@@ -81,10 +61,11 @@ def train_step(
     batch: int,
     use_compile: bool = False,
     graph: bool = False,
-) -> Callable[[], None]:
-    """One training step as the train stage runs it: forward and loss under autocast, backward, gradient
-    clipping at 1.0, fused AdamW on CUDA; eagerly, compiled, or captured as one CUDA graph. Random tokens:
-    the data does not change the time. Raises Skip when it cannot run here."""
+) -> Callable[[], object]:
+    """One training step as the train stage runs it (gptcore.train_step.make_train_step): forward and
+    loss under autocast, backward, gradient clipping at 1.0, fused AdamW on CUDA; eagerly, compiled, or
+    captured as one CUDA graph (past its eager warm-up steps and the capture, so that only replays are
+    timed). Random tokens: the data does not change the time. Raises Skip when it cannot run here."""
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
     lr = 1e-4
     if graph:
@@ -92,24 +73,29 @@ def train_step(
     model = train_model(checkpoint, backend, device)
     optimizer = model.configure_optimizers(0.1, lr, (0.9, 0.99), device.type, capturable=graph)
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randint(config.vocab_size, (batch, config.block_size), device=device, generator=g)
-    y = torch.randint(config.vocab_size, (batch, config.block_size), device=device, generator=g)
+    xs = torch.randint(config.vocab_size, (1, batch, config.block_size), device=device, generator=g)
+    ys = torch.randint(config.vocab_size, (1, batch, config.block_size), device=device, generator=g)
+    mode = "graph" if graph else "compile" if use_compile else "eager"
+    try:
+        step = make_train_step(
+            model,
+            optimizer,
+            mode=mode,
+            dtype=dtype,
+            micro_steps=1,
+            batch_size=batch,
+            block_size=config.block_size,
+            grad_clip=1.0,
+        )
+    except ValueError as e:  # a setting the graphed step refuses (float16), with its reason
+        raise Skip(str(e)) from None
     if graph:
-        return graphed_train_step(model, optimizer, x, y, dtype, lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    forward = torch.compile(model) if use_compile else model
-
-    def step():
-        with autocast(device, dtype):
-            _, loss = forward(x, y)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+        try:
+            while not step.captured:
+                step.step(xs, ys, lr)
+        except GraphCaptureError as e:
+            raise Skip(str(e)) from None
+    return lambda: step.step(xs, ys, lr)
 
 
 def train_step_rows(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gptcore.cuda_graphs import capture
 from gptcore.environment import environment
 
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
@@ -40,22 +41,6 @@ def synchronize(device: torch.device) -> None:
 def require_cuda_graphs(device: torch.device) -> None:
     if device.type != "cuda":
         raise Skip(f"CUDA graphs need a CUDA device; this run is on {device.type}")
-
-
-def capture_graph(fn: Callable[[], object], device: torch.device, warmup: int = 3) -> torch.cuda.CUDAGraph:
-    """`fn` captured as a CUDA graph, after `warmup` eager calls on the capturing stream (every kernel
-    launched, compiled and set up once before capture)."""
-    require_cuda_graphs(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 @dataclass
@@ -95,8 +80,10 @@ class Timer:
         }
 
     def graph(self, fn: Callable[[], object]) -> dict:
-        """The timing of `fn` replayed as a CUDA graph (GPU time only)."""
-        return self(capture_graph(fn, self.device).replay)
+        """The timing of `fn` replayed as a CUDA graph (GPU time only), captured after three eager calls on
+        the capturing stream (every kernel launched, compiled and set up once before capture)."""
+        require_cuda_graphs(self.device)
+        return self(capture(fn, torch.cuda.Stream(self.device), warmup=3).replay)
 
 
 def host_ms(fn: Callable[[], object], device: torch.device, calls: int = 200, warmup: int = 10) -> dict:
