@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from gptcore.errors import ParamsError
 
+PRESETS_DIR = Path(__file__).resolve().parent / "preset_files"  # <name>.yaml each: package data, in the wheel too
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -352,12 +354,11 @@ def with_overrides(params: Params, updates: dict[str, object], source: str = "co
 
 
 def with_preset(params: Params, name: str, sections: list[str]) -> Params:
-    """`params` with the given sections of presets/<name>.yaml merged in, in memory: a stage run on the
-    GPU machine takes the preset's sizes without editing params.yaml."""
-    folder = Path(__file__).resolve().parents[1] / "presets"  # as gptcore.presets, without its ruamel.yaml
-    path = folder / f"{name}.yaml"
+    """`params` with the given sections of the preset `name` (PRESETS_DIR/<name>.yaml) merged in, in memory:
+    a stage run on the GPU machine takes the preset's sizes without editing params.yaml."""
+    path = PRESETS_DIR / f"{name}.yaml"
     if not path.is_file():
-        names = ", ".join(sorted(f.stem for f in folder.glob("*.yaml")))
+        names = ", ".join(sorted(f.stem for f in PRESETS_DIR.glob("*.yaml")))
         raise ParamsError(f"unknown preset {name!r}: available presets are {names}")
     preset = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     raw = params.model_dump()
