@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptcore.params import check_heads
+
 # Masked attention scores get this finite floor instead of -inf: in fp32 math exp(-1e20 - max) is
 # exactly 0, and a row whose keys are all masked still normalises to finite values instead of NaN.
 MASK_FLOOR = -1e20
@@ -36,8 +38,7 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        check_heads(self.n_embd, self.n_head)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -32,6 +32,12 @@ class DataParams(Section):
     vocab_size: int = Field(50304, ge=257)  # bpe: the 256 bytes and at least one merge
 
 
+def check_heads(n_embd: int, n_head: int) -> None:
+    """The model's width splits evenly into its heads (model params and checkpoint configs alike)."""
+    if n_embd % n_head:
+        raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+
+
 class ModelParams(Section):
     n_layer: int = Field(2, ge=1)
     n_head: int = Field(4, ge=1)
@@ -42,8 +48,7 @@ class ModelParams(Section):
 
     @model_validator(mode="after")
     def heads_divide_width(self) -> ModelParams:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        check_heads(self.n_embd, self.n_head)
         return self
 
 

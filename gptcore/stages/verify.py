@@ -22,7 +22,7 @@ from gptcore import data, stage
 from gptcore.errors import DataError
 from gptcore.files import atomic_write_text
 from gptcore.manifest import checkpoint_tags, find_manifest
-from gptcore.tokenizer import from_json as tokenizer_from_json
+from gptcore.tokenizer import for_checkpoint
 from gptcore.tokenizer import load as load_tokenizer
 from gptcore.tracking import flatten
 from gptcore.transplant import WEIGHTS_FILE, check_weights
@@ -49,7 +49,7 @@ def checked_data(args, params, root: Path, source: Path):
             f"{weights.source}: no prepared data here, and the checkpoint carries no tokenizer or has no manifest "
             "beside it that records its corpus: pass --data DIR, a prepared data folder (meta.json, val.bin)"
         )
-    tokenizer = tokenizer_from_json(weights.tokenizer, str(weights.source))
+    tokenizer = for_checkpoint(weights.source, weights.config.vocab_size, weights.tokenizer)
     return weights, tokenizer, data.from_record(found.data, tokenizer, str(found.path), root)
 
 
