@@ -3,9 +3,10 @@ folder; `python -m gptcore --help` lists the stages and the tools."""
 
 from __future__ import annotations
 
-import runpy
+import importlib
 import sys
-from pathlib import Path
+
+from gptcore import stage
 
 STAGES = {
     "prepare": "the corpus as tokens (characters or BPE): data/{train,val}.bin, data/tokenizer.json",
@@ -22,10 +23,9 @@ TOOLS = {
     "python -m gptcore.manifest FILE...": "check checkpoints against their manifests (sha256)",
     "python -m gptcore.tracking import FILE...": "put offline stage records (GPTCORE_MLFLOW=off) into MLflow",
     "python -m gptcore.kernels.compile": "compile every cuTile kernel signature ahead of time (no GPU needed)",
-    "python -m gptcore.kernels.tune": "sweep the kernels' tile configurations on a GPU",
+    "python -m gptcore.bench.tune": "sweep the kernels' tile configurations on a GPU",
     "python -m gptcore.bench.kernels": "the kernel tables on a GPU: eager, graph replay, host time",
 }
-STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
 
 
 def usage() -> str:
@@ -47,20 +47,12 @@ def main(argv: list[str]) -> int:
     if name not in STAGES:
         print(f"error: unknown stage {name!r}: expected one of {', '.join(STAGES)}\n\n{usage()}", file=sys.stderr)
         return 2
-    script = STAGES_DIR / f"{name}.py"
-    if not script.is_file():
-        print(
-            f"error: {script} not found: python -m gptcore runs the stages of a gptcore checkout "
-            "(pip install -e . in it)",
-            file=sys.stderr,
-        )
-        return 2
-    sys.argv = [f"python -m gptcore {name}", *argv[1:]]
+    module = importlib.import_module(f"gptcore.stages.{name}")
+    sys.argv = [f"python -m gptcore {name}", *argv[1:]]  # argparse names the command by sys.argv[0]
     try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as e:
+        return stage.main(lambda: module.main(argv[1:]))
+    except SystemExit as e:  # --help, or a usage error argparse reports itself
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,48 +1,50 @@
 """An interactive bot: type a speech, the model answers in the corpus's style, streaming as it goes.
 
-    python -m gptcore.chat --checkpoint out/ckpt.pt [--backend cutile] [--temperature 0.8] [--top-k 200]
+    python -m gptcore.chat --checkpoint out/ckpt.pt [--backend cutile] [--temperature 0.8] [--top-k 200|off]
 
-Each line you type is a turn of the conversation ("ROMEO: But soft!" becomes a speech of ROMEO's, in the
-corpus's shape); the model continues the conversation until the end of a speech (a blank line) or
---max-tokens, and the whole conversation stays its context, the last block_size tokens of it as the
-window slides. Commands: /temp X, /top_k N|off, /top_p X|off, /max N, /reset, /help, /quit.
+It samples as the sample stage does, from the `sample` params of params.yaml (--params, --set and --preset as
+every stage takes them), with the sample stage's options (--max-new-tokens, --temperature, --top-k, --top-p,
+--checkpoint, --backend, ...) overriding them. Each line you type is a turn of the conversation ("ROMEO: But
+soft!" becomes a speech of ROMEO's, in the corpus's shape); the model continues the conversation until the end
+of a speech (a blank line) or --max-new-tokens, and the whole conversation stays its context, the last
+block_size tokens of it as the window slides. Commands are the options' names: /temperature X, /top-k N|off,
+/top-p X|off, /max-new-tokens N; and /reset, /help, /quit.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
-from gptcore.checkpoint import load_checkpoint
+from gptcore import stage
 from gptcore.devices import resolve_device, resolve_dtype
 from gptcore.errors import DataError, UserError
+from gptcore.params import OFF, SampleParams, updated
 from gptcore.sampling import Decoder, load_for_inference, stream_text
+from gptcore.stages.sample import (
+    SAMPLING_OPTIONS,
+    SECTION,
+    SECTIONS,
+    SHARED_FLAGS,
+    add_sampling_options,
+    decoder_for,
+    open_checkpoint,
+)
 from gptcore.tokenizer import Tokenizer
-from gptcore.tokenizer import from_json as tokenizer_from_json
-from gptcore.tokenizer import load as load_tokenizer
 
 SPEAKER = re.compile(r"^([A-Z][A-Za-z' ]*[A-Za-z]):\s*(.*)$")  # "ROMEO: But soft!" -> ROMEO's speech
-HELP = """commands:
-  /temp X      sampling temperature (0: greedy)
-  /top_k N     keep the N most likely tokens (/top_k off: all)
-  /top_p X     nucleus sampling at X (/top_p off: none)
-  /max N       at most N new tokens a turn
-  /reset       forget the conversation
-  /help        this list
-  /quit        leave (so does end of input)"""
-
-
-@dataclass
-class Settings:
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    max_tokens: int
+HELP = f"""commands:
+  /temperature X       sampling temperature (0: greedy)
+  /top-k N             keep the N most likely tokens (/top-k {OFF}: all)
+  /top-p X             nucleus sampling at X (/top-p {OFF}: none)
+  /max-new-tokens N    at most N new tokens a turn
+  /reset               forget the conversation
+  /help                this list
+  /quit                leave (so does end of input)"""
 
 
 def as_speech(line: str) -> str:
@@ -53,33 +55,24 @@ def as_speech(line: str) -> str:
     return line.strip() + "\n\n"
 
 
-def checked(settings: Settings) -> Settings:
-    """`settings`, or a ValueError that names the setting and the values it takes."""
-    if settings.temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0: greedy), got {settings.temperature}")
-    if settings.top_k is not None and settings.top_k < 1:
-        raise ValueError(f"top_k must be at least 1 (off: no cut), got {settings.top_k}")
-    if settings.top_p is not None and not 0 < settings.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (off: no cut), got {settings.top_p}")
-    if settings.max_tokens < 1:
-        raise ValueError(f"max (new tokens a turn) must be at least 1, got {settings.max_tokens}")
-    return settings
+def describe(s: SampleParams) -> str:
+    """The settings a /command changes, each by its option's name."""
+    top_k, top_p = (OFF if v is None else v for v in (s.top_k, s.top_p))
+    return f"temperature {s.temperature}, top-k {top_k}, top-p {top_p}, max-new-tokens {s.max_new_tokens}"
 
 
-def apply_command(line: str, settings: Settings) -> tuple[Settings, str]:
+def apply_command(line: str, settings: SampleParams) -> tuple[SampleParams, str]:
     """The settings a /command makes of `settings` (unchanged if it is wrong), and the message to show."""
     name, _, value = line[1:].strip().partition(" ")
     value = value.strip()
-    fields = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "max": "max_tokens"}
-    if name not in fields:
+    if name not in SAMPLING_OPTIONS:
         return settings, f"unknown command /{name}: /help lists them"
+    parse = SAMPLING_OPTIONS[name][0]
     try:
-        parse = {"temp": float, "top_k": int, "top_p": float, "max": int}[name]
-        parsed = None if value == "off" and name in ("top_k", "top_p") else parse(value)
-        new = checked(replace(settings, **{fields[name]: parsed}))
-    except ValueError as e:
+        new = updated(settings, SECTION, **{name.replace("-", "_"): parse(value)})
+    except ValueError as e:  # a value that does not parse, or a ParamsError naming the param
         return settings, f"/{name} {value}: {e}"
-    return new, f"ok: temperature {new.temperature}, top_k {new.top_k}, top_p {new.top_p}, max {new.max_tokens}"
+    return new, f"ok: {describe(new)}"
 
 
 def reply(decoder: Decoder, tokenizer: Tokenizer, conversation: str, max_tokens: int) -> Iterator[str]:
@@ -96,46 +89,31 @@ def reply(decoder: Decoder, tokenizer: Tokenizer, conversation: str, max_tokens:
         yield piece
 
 
+def parse_args(argv):
+    ap = stage.parser(__doc__, SECTION)
+    add_sampling_options(ap)
+    ap.add_argument(
+        "--data", help="the prepared data whose tokenizer serves a checkpoint that carries none (default: data.out_dir)"
+    )
+    return ap.parse_args(argv)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="a checkpoint (its tokenizer travels in it)")
-    ap.add_argument("--data", help="prepared data whose tokenizer to use, for a checkpoint that carries none")
-    ap.add_argument("--backend", choices=["torch", "cutile"], default="torch")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top-k", type=int, default=200, help="keep the K most likely tokens (0: all)")
-    ap.add_argument("--top-p", type=float, default=None)
-    ap.add_argument("--max-tokens", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="decode eagerly on a GPU")
-    args = ap.parse_args(argv)
+    args = parse_args(argv)
     try:
-        settings = checked(Settings(args.temperature, args.top_k or None, args.top_p, args.max_tokens))
-    except ValueError as e:
-        ap.error(str(e))
-    try:
-        device = resolve_device(args.device, "--device")
-        dtype = resolve_dtype(args.dtype, device)
-        checkpoint = load_checkpoint(args.checkpoint)
-        if isinstance(checkpoint.get("tokenizer"), str):
-            tokenizer = tokenizer_from_json(checkpoint["tokenizer"], args.checkpoint)
-        elif args.data:
-            tokenizer = load_tokenizer(args.data)
-        else:
-            raise DataError(f"{args.checkpoint} carries no tokenizer: pass --data DIR, the data it was trained on")
-        model = load_for_inference(checkpoint, args.backend, device, dtype)
+        params = stage.load(args, SECTION, {k: getattr(args, k) for k in SHARED_FLAGS}, sections=SECTIONS)
+        settings = params.sample
+        device = resolve_device(settings.device, "sample.device")
+        dtype = resolve_dtype(settings.dtype, device)
+        checkpoint, tokenizer = open_checkpoint(Path(settings.checkpoint), Path(args.data or params.data.out_dir))
+        model = load_for_inference(checkpoint, settings.backend, device, dtype)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-
-    def new_decoder() -> Decoder:  # the sampling settings are part of each captured step
-        return Decoder(model, 1, settings.temperature, settings.top_k, settings.top_p, generator, args.cuda_graph)
-
-    decoder = new_decoder()
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    decoder = decoder_for(model, settings, generator)
     conversation = ""
-    print(f"gptcore chat: {args.checkpoint} ({args.backend} on {device}); type a speech, /help for commands")
+    print(f"gptcore chat: {settings.checkpoint} ({settings.backend} on {device}); type a speech, /help for commands")
     for line in sys.stdin:
         line = line.rstrip("\n")
         if not line.strip():
@@ -151,7 +129,7 @@ def main(argv=None) -> int:
             else:
                 settings, message = apply_command(line, settings)
                 print(message)
-                decoder = new_decoder()
+                decoder = decoder_for(model, settings, generator)  # the settings are part of each captured step
             continue
         turn = as_speech(line)
         try:
@@ -161,7 +139,7 @@ def main(argv=None) -> int:
             continue
         conversation += turn
         answer = ""
-        for piece in reply(decoder, tokenizer, conversation, settings.max_tokens):
+        for piece in reply(decoder, tokenizer, conversation, settings.max_new_tokens):
             print(piece, end="", flush=True)
             answer += piece
         print()

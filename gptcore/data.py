@@ -343,20 +343,6 @@ def batch_at(data: np.ndarray, offsets: torch.Tensor, block_size: int, device) -
     return x.to(device), y.to(device)
 
 
-def get_batch(
-    data: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random batch; the offsets come from `generator`, whose state a checkpoint can save, so training
-    is reproducible and resumes on the same batches."""
-    if len(data) <= block_size:
-        raise DataError(
-            f"the split has {len(data)} tokens, not longer than block_size {block_size}: "
-            "lower block_size or use a larger corpus"
-        )
-    offsets = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    return batch_at(data, offsets, block_size, device)
-
-
 # ---- the data a checkpoint was trained on, as its manifest records it ------------------------------------
 
 

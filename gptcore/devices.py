@@ -1,5 +1,5 @@
 """Which torch device and autocast dtype a stage runs with: one rule for every `*.device` and `*.dtype`
-parameter, and the one autocast helper."""
+parameter, the one map between dtype names and torch dtypes, and the one autocast helper."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import contextlib
 import torch
 
 from gptcore.errors import ParamsError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # as params.yaml names them
 
 
 def resolve_device(name: str, key: str, local_rank: int | None = None) -> torch.device:
@@ -33,7 +35,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name params.yaml and the records use: torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):

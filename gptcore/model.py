@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptcore.params import check_heads
+
 # Masked attention scores get this finite floor instead of -inf: in fp32 math exp(-1e20 - max) is
 # exactly 0, and a row whose keys are all masked still normalises to finite values instead of NaN.
 MASK_FLOOR = -1e20
@@ -36,8 +38,7 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        check_heads(self.n_embd, self.n_head)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -59,7 +60,7 @@ class GPTConfig:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+    """LayerNorm with an optional bias (`bias: false` in the config drops every bias, as in nanoGPT)."""
 
     def __init__(self, ndim: int, bias: bool, eps: float = 1e-5):
         super().__init__()
@@ -103,16 +104,15 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        # SDPA picks a fused kernel (flash, cuDNN, ...); the hand-written path is kept for checking it.
-        self.use_sdpa = hasattr(F, "scaled_dot_product_attention")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, H, Tq, D) queries against (B, H, Tk, D) keys/values, causal, Tq <= Tk."""
         dropout_p = self.dropout if self.training else 0.0
         tq, tk = q.size(-2), k.size(-2)
-        if self.use_sdpa and (tq == tk or tq == 1):
+        if tq == tk or tq == 1:
             # SDPA's is_causal aligns the mask top-left; a single query at the end sees every key anyway.
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=tq == tk and tq > 1)
+        # A block of queries continuing a cached prefix needs the mask aligned bottom-right: written out.
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
         cols = torch.arange(tk, device=q.device)[None, :]

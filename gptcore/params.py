@@ -8,16 +8,21 @@ so DVC reruns a stage only when the keys it declares change.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gptcore.errors import ParamsError
 
+PRESETS_DIR = Path(__file__).resolve().parent / "preset_files"  # <name>.yaml each: package data, in the wheel too
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+SectionT = TypeVar("SectionT", bound=Section)
 
 
 class DataParams(Section):
@@ -30,6 +35,12 @@ class DataParams(Section):
     vocab_size: int = Field(50304, ge=257)  # bpe: the 256 bytes and at least one merge
 
 
+def check_heads(n_embd: int, n_head: int) -> None:
+    """The model's width splits evenly into its heads (model params and checkpoint configs alike)."""
+    if n_embd % n_head:
+        raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+
+
 class ModelParams(Section):
     n_layer: int = Field(2, ge=1)
     n_head: int = Field(4, ge=1)
@@ -40,8 +51,7 @@ class ModelParams(Section):
 
     @model_validator(mode="after")
     def heads_divide_width(self) -> ModelParams:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        check_heads(self.n_embd, self.n_head)
         return self
 
 
@@ -248,26 +258,45 @@ class BenchParams(Section):
         return self
 
 
+OFF = "off"  # "no cut" for top_k and top_p on a command line; null in params.yaml
+
+
 class SampleParams(Section):
-    # `python -m gptcore sample --checkpoint PATH --backend cutile ...` overrides these from the command line.
+    # The sample stage and the chat bot (python -m gptcore.chat) both read these; their flags override them
+    # (`--top-k off` is `top_k: null`).
     checkpoint: str = "out/ckpt.pt"
     prompt: str = "\n"  # must use characters of the training vocabulary
     num_samples: int = Field(3, ge=1)
-    max_new_tokens: int = Field(300, ge=1)
+    max_new_tokens: int = Field(300, ge=1)  # the chat bot: at most this many a turn
     temperature: float = Field(0.8, ge=0.0)  # 0: greedy
-    top_k: int | None = 200  # null: no top-k cut
-    top_p: float | None = Field(None, gt=0.0, le=1.0)  # null: no nucleus cut
+    top_k: int | None = 200  # null (off): no top-k cut
+    top_p: float | None = Field(None, gt=0.0, le=1.0)  # null (off): no nucleus cut
     seed: int = 1337
     backend: Literal["torch", "cutile"] = "torch"
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the model is cast to it
     cuda_graph: bool = True  # replay each decode step as a CUDA graph (CUDA only)
 
+    @field_validator("prompt")
+    @classmethod
+    def prompt_is_not_empty(cls, prompt: str) -> str:
+        if not prompt:
+            raise ValueError(
+                "must not be empty (the model needs one token to start from; nanoGPT's default is a newline)"
+            )
+        return prompt
+
+    @field_validator("top_k", "top_p", mode="before")
+    @classmethod
+    def off_is_no_cut(cls, value):
+        # YAML 1.1 reads a bare `off` (`--set sample.top_k=off`) as false
+        return None if value == OFF or value is False else value
+
     @field_validator("top_k")
     @classmethod
     def top_k_cuts_something(cls, top_k: int | None) -> int | None:
         if top_k is not None and top_k < 1:
-            raise ValueError("must be at least 1 (null means no top-k cut)")
+            raise ValueError(f"must be at least 1 ({OFF} or null: no top-k cut)")
         return top_k
 
 
@@ -299,17 +328,22 @@ class Params(Section):
     mlflow: MlflowParams = MlflowParams()
 
 
-def _format_error(err: ValidationError, path: Path) -> str:
-    lines = [f"{path}: invalid parameters"]
+def problems(err: ValidationError, prefix: str = "") -> list[str]:
+    """One line per bad key of a validation error: the key (under `prefix`), what it takes, what it got."""
+    lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = ".".join(str(p) for p in ([prefix] if prefix else []) + list(e["loc"]))
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (allowed keys: see gptcore/params.py)")
+            lines.append(f"{key}: unknown key (allowed keys: see gptcore/params.py)")
         else:
             found = e.get("input")
             found = "" if isinstance(found, dict) else f", got {found!r}"
-            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{found}")
-    return "\n".join(lines)
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}{found}")
+    return lines
+
+
+def _format_error(err: ValidationError, path: Path) -> str:
+    return "\n".join([f"{path}: invalid parameters"] + [f"  {line}" for line in problems(err)])
 
 
 def parse_params(raw: dict, source: Path | str = "params.yaml") -> Params:
@@ -359,13 +393,21 @@ def with_overrides(params: Params, updates: dict[str, object], source: str = "co
     return parse_params(raw, source)
 
 
+def updated(section: SectionT, name: str, **values) -> SectionT:
+    """A copy of `section` (params.yaml's `name`) with `values`, validated as params.yaml is; a bad value is a
+    ParamsError of one line that names `name.key`, what it takes and what it got."""
+    try:
+        return type(section).model_validate({**section.model_dump(), **values})
+    except ValidationError as err:
+        raise ParamsError("; ".join(problems(err, name))) from None
+
+
 def with_preset(params: Params, name: str, sections: list[str]) -> Params:
-    """`params` with the given sections of presets/<name>.yaml merged in, in memory: a stage run on the
-    GPU machine takes the preset's sizes without editing params.yaml."""
-    folder = Path(__file__).resolve().parents[1] / "presets"  # as gptcore.presets, without its ruamel.yaml
-    path = folder / f"{name}.yaml"
+    """`params` with the given sections of the preset `name` (PRESETS_DIR/<name>.yaml) merged in, in memory:
+    a stage run on the GPU machine takes the preset's sizes without editing params.yaml."""
+    path = PRESETS_DIR / f"{name}.yaml"
     if not path.is_file():
-        names = ", ".join(sorted(f.stem for f in folder.glob("*.yaml")))
+        names = ", ".join(sorted(f.stem for f in PRESETS_DIR.glob("*.yaml")))
         raise ParamsError(f"unknown preset {name!r}: available presets are {names}")
     preset = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     raw = params.model_dump()

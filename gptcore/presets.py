@@ -16,9 +16,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from gptcore.files import atomic_write_text
-from gptcore.params import ParamsError, parse_params
-
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+from gptcore.params import PRESETS_DIR, ParamsError, parse_params
 
 
 def available() -> list[str]:
@@ -26,7 +24,7 @@ def available() -> list[str]:
 
 
 def apply_preset(name: str, params_path: str | Path = "params.yaml") -> dict:
-    """Merge presets/<name>.yaml into params_path; validate the result before writing it."""
+    """Merge the preset `name` (PRESETS_DIR/<name>.yaml) into params_path; validate the result before writing it."""
     preset_file = PRESETS_DIR / f"{name}.yaml"
     if not preset_file.is_file():
         raise ParamsError(f"unknown preset {name!r}: available presets are {', '.join(available())}")

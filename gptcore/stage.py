@@ -26,6 +26,9 @@ from gptcore.tracking import stage_run
 __all__ = ["StageError", "load", "main", "parser", "tracked", "workspace", "write_json", "write_metrics", "write_plot"]
 
 
+PARAMS_FILE = "params.yaml"  # in the working directory, as dvc.yaml's stages read it
+
+
 def workspace() -> Path:
     """Where a stage reads its inputs and writes its outputs: the working directory."""
     return Path.cwd().resolve()
@@ -34,7 +37,10 @@ def workspace() -> Path:
 def parser(description: str | None, section: str) -> argparse.ArgumentParser:
     """A stage's command line with the options every stage has; the stage adds its own."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
+    ap.add_argument(
+        "--params",
+        help=f"the params file (default: {PARAMS_FILE}; where there is none, gptcore/params.py's defaults)",
+    )
     ap.add_argument(
         "--set",
         action="append",
@@ -47,27 +53,23 @@ def parser(description: str | None, section: str) -> argparse.ArgumentParser:
     ap.add_argument(
         "--preset",
         metavar="NAME",
-        help="take this stage's sections of presets/NAME.yaml (GPU sizes) without editing params.yaml",
+        help="take this stage's sections of the preset NAME (gptcore/preset_files/NAME.yaml: GPU sizes) "
+        "without editing params.yaml",
     )
     return ap
 
 
 def load(
-    args: argparse.Namespace,
-    section: str,
-    overrides: dict | None = None,
-    sections: list[str] | None = None,
-    defaults_if_missing: bool = False,
+    args: argparse.Namespace, section: str, overrides: dict | None = None, sections: list[str] | None = None
 ) -> Params:
     """params.yaml (or --params), then the preset's `sections` (--preset), then the stage's own flags
-    (`overrides`: {key of `section`: value}, None where not given), then every --set. With
-    `defaults_if_missing` a params file that does not exist means the built-in defaults, said so."""
-    path = Path(args.params)
-    if defaults_if_missing and not path.exists():
-        print(f"note: no {path} here: the built-in defaults of gptcore/params.py")
+    (`overrides`: {key of `section`: value}, None where not given), then every --set. Without --params and
+    without a params.yaml here (a stage run in a folder of its own), the built-in defaults, said so."""
+    if args.params is None and not Path(PARAMS_FILE).exists():
+        print(f"note: no {PARAMS_FILE} here: the built-in defaults of gptcore/params.py")
         params = Params()
     else:
-        params = load_params(path)
+        params = load_params(args.params or PARAMS_FILE)
     if args.preset:
         params = with_preset(params, args.preset, sections or [section])
     updates = {f"{section}.{k}": v for k, v in (overrides or {}).items() if v is not None}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcore.errors import DataError
+from gptcore.errors import CheckpointError, DataError
 
 FILE = "tokenizer.json"
 KINDS = ("char", "bpe")
@@ -225,4 +225,35 @@ def load(folder: Path) -> Tokenizer:
     tokenizer = CharTokenizer(meta["itos"])
     if meta.get("vocab_size") != tokenizer.vocab_size or meta.get("stoi", tokenizer.stoi) != tokenizer.stoi:
         raise DataError(f"{meta_path}: vocab_size / stoi disagree with itos; rerun the prepare stage")
+    return tokenizer
+
+
+# ---- the tokenizer of a checkpoint -------------------------------------------------------------------------
+
+
+def check_vocab(checkpoint: str | Path, model_vocab: int, tokenizer_vocab: int, source: str) -> None:
+    """The model's embedding has a row for every id of the tokenizer from `source` (and no more)."""
+    if model_vocab != tokenizer_vocab:
+        raise CheckpointError(
+            f"{checkpoint}: vocab_size mismatch: the checkpoint's model has {model_vocab} tokens, {source} has "
+            f"{tokenizer_vocab}: it was trained with another tokenizer (prepare its data, or point data.out_dir "
+            "at that data)"
+        )
+
+
+def for_checkpoint(
+    checkpoint: str | Path, model_vocab: int, carried: str | None, data_dir: str | Path | None = None
+) -> Tokenizer:
+    """The tokenizer a checkpoint was trained with: the one it carries (`carried`, its JSON), else, for one
+    that carries none (nanoGPT's), the prepared data's in `data_dir`; checked against the model's vocabulary."""
+    if carried is not None:
+        tokenizer, source = from_json(carried, str(checkpoint)), "the tokenizer it carries"
+    elif data_dir is not None:
+        try:
+            tokenizer, source = load(data_dir), f"the prepared data ({data_dir})"
+        except DataError as e:
+            raise DataError(f"{checkpoint} carries no tokenizer, and the prepared data's cannot be read: {e}") from None
+    else:
+        raise DataError(f"{checkpoint} carries no tokenizer, and no prepared data was given to take one from")
+    check_vocab(checkpoint, model_vocab, tokenizer.vocab_size, source)
     return tokenizer

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from gptcore import data as gdata
 from gptcore.checkpoint import load_checkpoint, save_checkpoint
 from gptcore.cutile_model import build_model
-from gptcore.devices import autocast, resolve_device, resolve_dtype
+from gptcore.devices import autocast, dtype_name, resolve_device, resolve_dtype
 from gptcore.errors import CheckpointError
 from gptcore.kernels import require_cutile
 from gptcore.model import GPT, GPTConfig
@@ -289,12 +289,11 @@ class Trainer:
                 f"train.cuda_graph: true runs one process, this launch has {self.d.world_size} "
                 "(the DDP gradient all-reduce is not captured); set train.cuda_graph: false"
             )
-        dtype = str(self.dtype).removeprefix("torch.")
-        refusal = cuda_graph_refusal(dtype)
+        refusal = cuda_graph_refusal(dtype_name(self.dtype))
         if refusal:
             raise ParamsError(
-                f"train.cuda_graph: true cannot run with train.dtype: {self.p.dtype}, which is {dtype} on "
-                f"this GPU ({refusal}); set train.dtype: float32 or train.cuda_graph: false"
+                f"train.cuda_graph: true cannot run with train.dtype: {self.p.dtype}, which is "
+                f"{dtype_name(self.dtype)} on this GPU ({refusal}); set train.dtype: float32 or train.cuda_graph: false"
             )
 
     # ---- pieces -------------------------------------------------------------------------------------
@@ -452,7 +451,7 @@ class Trainer:
             ms_per_iter=ms,
             tokens_per_sec=self.tokens_per_iter / ms * 1000 if steady else float("nan"),
             device=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            dtype=str(self.dtype).removeprefix("torch."),
+            dtype=dtype_name(self.dtype),
             world_size=self.d.world_size,
             n_params=state.model.num_params(),
             history=state.history,

@@ -35,7 +35,7 @@ import warnings
 import torch
 
 from gptcore.cuda_graphs import capture, on_stream
-from gptcore.devices import autocast
+from gptcore.devices import autocast, dtype_name
 from gptcore.params import cuda_graph_refusal
 
 # Warm-up steps before capture: the docs' recipe uses 3, enough for cuBLAS and SDPA to settle.
@@ -63,10 +63,9 @@ class GraphedTrainStep:
         warmup_steps: int = WARMUP_STEPS,
     ):
         self.device = next(model.parameters()).device
-        dtype_name = str(dtype).removeprefix("torch.")
-        refusal = cuda_graph_refusal(dtype_name)
+        refusal = cuda_graph_refusal(dtype_name(dtype))
         if refusal:
-            raise ValueError(f"the graphed step cannot run in {dtype_name}: {refusal}")
+            raise ValueError(f"the graphed step cannot run in {dtype_name(dtype)}: {refusal}")
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {self.device}")
         if not all(group.get("capturable") for group in optimizer.param_groups):

@@ -28,17 +28,17 @@ from pathlib import Path
 import torch
 
 from gptcore.checkpoint import CheckpointError, clean_state_dict, load_checkpoint
+from gptcore.devices import DTYPES
 from gptcore.errors import DataError, UserError
 from gptcore.files import atomic_write, atomic_write_text, sha256_file
 from gptcore.manifest import find_manifest, verify_checkpoint
 from gptcore.model import GPT, GPTConfig
-from gptcore.tokenizer import from_json as tokenizer_from_json
+from gptcore.tokenizer import check_vocab, for_checkpoint
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "gptcore-transplant/1"
 EMBEDDING, LM_HEAD = "transformer.wte.weight", "lm_head.weight"  # one tensor in the model (weight tying)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TransplantError(UserError, ValueError):
@@ -206,21 +206,17 @@ def check_weights(path: str | Path, vocab_size: int | None, vocab_source: str = 
         )
     checks.append(Check("shapes", "pass", "every tensor has the shape the config implies"))
 
-    if vocab_size is None and tokenizer is not None:  # no prepared data: the tokenizer the checkpoint carries
-        try:
-            vocab_size, vocab_source = tokenizer_from_json(tokenizer, str(file)).vocab_size, "the tokenizer it carries"
-        except DataError as e:
-            raise TransplantError(str(e)) from None
-    if vocab_size is None:
-        checks.append(Check("vocab", "skipped", "no prepared data given to compare with"))
-    elif config.vocab_size != vocab_size:
-        raise TransplantError(
-            f"{file}: vocab_size mismatch: the checkpoint's model has {config.vocab_size} "
-            f"tokens, the prepared data ({vocab_source}) has {vocab_size}; the checkpoint was "
-            "trained on other data (prepare that data, or point data.out_dir at it)"
-        )
-    else:
-        checks.append(Check("vocab", "pass", f"vocab_size {vocab_size} = {vocab_source}"))
+    try:
+        if vocab_size is not None:  # the prepared data's, which the manifest records
+            check_vocab(file, config.vocab_size, vocab_size, f"the prepared data ({vocab_source})")
+            checks.append(Check("vocab", "pass", f"vocab_size {vocab_size} = {vocab_source}"))
+        elif tokenizer is not None:
+            for_checkpoint(file, config.vocab_size, tokenizer)
+            checks.append(Check("vocab", "pass", f"vocab_size {config.vocab_size} = the tokenizer it carries"))
+        else:
+            checks.append(Check("vocab", "skipped", "no prepared data given to compare with"))
+    except (CheckpointError, DataError) as e:
+        raise TransplantError(str(e)) from None
 
     emb, head = sd[EMBEDDING], sd[LM_HEAD]
     if not torch.equal(emb, head):

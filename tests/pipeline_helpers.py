@@ -72,7 +72,7 @@ def tiny_params(**sections) -> Params:
 def make_project(dest: Path, **sections) -> Path:
     """A git + DVC repo holding a copy of this project with tiny params and a tiny corpus."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("gptcore", "stages", "presets", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
+    for name in ("gptcore", "stages", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))

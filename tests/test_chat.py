@@ -8,10 +8,11 @@ import io
 import sys
 
 import torch
-from pipeline_helpers import SPEECHES, env_for, run
+from pipeline_helpers import ROOT, SPEECHES, env_for, run
 
 from gptcore import chat
 from gptcore.model import GPT, GPTConfig
+from gptcore.params import SampleParams
 from gptcore.sampling import Decoder, stream_text
 from gptcore.tokenizer import BPETokenizer, CharTokenizer
 
@@ -26,44 +27,45 @@ def checkpoint(path):
 
 def talk(monkeypatch, capsys, ckpt, script: str, *args) -> str:
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
-    assert chat.main(["--checkpoint", str(ckpt), *args]) == 0
+    assert chat.main(["--params", str(ROOT / "params.yaml"), "--checkpoint", str(ckpt), *args]) == 0
     return capsys.readouterr().out
 
 
 def test_a_scripted_conversation(tmp_path, monkeypatch, capsys):
     checkpoint(tmp_path / "ckpt.pt")
     script = "\n".join(
-        ["All: Speak, speak.", "/temp 0", "/max 12", "MENENIUS: ¿Qué?", "/top_k off", "First Citizen: Resolved."]
+        ["All: Speak, speak.", "/temperature 0", "/max-new-tokens 12", "MENENIUS: ¿Qué?", "/top-k off"]
+        + ["First Citizen: Resolved."]
         + ["/bogus", "/quit", "All: unread", ""]
     )
-    out = talk(monkeypatch, capsys, tmp_path / "ckpt.pt", script, "--max-tokens", "20")
+    out = talk(monkeypatch, capsys, tmp_path / "ckpt.pt", script, "--max-new-tokens", "20")
     lines = out.splitlines()
     assert lines[0].startswith("gptcore chat: ") and "/help" in lines[0]
-    assert "ok: temperature 0.0, top_k 200, top_p None, max 20" in out
-    assert "ok: temperature 0.0, top_k 200, top_p None, max 12" in out
+    assert "ok: temperature 0.0, top-k 200, top-p off, max-new-tokens 20" in out
+    assert "ok: temperature 0.0, top-k 200, top-p off, max-new-tokens 12" in out
     assert "error: characters not in the vocabulary: 'Q', '¿', 'é'" in out  # reported; the bot goes on
-    assert "ok: temperature 0.0, top_k None, top_p None, max 12" in out and "unknown command /bogus" in out
+    assert "ok: temperature 0.0, top-k off, top-p off, max-new-tokens 12" in out and "unknown command /bogus" in out
     assert "unread" not in out  # /quit ends it
-    again = talk(monkeypatch, capsys, tmp_path / "ckpt.pt", script, "--max-tokens", "20")
+    again = talk(monkeypatch, capsys, tmp_path / "ckpt.pt", script, "--max-new-tokens", "20")
     assert again == out  # the same seed and script, the same transcript
 
 
 def test_turns_take_the_corpus_shape_and_commands_check_their_values():
     assert chat.as_speech("MENENIUS: What work's, my countrymen?") == "MENENIUS:\nWhat work's, my countrymen?\n\n"
     assert chat.as_speech("no speaker here") == "no speaker here\n\n"
-    settings = chat.Settings(0.8, 200, None, 300)
+    settings = SampleParams(temperature=0.8, top_k=200, top_p=None, max_new_tokens=300)
     for command, message in [
-        ("/temp -1", "temperature must be >= 0 (0: greedy), got -1.0"),
-        ("/top_k 0", "top_k must be at least 1 (off: no cut), got 0"),
-        ("/top_p lots", "could not convert string to float: 'lots'"),
-        ("/max 0", "max (new tokens a turn) must be at least 1, got 0"),
+        ("/temperature -1", "sample.temperature: Input should be greater than or equal to 0, got -1.0"),
+        ("/top-k 0", "sample.top_k: must be at least 1 (off or null: no top-k cut), got 0"),
+        ("/top-p lots", "could not convert string to float: 'lots'"),
+        ("/max-new-tokens 0", "sample.max_new_tokens: Input should be greater than or equal to 1, got 0"),
     ]:
         unchanged, said = chat.apply_command(command, settings)
         assert unchanged is settings and said == f"{command}: {message}"
-    settings, said = chat.apply_command("/top_p 0.9", settings)
+    settings, said = chat.apply_command("/top-p 0.9", settings)
     assert said.startswith("ok:") and settings.top_p == 0.9
-    settings, said = chat.apply_command("/top_k off", settings)
-    assert settings == chat.Settings(0.8, None, 0.9, 300)
+    settings, said = chat.apply_command("/top-k off", settings)
+    assert settings == SampleParams(temperature=0.8, top_k=None, top_p=0.9, max_new_tokens=300)
 
 
 def test_a_reply_ends_with_its_speech_and_sees_the_whole_conversation():
@@ -90,7 +92,7 @@ def test_a_reply_ends_with_its_speech_and_sees_the_whole_conversation():
 def test_the_bot_as_a_command(tmp_path):
     checkpoint(tmp_path / "ckpt.pt")
     out = run(
-        [sys.executable, "-m", "gptcore.chat", "--checkpoint", "ckpt.pt", "--max-tokens", "8"],
+        [sys.executable, "-m", "gptcore.chat", "--checkpoint", "ckpt.pt", "--max-new-tokens", "8"],
         tmp_path,
         input="All: Speak.\n/help\n",
         env=env_for(tmp_path),
@@ -109,7 +111,7 @@ def test_the_bot_as_a_command(tmp_path):
         check=False,
         env=env_for(tmp_path),
     )
-    assert bad.returncode == 2 and "top_p must be in (0, 1] (off: no cut), got 1.5" in bad.stderr
+    assert bad.returncode == 2 and "sample.top_p: Input should be less than or equal to 1, got 1.5" in bad.stderr
 
 
 class ScriptedDecoder:

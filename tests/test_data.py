@@ -344,9 +344,14 @@ def test_missing_prepared_data_says_run_prepare(tmp_path):
 # ---- batches -----------------------------------------------------------------------------------------
 
 
-def test_get_batch_shapes_and_shift():
+def random_offsets(tokens, batch_size: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Offsets as the trainer draws them (Trainer.draw_batches): every window that fits, from one generator."""
+    return torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)
+
+
+def test_batch_at_shapes_and_shift():
     tokens = (np.arange(500) * 7 % 65_536).astype(np.uint16)  # offset recoverable from the first token
-    x, y = data.get_batch(tokens, 4, 8, torch.Generator().manual_seed(0), "cpu")
+    x, y = data.batch_at(tokens, random_offsets(tokens, 4, 8, torch.Generator().manual_seed(0)), 8, "cpu")
     assert x.shape == y.shape == (4, 8) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
     for row_x, row_y in zip(x, y):
@@ -355,28 +360,28 @@ def test_get_batch_shapes_and_shift():
         assert torch.equal(row_y, torch.from_numpy(tokens[i + 1 : i + 9].astype(np.int64)))
 
 
-def test_get_batch_is_reproducible_and_resumable():
+def test_batches_are_reproducible_and_resumable():
     tokens = np.arange(1000, dtype=np.uint16)
-    a = data.get_batch(tokens, 8, 16, torch.Generator().manual_seed(1337), "cpu")
-    b = data.get_batch(tokens, 8, 16, torch.Generator().manual_seed(1337), "cpu")
-    c = data.get_batch(tokens, 8, 16, torch.Generator().manual_seed(1338), "cpu")
+
+    def batch(generator):
+        return data.batch_at(tokens, random_offsets(tokens, 8, 16, generator), 16, "cpu")
+
+    a = batch(torch.Generator().manual_seed(1337))
+    b = batch(torch.Generator().manual_seed(1337))
+    c = batch(torch.Generator().manual_seed(1338))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
 
     g = torch.Generator().manual_seed(7)
-    data.get_batch(tokens, 8, 16, g, "cpu")
+    batch(g)
     state = g.get_state()  # what a checkpoint saves
-    expected = data.get_batch(tokens, 8, 16, g, "cpu")
+    expected = batch(g)
     g2 = torch.Generator()
     g2.set_state(state)
-    assert torch.equal(data.get_batch(tokens, 8, 16, g2, "cpu")[0], expected[0])
+    assert torch.equal(batch(g2)[0], expected[0])
 
 
-def test_get_batch_covers_the_last_window():
+def test_batch_at_covers_the_last_window():
     tokens = np.arange(9, dtype=np.uint16)  # one token longer than the block: a single possible window
-    x, y = data.get_batch(tokens, 3, 8, torch.Generator().manual_seed(0), torch.device("cpu"))
+    offsets = random_offsets(tokens, 3, 8, torch.Generator().manual_seed(0))
+    x, y = data.batch_at(tokens, offsets, 8, torch.device("cpu"))
     assert x.tolist() == [list(range(8))] * 3 and y.tolist() == [list(range(1, 9))] * 3
-
-
-def test_get_batch_split_not_longer_than_block(tmp_path):
-    with pytest.raises(DataError, match="the split has 8 tokens, not longer than block_size 8"):
-        data.get_batch(np.arange(8, dtype=np.uint16), 2, 8, torch.Generator(), "cpu")

@@ -59,11 +59,13 @@ def test_changing_a_future_token_leaves_earlier_logits_unchanged():
 def test_hand_written_attention_matches_sdpa_and_stays_finite_in_fp16():
     m = tiny()
     idx = torch.randint(0, 50, (2, 17))
-    a, _ = m(idx, targets=idx)
-    for block in m.transformer.h:
-        block.attn.use_sdpa = False
-    b, _ = m(idx, targets=idx)
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    a, _ = m(idx, targets=idx)  # SDPA: every query against its own keys
+    cache = m.new_kv_cache(2)
+    m(idx[:, :12], kv_cache=cache)
+    # five queries continuing the cached prefix: the hand-written, bottom-right aligned attention
+    rest = idx[:, 12:].contiguous()
+    b, _ = m(rest, targets=rest, kv_cache=cache)
+    torch.testing.assert_close(a[:, 12:], b, rtol=1e-4, atol=1e-5)
     # huge scores in fp16: the -1e20 floor is applied in fp32, no row becomes NaN
     q = torch.randn(1, 2, 9, 16).half() * 300
     out = causal_attention_reference(q, q, torch.randn(1, 2, 9, 16).half())

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from gptcore.model import GPT, GPTConfig
-from gptcore.params import ParamsError, load_params, parse_params
+from gptcore.params import PRESETS_DIR, ParamsError, load_params, parse_params
 from gptcore.presets import apply_preset, available
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def defaults() -> dict:
 def test_repo_params_are_the_cpu_preset():
     """params.yaml loads and holds the tiny CPU-sized model the quickstart promises (the tiny_cpu preset)."""
     p = load_params(ROOT / "params.yaml")
-    preset = yaml.safe_load((ROOT / "presets" / "tiny_cpu.yaml").read_text())
+    preset = yaml.safe_load((PRESETS_DIR / "tiny_cpu.yaml").read_text())
     for section, values in preset.items():
         for key, value in values.items():
             assert getattr(getattr(p, section), key) == value, f"{section}.{key}"

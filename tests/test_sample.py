@@ -279,7 +279,7 @@ def read_or_eof(fd: int) -> bytes:
     [
         (["--prompt", "MENENIUS: ¿é?"], "characters not in the vocabulary: '¿', 'é' (2 distinct"),
         (["--backend", "cutile"], "backend 'cutile' cannot run"),
-        (["--top-k", "0"], "sample.top_k: must be at least 1 (null means no top-k cut), got 0"),
+        (["--top-k", "0"], "sample.top_k: must be at least 1 (off or null: no top-k cut), got 0"),
         (["--checkpoint", "out/missing.pt"], "checkpoint not found"),
     ],
 )

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gptcore.bench.timing import OK, Recorder, Skip, Timer, add_speedups, record_id
+from gptcore.devices import dtype_name
 from gptcore.kernels.runtime import attention_dtype_unsupported, cutile_unavailable
 from gptcore.model import GPTConfig
 
@@ -41,10 +42,6 @@ REFERENCE = {
     "attention_host": ["sdpa-flash", "sdpa-math"],
     "layernorm_host": ["torch"],
 }
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def attention_flops(b: int, h: int, t: int, d: int, backward: bool = False) -> float:

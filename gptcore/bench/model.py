@@ -14,6 +14,7 @@ from gptcore.bench import profile
 from gptcore.bench.timing import OK, Recorder, Skip, require_cuda_graphs
 from gptcore.checkpoint import gpt_from_checkpoint
 from gptcore.cutile_model import model_class
+from gptcore.devices import dtype_name
 from gptcore.errors import BackendUnavailable
 from gptcore.kernels.runtime import cutile_unavailable
 from gptcore.model import GPT, GPTConfig
@@ -29,10 +30,6 @@ REFERENCE = {
 }
 SAMPLING = dict(temperature=0.8, top_k=200, top_p=None)  # the sample stage's defaults
 DECODE_SEED = 1234
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def train_model(checkpoint: dict, backend: str, device: torch.device) -> GPT:

@@ -1,5 +1,5 @@
 """The one timer and the one record schema of every benchmark: the bench stage, the kernel bench and the
-tile sweeps (gptcore.kernels.tune).
+tile sweeps (gptcore.bench.tune).
 
 A figure is the median over `repeats` timed repeats after `warmup` untimed calls (compilation, autotuning
 and the allocator settle there), with the spread (min, max) beside it. On a GPU a repeat is timed with

@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 import torch
 
 from gptcore.bench.timing import OK, Recorder, Timer, synchronize
+from gptcore.devices import DTYPES, dtype_name
 from gptcore.kernels import attention, layernorm
 from gptcore.kernels.attention import HEAD_MAJOR, LONGEST_FIRST
 from gptcore.kernels.runtime import current_arch
@@ -181,11 +182,11 @@ TILES = {"attention": attention.AttnTiles, "layernorm": layernorm.LNTiles}
 def warm_one(job) -> str | None:
     """Launch one candidate once on inputs of the timed shapes and layouts (the JIT specialises on how
     shapes and strides divide), so its cubin lands in cuTile's disk cache; the error, if any."""
-    kernel, shape, dtype_name, config, part, device = job
+    kernel, shape, dtype_label, config, part, device = job
     try:
         device = torch.device(device)
         _, make_inputs, call = KERNELS[kernel]
-        call(part, TILES[kernel](**config), make_inputs(shape, getattr(torch, dtype_name), device))()
+        call(part, TILES[kernel](**config), make_inputs(shape, DTYPES[dtype_label], device))()
         synchronize(device)
         return None
     except Exception as e:  # noqa: BLE001 - reported by the parent; the timed launch records the failure
@@ -212,10 +213,10 @@ def sweep(rec: Recorder, kernel: str, shape, dtype, candidates: list[tuple[str, 
     module, make_inputs, call = KERNELS[kernel]
     arch = arch or current_arch(rec.device)
     base = module.tiles_for(arch, shape[-1])
-    dtype_name = str(dtype).removeprefix("torch.")
     device = str(rec.device)
     warm = [
-        (kernel, shape, dtype_name, asdict(replace(base, **c)), part.split("_")[0], device) for part, c in candidates
+        (kernel, shape, dtype_name(dtype), asdict(replace(base, **c)), part.split("_")[0], device)
+        for part, c in candidates
     ]
     for err in prewarm(warm):
         print("prewarm:", err, file=sys.stderr)
@@ -227,7 +228,7 @@ def sweep(rec: Recorder, kernel: str, shape, dtype, candidates: list[tuple[str, 
             f"tune {kernel}.{part}",
             label(changes),
             shape_label(kernel, shape),
-            dtype_name,
+            dtype_name(dtype),
             lambda tiles=tiles, part=part: call(part.split("_")[0], tiles, inputs),
             timing="graph",
             config=asdict(tiles),

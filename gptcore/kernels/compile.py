@@ -167,6 +167,8 @@ def _array(tensor, aligned: bool):
     import cuda.tile as ct
     from cuda.tile.compilation import ArrayConstraint
 
+    from gptcore.devices import dtype_name
+
     ndim = tensor.dim()
     divisible = {}
     if aligned:
@@ -177,7 +179,7 @@ def _array(tensor, aligned: bool):
             shape_divisible_by=tuple(16 if size % 16 == 0 else 1 for size in tensor.shape),
         )
     return ArrayConstraint(
-        getattr(ct, str(tensor.dtype).removeprefix("torch.")),
+        getattr(ct, dtype_name(tensor.dtype)),
         ndim,
         index_dtype=ct.int32,
         stride_lower_bound_incl=0,

@@ -16,12 +16,7 @@ import torch.nn.functional as F
 from gptcore.kernels.dropout import dropout_keep_mask
 from gptcore.model import GPT, CausalSelfAttention, LayerNorm, causal_attention_reference
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ---- the candidate -----------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gptcore.devices import DTYPES
 from gptcore.kernels.dropout import dropout_keep_mask
 from gptcore.model import MASK_FLOOR, GPTConfig
 from gptcore.verify.common import (
-    DTYPES,
     PASS,
     Candidate,
     Result,

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from gptcore import data as gdata
-from gptcore.devices import resolve_device
+from gptcore.devices import DTYPES, resolve_device
 from gptcore.errors import UserError
 from gptcore.model import GPT
 from gptcore.transplant import CheckedWeights
 from gptcore.verify import gate, l1_kernels, l2_blocks, l3_logits, l4_decode, l5_grads
-from gptcore.verify.common import DTYPES, FAIL, PASS, SKIPPED, Candidate, Result, cutile_candidate
+from gptcore.verify.common import FAIL, PASS, SKIPPED, Candidate, Result, cutile_candidate
 
 TITLES = {
     "compile": gate.TITLE,
