@@ -72,26 +72,39 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
-def causal_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """Causal attention written out, with the finite mask floor, computed in fp32.
+def causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """The scaled scores q @ k^T (1 / sqrt(D) unless `scale`), with the causal mask's finite floor, in fp32 or
+    float64 (never half precision, where the -1e20 floor becomes -inf).
 
-    q is (B, H, Tq, D), k and v are (B, H, Tk, D) with Tq <= Tk: query i sits at position i + Tk - Tq,
-    so a query block that continues a cached prefix sees the whole prefix (bottom-right alignment).
-    `keep` (B, H, Tq, Tk): a dropout mask on the probabilities, the kept ones scaled by 1 / (1 - dropout_p).
-    """
+    q is (B, H, Tq, D), k is (B, H, Tk, D) with Tq <= Tk: query i sits at position i + Tk - Tq, so a query
+    block that continues a cached prefix sees the whole prefix (bottom-right alignment)."""
     tq, tk = q.size(-2), k.size(-2)
-    # Autocast would run these products in half precision, where the -1e20 floor becomes -inf.
+    dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))
+        scores = q.to(dtype) @ k.to(dtype).transpose(-2, -1)
+        scores = scores / math.sqrt(q.size(-1)) if scale is None else scores * scale
         rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
         cols = torch.arange(tk, device=q.device)[None, :]
-        scores = scores.masked_fill(cols > rows, MASK_FLOOR)
-        probs = torch.softmax(scores, dim=-1)
+        return scores.masked_fill(cols > rows, MASK_FLOOR)
+
+
+def causal_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention written out (`causal_scores`, softmax, @ v) in fp32, or float64 for float64 inputs,
+    returned in q's dtype: the model's own attention where SDPA's alignment does not fit, and the reference
+    the kernels are verified against. `keep` (B, H, Tq, Tk): a dropout mask on the probabilities, the kept
+    ones scaled by 1 / (1 - dropout_p)."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        probs = torch.softmax(causal_scores(q, k, scale), dim=-1)
         if keep is not None:
             probs = probs * keep / (1.0 - dropout_p)
-        return (probs @ v.float()).to(q.dtype)
+        return (probs @ v.to(probs.dtype)).to(q.dtype)
 
 
 class CausalSelfAttention(nn.Module):

@@ -4,29 +4,23 @@ Forward outputs and every gradient, over the sequence lengths, head dims, widths
 model uses, plus extreme inputs (fp16 scores of ~1e4, a query with one visible key). Skipped with the
 reason where there is no CUDA GPU (tests/conftest.py).
 
-Error measure: relative L2, ||out - ref|| / max(||ref||, floor), floor = 1e-3 * sqrt(numel) so a
-gradient that is exactly zero in the reference (T = 1) is compared in absolute terms. Tolerances per
+Error measure: helpers.rel_err, relative L2 with a floor (an exactly-zero reference gradient at T = 1 is
+compared in absolute terms); the reference attention is the model's own (causal_attention_reference). Tolerances per
 dtype sit next to each assertion; they are a few times the rounding of the output dtype (bf16 keeps 8
 bits: ~4e-3 relative per element; fp16 11 bits: ~5e-4), never looser than that needs.
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
+
+from gptcore.model import causal_attention_reference, causal_scores
+from gptcore.verify.common import scaled_max
 
 pytestmark = pytest.mark.gpu
-
-MASK_FLOOR = -1.0e20
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    floor = 1e-3 * math.sqrt(ref.numel())
-    return ((out - ref).norm() / max(ref.norm().item(), floor)).item()
 
 
 def assert_finite(*ts):
@@ -38,15 +32,10 @@ def assert_finite(*ts):
 # Attention
 # --------------------------------------------------------------------------------------------------
 def attention_reference(q, k, v, scale=None):
-    """fp32 math, finite mask floor, bottom-right causal alignment (query i at key position i+Tk-Tq)."""
-    q32, k32, v32 = q.float(), k.float(), v.float()
-    tq, tk = q.shape[-2], k.shape[-2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q32 @ k32.transpose(-2, -1)) * scale
-    rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
-    cols = torch.arange(tk, device=q.device)[None, :]
-    s = s.masked_fill(cols > rows, MASK_FLOOR)
-    return torch.softmax(s, dim=-1) @ v32, torch.logsumexp(s, dim=-1)
+    """The model's written-out attention in fp32 (finite mask floor, bottom-right alignment), and the
+    log-sum-exp of its scaled, masked scores."""
+    q, k, v = q.float(), k.float(), v.float()
+    return causal_attention_reference(q, k, v, scale=scale), torch.logsumexp(causal_scores(q, k, scale), dim=-1)
 
 
 # Relative-L2 tolerances: output rounding (bf16 ~4e-3, fp16 ~5e-4) plus P rounded to the input dtype
@@ -121,21 +110,10 @@ def test_attention_saturated_fp16_key_gradient():
         fn(*leaves).backward(do.to(dtype))
         return leaves[1].grad.double()
 
-    ref = key_grad(lambda *t: attention_reference64(*t), torch.float64)
-
-    def err(g):  # the L1 measure: max abs error over max(1, max |ref|)
-        return ((g - ref).abs().max() / max(1.0, ref.abs().max().item())).item()
-
-    ours = err(key_grad(causal_attention, torch.float16))
-    sdpa = err(key_grad(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True), torch.float16))
+    ref = key_grad(causal_attention_reference, torch.float64)  # computed in float64 on float64 inputs
+    ours = scaled_max(ref, key_grad(causal_attention, torch.float16))  # the L1 measure
+    sdpa = scaled_max(ref, key_grad(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True), torch.float16))
     assert ours <= max(2 * sdpa, 1e-3), f"dK error {ours:.4g} vs SDPA {sdpa:.4g}"
-
-
-def attention_reference64(q, k, v):
-    t = q.shape[-2]
-    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).tril().logical_not(), MASK_FLOOR)
-    return torch.softmax(s, dim=-1) @ v
 
 
 def test_attention_model_layout():

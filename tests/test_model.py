@@ -4,16 +4,16 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_gpt
 
 from gptcore.checkpoint import clean_state_dict, gpt_from_checkpoint
 from gptcore.model import GPT, GPTConfig, causal_attention_reference
 
-TINY = dict(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=True)
+SIZES = dict(block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64)
 
 
 def tiny(**kw) -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **kw})).eval()
+    return tiny_gpt(**{**SIZES, **kw}).eval()
 
 
 def test_weight_tying_is_one_tensor():

@@ -5,31 +5,28 @@ everything around the kernels (what torch.library, AOTAutograd and Dynamo see) i
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_gpt
 
 from gptcore.kernels import attention as A
 from gptcore.kernels import layernorm as L
 from gptcore.kernels.dropout import dropout_keep_mask, dropout_rng
-from gptcore.model import GPT, MASK_FLOOR, GPTConfig, causal_attention_reference
+from gptcore.model import GPT, GPTConfig, causal_attention_reference, causal_scores
 
 
 def reference_attention(q, k, v, rng, scale, dropout_p):
     """(o, stats) as the forward kernel writes them: o laid out (B, T, H, D), stats = (row max of the raw
-    scores, log2 of the row sum of exp2((s - max) * scale * log2(e)))."""
-    b, h, tq, d = q.shape
+    scores, log2 of the row sum of exp2((s - max) * scale * log2(e)) = exp(scale * (s - max)))."""
+    b, h, tq, _ = q.shape
     tk = k.shape[2]
-    s = q.float() @ k.float().transpose(-2, -1)
-    rows = torch.arange(tq)[:, None] + (tk - tq)
-    s = s.masked_fill(torch.arange(tk)[None, :] > rows, MASK_FLOOR)
+    s = causal_scores(q, k, scale)  # scaled
     m = s.amax(-1)
-    log2_l = torch.log2(torch.exp2((s - m[..., None]) * scale * A.LOG2E).sum(-1))
+    log2_l = torch.log2(torch.exp(s - m[..., None]).sum(-1))
     keep = dropout_keep_mask(rng, b, h, tq, tk, dropout_p) if dropout_p > 0 else None
-    o = causal_attention_reference(q.float() * math.sqrt(d) * scale, k.float(), v.float(), keep, dropout_p)
-    return A._bhtd_empty_like(q, tq).copy_(o), torch.stack([m, log2_l])
+    o = causal_attention_reference(q, k, v, keep, dropout_p, scale)
+    return A._bhtd_empty_like(q, tq).copy_(o), torch.stack([m / scale, log2_l])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,9 +40,7 @@ def cpu_kernels():
         # the gradients written out (a kernel runs below autograd, so none can be recorded here)
         b, h, t, _ = q.shape
         qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
-        s = (qf @ kf.transpose(-2, -1)) * scale
-        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).tril().logical_not(), MASK_FLOOR)
-        p = torch.softmax(s, dim=-1)
+        p = torch.softmax(causal_scores(qf, kf, scale), dim=-1)
         scale_keep = dropout_keep_mask(rng, b, h, t, t, dropout_p) / (1 - dropout_p) if dropout_p > 0 else 1.0
         dv = (p * scale_keep).transpose(-2, -1) @ dof
         dp = (dof @ vf.transpose(-2, -1)) * scale_keep
@@ -115,10 +110,7 @@ def test_the_registered_backward_gives_the_references_gradients(cpu_allowed):
 
 
 def tiny_cutile(dropout=0.0):
-    from gptcore.cutile_model import CuTileGPT
-
-    torch.manual_seed(0)
-    return CuTileGPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
+    return tiny_gpt("cutile", n_layer=2, dropout=dropout)
 
 
 def test_cutile_model_traces_as_one_graph_and_compiles_fullgraph(cpu_allowed):

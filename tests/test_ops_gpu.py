@@ -11,9 +11,10 @@ import math
 
 import pytest
 import torch
+from helpers import rel_err, tiny_gpt
 
 from gptcore.kernels.dropout import dropout_keep_mask, dropout_rng
-from gptcore.model import GPT, GPTConfig, causal_attention_reference
+from gptcore.model import causal_attention_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -62,12 +63,11 @@ def test_layer_norm_ops_pass_opcheck(affine):
 # ---- the model under torch.compile and torch.export -----------------------------------------------------
 
 
-def tiny_cutile(dropout=0.0, seed=0):
-    from gptcore.cutile_model import CuTileGPT
+SIZES = dict(block_size=64, vocab_size=71, n_layer=2, n_head=4, n_embd=128)
 
-    torch.manual_seed(seed)
-    config = GPTConfig(block_size=64, vocab_size=71, n_layer=2, n_head=4, n_embd=128, dropout=dropout)
-    return CuTileGPT(config).cuda()
+
+def tiny_cutile(dropout=0.0, seed=0):
+    return tiny_gpt("cutile", seed, **SIZES, dropout=dropout).cuda()
 
 
 def test_cutile_model_compiles_with_no_graph_break():
@@ -124,14 +124,11 @@ def test_dropout_forward_and_gradients_match_the_reference_with_the_kernels_mask
     ref = causal_attention_reference(qr, kr, vr, keep, dropout_p)
     ref_grads = torch.autograd.grad(ref, (qr, kr, vr), do.float())
 
-    def rel(a, b):
-        return ((a.float() - b).norm() / b.norm()).item()
-
-    assert rel(out, ref) < 2e-2  # bf16 output and P
+    assert rel_err(out, ref) < 2e-2  # bf16 output and P
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert rel(g, r) < 4e-2, name
+        assert rel_err(g, r) < 4e-2, name
     without = causal_attention(q.detach(), k.detach(), v.detach())
-    assert rel(without, ref) > 0.05  # the mask did change the result
+    assert rel_err(without, ref) > 0.05  # the mask did change the result
 
 
 def test_dropout_keeps_one_minus_p_and_is_the_reference_mask():
@@ -189,11 +186,7 @@ def test_dropout_follows_the_cuda_rng_state_and_each_graph_replay_draws_anew():
 def test_cutile_model_trains_with_dropout_like_the_reference():
     """Same weights and batch, dropout 0.2 in training mode: the cuTile and reference losses differ only by
     their (different) dropout masks; with dropout off they agree closely."""
-    from gptcore.cutile_model import CuTileGPT
-
-    torch.manual_seed(0)
-    config = GPTConfig(block_size=64, vocab_size=71, n_layer=2, n_head=4, n_embd=128, dropout=0.2)
-    ref, cut = GPT(config).cuda(), CuTileGPT(config).cuda()
+    ref, cut = tiny_gpt("torch", **SIZES, dropout=0.2).cuda(), tiny_gpt("cutile", **SIZES, dropout=0.2).cuda()
     cut.load_state_dict(ref.state_dict())
     x = torch.randint(71, (16, 64), device="cuda")
     y = torch.roll(x, -1, dims=1)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers import tiny_gpt
 from pipeline_helpers import SPEECHES, env_for, make_project, run
 
 from gptcore import tokenizer as tok
@@ -20,8 +21,7 @@ BLOCK = 16
 
 
 def tiny_model(dtype=torch.float32) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=50, n_layer=2, n_head=4, n_embd=64)).eval()
+    model = tiny_gpt(block_size=BLOCK, vocab_size=50, n_layer=2, n_head=4, n_embd=64).eval()
     with torch.no_grad():
         # A random model's next-token distribution is almost flat; sharper logits make the test about
         # the decoding, not about which of two near-equal logits rounding happens to favour.

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from pipeline_helpers import ROOT, run, tiny_params, write_corpus
+from helpers import tiny_gpt
+from pipeline_helpers import ROOT, run, tiny_params
 
 from gptcore import data
 from gptcore.checkpoint import load_checkpoint
-from gptcore.model import GPT, GPTConfig
 from gptcore.params import ParamsError, cuda_graph_refusal
 from gptcore.train import (
     BEST_CHECKPOINT,
@@ -21,13 +21,6 @@ from gptcore.train import (
     optimizer_state,
 )
 from gptcore.train_graph import GraphedTrainStep
-
-
-@pytest.fixture
-def root(tmp_path):
-    write_corpus(tmp_path / "corpus.txt")
-    data.prepare("corpus.txt", tmp_path / "data", 0.1, root=tmp_path)
-    return tmp_path
 
 
 def test_loss_falls_and_best_checkpoint_is_kept(root):
@@ -137,13 +130,8 @@ def test_cuda_graph_on_a_cpu_device_is_refused(root):
         Trainer(tiny_params(train={"cuda_graph": True, "device": "cpu"}), root)
 
 
-def tiny_gpt() -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=1, n_embd=32))
-
-
 def test_graphed_step_and_capturable_optimizer_need_cuda():
-    model = tiny_gpt()
+    model = tiny_gpt(n_head=1)
     with pytest.raises(ValueError, match="capturable optimizer needs the parameters on a CUDA device"):
         model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", capturable=True)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
@@ -164,7 +152,7 @@ def test_float16_cuda_graph_refusals_state_one_rule():
     assert reason and cuda_graph_refusal("bfloat16") is None and cuda_graph_refusal("float32") is None
     with pytest.raises(ParamsError, match=r"train\.cuda_graph: .*train\.dtype: float16 \(" + re.escape(reason)):
         tiny_params(train={"cuda_graph": True, "dtype": "float16"})
-    model = tiny_gpt()
+    model = tiny_gpt(n_head=1)
     with pytest.raises(ValueError, match="the graphed step cannot run in float16: " + re.escape(reason)):
         GraphedTrainStep(
             model,
@@ -181,7 +169,7 @@ def test_optimizer_state_moves_between_the_eager_and_the_graphed_step():
     """The graphed step's optimizer is fused and capturable with its learning rate a device tensor. A
     checkpoint holds the rate as a float, and loading keeps how the loading optimizer runs, so a checkpoint
     written by either step resumes in either (on a GPU: tests/test_train_graph_gpu.py)."""
-    model = tiny_gpt()
+    model = tiny_gpt(n_head=1)
     x = torch.randint(40, (2, 16))
     eager = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
     model(x, x)[1].backward()

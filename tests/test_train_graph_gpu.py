@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pipeline_helpers import tiny_params, write_corpus
+from pipeline_helpers import tiny_params
 
-from gptcore import data, kernels
+from gptcore import kernels
 from gptcore.bench.model import train_step_rows
 from gptcore.bench.timing import Recorder, Timer
 from gptcore.checkpoint import load_checkpoint
@@ -36,13 +36,6 @@ pytestmark = pytest.mark.gpu
 ITERS = 12
 LOSS_REL = 1e-3
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-2, 1e-3
-
-
-@pytest.fixture
-def root(tmp_path):
-    write_corpus(tmp_path / "corpus.txt")
-    data.prepare("corpus.txt", tmp_path / "data", 0.1, root=tmp_path)
-    return tmp_path
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
+from helpers import tiny_gpt
 from pipeline_helpers import ROOT, run, tiny_params_dict, write_corpus
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -16,7 +17,7 @@ from gptcore import data
 from gptcore import tokenizer as tok
 from gptcore.checkpoint import save_checkpoint
 from gptcore.files import sha256_file
-from gptcore.model import GPT, GPTConfig
+from gptcore.model import GPT
 from gptcore.transplant import MANIFEST_FILE, WEIGHTS_FILE, TransplantError, check_weights, transplant
 
 CHECK_NAMES = ["file", "config", "keys", "shapes", "vocab", "tie", "finite"]
@@ -36,8 +37,7 @@ def vocab_size(root):
 
 
 def make_model(vocab_size: int, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    return tiny_gpt(seed=seed, vocab_size=vocab_size, n_layer=2)
 
 
 def ours(model: GPT) -> dict:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from gptcore.devices import DTYPES
 from gptcore.kernels.dropout import dropout_keep_mask
-from gptcore.model import MASK_FLOOR, GPTConfig
+from gptcore.model import GPTConfig, causal_attention_reference
 from gptcore.verify.common import (
     PASS,
     Candidate,
@@ -54,20 +54,6 @@ COLUMNS = [
     "status",
 ]
 TORCH_SLACK = 2.0  # a candidate may be up to this many times PyTorch's own error in the same dtype
-
-
-def attention_reference(q, k, v, keep=None, dropout_p: float = 0.0):
-    """Causal attention in float64, bottom-right aligned when Tq < Tk (a query block after a cached prefix);
-    with a dropout mask `keep` on the probabilities, the kept ones scaled by 1 / (1 - dropout_p)."""
-    q, k, v = q.double(), k.double(), v.double()
-    tq, tk = q.size(-2), k.size(-2)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-    rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
-    cols = torch.arange(tk, device=q.device)[None, :]
-    probs = torch.softmax(scores.masked_fill(cols > rows, MASK_FLOOR), dim=-1)
-    if keep is not None:
-        probs = probs * keep / (1.0 - dropout_p)
-    return probs @ v
 
 
 def layer_norm_reference(x, weight, bias):
@@ -156,7 +142,7 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
         if p > 0:  # the candidate's own mask for these keys: the reference drops the same probabilities
             b, h, tq, _ = t["q"].shape
             keep = dropout_keep_mask(rng, b, h, tq, t["k"].shape[2], p).to(t["q"].device)
-        return attention_reference(t["q"], t["k"], t["v"], keep, p)
+        return causal_attention_reference(t["q"].double(), t["k"].double(), t["v"].double(), keep, p)
 
     def attention_torch(t, p=0.0, rng=None):
         """PyTorch in the inputs' dtype: SDPA, or with dropout the hand-written attention with the same mask."""
