@@ -208,7 +208,7 @@ class VerifyParams(Section):
     # rounding tie (reported; the candidate goes on from the reference's token); 0 demands identity.
     decode_tie_gap: float = Field(0.01, ge=0.0)
     # Ahead-of-time compile gate: runs without a GPU. scope `model`: the kernel signatures this checkpoint
-    # uses (seconds); `all`: every signature of gptcore.kernels.compile (minutes on 2 CPU cores).
+    # uses; `all`: every signature of gptcore.kernels.compile (results/cpu/compile-gate.csv times them).
     compile_archs: list[str] = ["sm_90"]  # [] switches the gate off (reported as skipped)
     compile_scope: Literal["model", "all"] = "model"
     tolerances: ToleranceTable = ToleranceTable()

@@ -1,7 +1,7 @@
 """The ahead-of-time compile gate runs on a CPU-only machine: every cuTile kernel, for every signature
 the model uses, compiles to a cubin for Hopper (sm_90) and Blackwell (sm_100).
 
-Cold, the attention kernels take most of the time (tileiras, 5-30 s each on 2 cores); cubins land in
+Cold, the attention kernels take most of the time (results/cpu/compile-gate.csv: each job's seconds); cubins land in
 cuTile's disk cache, keyed by the exact bytecode, so a rerun on unchanged kernels takes seconds and a
 changed kernel always recompiles.
 """

@@ -6,8 +6,8 @@ CI) still proves the kernels compile, while the levels that need a GPU are skipp
 Scope `model` compiles the signatures the levels run this checkpoint with: the three attention kernels at
 its head dim in `verify.model_dtype` (forward, and the two backward kernels L5 and training need), the
 attention forward in `verify.decode_dtype` (L4), the LayerNorm forward and backward at its width in
-float32 (autocast hands LayerNorm the fp32 residual stream) and in `verify.model_dtype`. About half a
-minute on 2 CPU cores. Scope `all` runs every signature of `gptcore.kernels.compile` (minutes there).
+float32 (autocast hands LayerNorm the fp32 residual stream) and in `verify.model_dtype`. Scope `all` runs
+every signature of `gptcore.kernels.compile` (results/cpu/compile-gate.csv times each one, cold).
 
 Passing results are cached under ~/.cache/gptcore/compile-gate (or $GPTCORE_CACHE_DIR), keyed by the
 kernel sources, the compiler packages' versions and the job list: rerunning verify after a tolerance
