@@ -120,8 +120,8 @@ def _open_lock(path: Path):
 def workspace_lock(stage: str, root: Path | None = None) -> Iterator[None]:
     """One run of `stage` at a time in a working directory: a second is refused, naming the first. The lock
     is the OS's (flock), so it ends with its process: a killed run never blocks the next one. Experiments
-    (`dvc exp run --temp/--queue`) each run in their own directory, and torchrun's other ranks never write
-    outputs, so neither takes it."""
+    (`dvc exp run --temp/--queue`) each run in a directory of their own, so they never meet; torchrun's
+    other ranks write no outputs and take no lock (the train stage calls `tracked` on rank 0 only)."""
     root = root or workspace()
     path = root / LOCK_FILE.format(stage=stage)
     try:
@@ -131,7 +131,7 @@ def workspace_lock(stage: str, root: Path | None = None) -> Iterator[None]:
     if handle is None:
         raise StageError(
             f"{root}: {stage} is already running in this folder ({holder or 'a process that is starting'}): "
-            f"one run at a time writes its outputs; wait for it to end or stop it first"
+            "one run at a time writes its outputs; wait for it to end or stop it first"
         )
     with handle:
         handle.truncate(0)
@@ -140,7 +140,7 @@ def workspace_lock(stage: str, root: Path | None = None) -> Iterator[None]:
         try:
             yield
         finally:
-            with suppress(OSError):  # while still locked: a process waiting on this file then retries
+            with suppress(OSError):  # while still locked: one that opened it meanwhile finds it gone, retries
                 path.unlink(missing_ok=True)
 
 
