@@ -8,6 +8,7 @@ half-written checkpoint where a good one was. A checkpoint with a manifest besid
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -20,8 +21,45 @@ from gptcore.model import GPT, GPTConfig
 __all__ = ["CheckpointError", "clean_state_dict", "gpt_from_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
+class _ByteCounter(io.RawIOBase):
+    """A file that keeps nothing and counts what is written to it."""
+
+    def __init__(self):
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.count += len(b)
+        return len(b)
+
+
+def serialized_size(obj: dict) -> int:
+    """The bytes torch.save writes for `obj`, found by writing it to nowhere (asked when a disk is full)."""
+    counter = _ByteCounter()
+    torch.save(obj, counter)
+    return counter.count
+
+
+def _torch_save(obj: dict, tmp: str) -> None:
+    # Through a Python file, so a full disk is an OSError with its errno (written to a path, torch says only
+    # "unexpected pos"), and the archive's inner folder is "archive", not the random temp file's name.
+    with open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            # torch's writer, closed after a write failed, raises "unexpected pos" over the write's OSError
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from e
+
+
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: _torch_save(obj, tmp), size=lambda: serialized_size(obj))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu", verify: bool = True) -> dict:

@@ -3,30 +3,48 @@ directory its files live in, metrics and plot files, the MLflow run, and the one
 
 A stage reads params.yaml and writes its outputs relative to its working directory: under `dvc exp run
 --temp/--queue` that is the experiment's own copy of the repository, so concurrent experiments never
-share a file. Only the MLflow store is shared (gptcore.tracking).
+share a file. Only the MLflow store is shared (gptcore.tracking). Within one working directory a stage runs
+once at a time (`workspace_lock`), as DVC runs one `dvc repro`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import io
 import json
 import math
+import os
 import signal
+import socket
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from gptcore.errors import StageError, StageKilled, UserError
-from gptcore.files import atomic_write_text
+from gptcore.files import atomic_write_text, output_error
 from gptcore.params import Params, load_params, parse_assignments, with_overrides, with_preset
 from gptcore.tracking import stage_run
 
-__all__ = ["StageError", "load", "main", "parser", "tracked", "workspace", "write_json", "write_metrics", "write_plot"]
+__all__ = [
+    "StageError",
+    "load",
+    "main",
+    "parser",
+    "tracked",
+    "workspace",
+    "workspace_lock",
+    "write_json",
+    "write_metrics",
+    "write_plot",
+]
 
 
 PARAMS_FILE = "params.yaml"  # in the working directory, as dvc.yaml's stages read it
+LOCK_FILE = ".gptcore-{stage}.lock"  # in the working directory while the stage runs there
 
 
 def workspace() -> Path:
@@ -77,8 +95,60 @@ def load(
     return with_overrides(params, updates) if updates else params
 
 
-def tracked(stage: str, params: Params, sections: list[str], log: bool = True):
-    return stage_run(stage, params, sections + ["mlflow"], log=log)
+def _open_lock(path: Path):
+    """(the lock file at `path`, locked by this process, None), or (None, what the file says of the
+    process that holds it)."""
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            return None, holder
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle, None
+        handle.close()  # its holder removed the file as it ended: lock the one at the path now
+
+
+@contextmanager
+def workspace_lock(stage: str, root: Path | None = None) -> Iterator[None]:
+    """One run of `stage` at a time in a working directory: a second is refused, naming the first. The lock
+    is the OS's (flock), so it ends with its process: a killed run never blocks the next one. Experiments
+    (`dvc exp run --temp/--queue`) each run in a directory of their own, so they never meet; torchrun's
+    other ranks write no outputs and take no lock (the train stage calls `tracked` on rank 0 only)."""
+    root = root or workspace()
+    path = root / LOCK_FILE.format(stage=stage)
+    try:
+        handle, holder = _open_lock(path)
+    except OSError as e:
+        raise output_error(path, e) from e
+    if handle is None:
+        raise StageError(
+            f"{root}: {stage} is already running in this folder ({holder or 'a process that is starting'}): "
+            "one run at a time writes its outputs; wait for it to end or stop it first"
+        )
+    with handle:
+        handle.truncate(0)
+        handle.write(f"PID {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            with suppress(OSError):  # while still locked: one that opened it meanwhile finds it gone, retries
+                path.unlink(missing_ok=True)
+
+
+@contextmanager
+def tracked(stage: str, params: Params, sections: list[str], log: bool = True) -> Iterator:
+    """The stage's run: the workspace lock, then its MLflow run (a refused run logs nothing)."""
+    with workspace_lock(stage), stage_run(stage, params, sections + ["mlflow"], log=log) as run:
+        yield run
 
 
 def _jsonable(value):

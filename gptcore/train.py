@@ -17,6 +17,7 @@ import math
 import os
 import statistics
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,9 @@ from gptcore.checkpoint import load_checkpoint, save_checkpoint
 from gptcore.cutile_model import build_model
 from gptcore.devices import autocast, dtype_name, resolve_device, resolve_dtype
 from gptcore.errors import CheckpointError
+from gptcore.files import output_error, partial_writes, remove
 from gptcore.kernels import require_cutile
+from gptcore.manifest import manifest_path
 from gptcore.model import GPT, GPTConfig
 from gptcore.params import Params, ParamsError, cuda_graph_refusal
 from gptcore.tokenizer import load as load_tokenizer
@@ -39,7 +42,8 @@ from gptcore.train_step import TrainStep, grad_scaler, make_train_step
 BEST_CHECKPOINT = "ckpt.pt"  # the lowest validation loss seen: what the later stages use
 LAST_CHECKPOINT = "last.pt"  # the latest evaluation point, with RNG states: what `resume` continues
 # The best checkpoint of a run in progress: it replaces ckpt.pt (with its manifest) only when the run ends,
-# so a failed or interrupted run leaves the previous checkpoint and manifest as they were.
+# so a failed or interrupted run leaves the previous checkpoint and manifest as they were. With last.pt it
+# is the state a resumed run continues; the next run that starts afresh removes it.
 STAGED_CHECKPOINT = "ckpt.pt.next"
 
 
@@ -273,8 +277,37 @@ class Trainer:
         beside it). False when the run found none better (a resumed run that did not improve)."""
         if not self.staged.is_file():
             return False
-        os.replace(self.staged, self.out_dir / BEST_CHECKPOINT)
+        try:
+            os.replace(self.staged, self.out_dir / BEST_CHECKPOINT)
+        except OSError as e:
+            raise output_error(self.out_dir / BEST_CHECKPOINT, e) from e
         return True
+
+    def remove_leftovers(self) -> None:
+        """Remove what an earlier run in this folder left unfinished (the stage's lock says none is running):
+        the temp files of writes it was killed in, and its staged best unless this run resumes that run."""
+        best = self.out_dir / BEST_CHECKPOINT
+        for target in (self.staged, self.out_dir / LAST_CHECKPOINT, manifest_path(best)):
+            for tmp in partial_writes(target):
+                remove(tmp)
+                print(f"note: removed {tmp}: a write of {target.name} that never finished (its run was killed)")
+        why = self.foreign_staged() if self.staged.is_file() else None
+        if why:
+            remove(self.staged)
+            print(f"note: removed {self.staged}: {why}")
+
+    def foreign_staged(self) -> str | None:
+        """Why the staged checkpoint is not this run's best so far, or None when it is (a resumed run's)."""
+        if self.resume_state is None:
+            return "the best checkpoint of an earlier run that did not finish, never promoted (this run starts afresh)"
+        best_iter, best_loss = self.resume_state["best_iter"], self.resume_state["best_val_loss"]
+        try:
+            staged = load_checkpoint(self.staged, verify=False)
+        except CheckpointError:
+            staged = {}
+        if staged.get("iter_num") == best_iter and staged.get("best_val_loss") == best_loss:
+            return None
+        return f"not the best checkpoint (iteration {best_iter}) of the run {LAST_CHECKPOINT} continues"
 
     def check_cuda_graph(self) -> None:
         """What train.cuda_graph needs that params.yaml alone cannot tell (compile and an explicit float16
@@ -344,8 +377,8 @@ class Trainer:
         state = RunState(model, optimizer, grad_scaler(self.device, self.dtype), torch.Generator().manual_seed(p.seed))
         if self.resume_state is not None:
             state.restore(self.resume_state)
-        elif d.master:
-            self.staged.unlink(missing_ok=True)  # the best of an abandoned earlier run, never promoted
+        if d.master:
+            self.remove_leftovers()
         # Dropout masks differ per process, as in any data-parallel run; seeds offset by rank.
         if d.rank and not p.resume:
             torch.manual_seed(p.seed + d.rank)
@@ -384,7 +417,14 @@ class Trainer:
         ck = state.to_checkpoint(self.checkpoint_about())
         if improved:
             save_checkpoint(ck, self.staged)
-        save_checkpoint(ck, self.out_dir / LAST_CHECKPOINT)
+        try:
+            save_checkpoint(ck, self.out_dir / LAST_CHECKPOINT)
+        except BaseException:
+            if improved:  # the staged best is now ahead of last.pt, so no resumed run could use it
+                with suppress(OSError):
+                    self.staged.unlink()
+                    print(f"note: removed {self.staged}: {LAST_CHECKPOINT} was not written beside it")
+            raise
         bar.write(f"iter {state.iteration}: train {losses['train']:.4f}, val {losses['val']:.4f}, lr {lr:.2e}")
         if on_eval:
             on_eval(state.iteration, losses, lr)
@@ -419,23 +459,22 @@ class Trainer:
         end = p.max_iters if stop_after is None else min(p.max_iters, start + stop_after)
         step_ms: list[float] = []
         train_losses: list[float] = []
-        bar = self.progress_bar(start)
-        for it in range(start, end + 1):
-            state.iteration = it
-            lr = learning_rate(it, p)
-            resumed_here = p.resume and it == start  # last.pt was saved after this evaluation
-            if (it % p.eval_interval == 0 or it == p.max_iters) and not resumed_here:
-                self.evaluate_and_save(state, lr, bar, on_eval)
-            if it == end:
-                break
-            t0 = time.perf_counter()
-            loss = self.train_iteration(step, state, lr)
-            step_ms.append((time.perf_counter() - t0) * 1000)
-            train_losses.append(loss)
-            bar.update(1)
-            if it % p.log_interval == 0 and self.d.master:
-                self.show_speed(bar, loss, step_ms)
-        bar.close()
+        with self.progress_bar(start) as bar:  # closed on an error too, so its message starts a line
+            for it in range(start, end + 1):
+                state.iteration = it
+                lr = learning_rate(it, p)
+                resumed_here = p.resume and it == start  # last.pt was saved after this evaluation
+                if (it % p.eval_interval == 0 or it == p.max_iters) and not resumed_here:
+                    self.evaluate_and_save(state, lr, bar, on_eval)
+                if it == end:
+                    break
+                t0 = time.perf_counter()
+                loss = self.train_iteration(step, state, lr)
+                step_ms.append((time.perf_counter() - t0) * 1000)
+                train_losses.append(loss)
+                bar.update(1)
+                if it % p.log_interval == 0 and self.d.master:
+                    self.show_speed(bar, loss, step_ms)
         if end == p.max_iters and self.d.master:
             self.improved = self.promote_best()
         return self.result(state, end, step_ms, train_losses)

@@ -7,7 +7,8 @@
 Everything that can be checked (params, data, backend, the resume state) is checked before anything is
 written. The run's best checkpoint replaces out/ckpt.pt, with its manifest, metrics and plot, only when the
 run ends: a failed or interrupted run leaves the previous ones as they were (out/last.pt, the resume
-state, is written at every evaluation).
+state, is written at every evaluation). One train runs in a folder at a time: a second is refused, naming
+the first (stage.workspace_lock); a run starts by removing what a killed one left half-done.
 """
 
 from pathlib import Path
