@@ -31,6 +31,7 @@ from gptcore.cutile_model import build_model
 from gptcore.devices import autocast, dtype_name, resolve_device, resolve_dtype
 from gptcore.errors import CheckpointError
 from gptcore.kernels import require_cutile
+from gptcore.memory import check_fits
 from gptcore.model import GPT, GPTConfig
 from gptcore.params import Params, ParamsError, cuda_graph_refusal
 from gptcore.tokenizer import load as load_tokenizer
@@ -239,6 +240,7 @@ class Trainer:
         self.tokens_per_iter = self.p.gradient_accumulation_steps * self.p.batch_size * params.model.block_size
         self.out_dir = root / self.p.out_dir
         self.config = model_config(params, self.tokenizer.vocab_size)
+        check_fits(self.config, self.p.batch_size, self.device, self.dtype)  # before the model is allocated
         # Everything that can fail is checked here, before anything is written: the resume state too.
         self.resume_state = self.load_resume_state() if self.p.resume else None
         self.run_id: str | None = None  # the MLflow run, written into the checkpoints (a resumed run links to it)
