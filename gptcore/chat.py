@@ -89,6 +89,24 @@ def reply(decoder: Decoder, tokenizer: Tokenizer, conversation: str, max_tokens:
         yield piece
 
 
+def input_lines(stdin) -> Iterator[str | DataError]:
+    """Each line typed, without its line end; a line that is not UTF-8 comes as the DataError that says what is
+    wrong with it, so the bot refuses that line and goes on. Read as bytes where the stream has them: a text
+    stream would stop the whole conversation at the first bad byte (or hand on what it cannot encode)."""
+    lines = stdin.buffer if hasattr(stdin, "buffer") else stdin
+    for number, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield DataError(
+                    f"line {number} is not UTF-8 text: byte 0x{line[e.start]:02x} at byte offset {e.start} "
+                    f"({e.reason}); it was not sent"
+                )
+                continue
+        yield line.rstrip("\r\n")
+
+
 def parse_args(argv):
     ap = stage.parser(__doc__, SECTION)
     add_sampling_options(ap)
@@ -114,8 +132,10 @@ def main(argv=None) -> int:
     decoder = decoder_for(model, settings, generator)
     conversation = ""
     print(f"gptcore chat: {settings.checkpoint} ({settings.backend} on {device}); type a speech, /help for commands")
-    for line in sys.stdin:
-        line = line.rstrip("\n")
+    for line in input_lines(sys.stdin):
+        if isinstance(line, DataError):
+            print(f"error: {line}")
+            continue
         if not line.strip():
             continue
         if line.startswith("/"):
@@ -134,7 +154,7 @@ def main(argv=None) -> int:
         turn = as_speech(line)
         try:
             tokenizer.encode(turn)
-        except DataError as e:  # a character the corpus never had: say so, keep the conversation
+        except DataError as e:  # a character the corpus never had, or not text: say so, keep the conversation
             print(f"error: {e}")
             continue
         conversation += turn

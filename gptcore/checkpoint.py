@@ -18,7 +18,15 @@ from gptcore.files import atomic_write
 from gptcore.manifest import verify_checkpoint
 from gptcore.model import GPT, GPTConfig
 
-__all__ = ["CheckpointError", "clean_state_dict", "gpt_from_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "check_finite",
+    "clean_state_dict",
+    "gpt_from_checkpoint",
+    "load_checkpoint",
+    "non_finite",
+    "save_checkpoint",
+]
 
 
 class _ByteCounter(io.RawIOBase):
@@ -98,6 +106,30 @@ def clean_state_dict(state_dict: dict) -> dict:
             continue
         out[name] = tensor
     return out
+
+
+def non_finite(state_dict: dict) -> list[str]:
+    """The floating-point tensors of a state dict that hold NaN or inf, each with how many."""
+    bad, seen = [], set()
+    for name, t in state_dict.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            if (t.data_ptr(), t.shape) in seen:
+                continue  # the tied embedding under its second name: one tensor, named once
+            seen.add((t.data_ptr(), t.shape))
+            bad.append(f"{name} ({int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} inf)")
+    return bad
+
+
+def check_finite(state_dict: dict, source: str | Path) -> None:
+    """Refuse weights with NaN or inf, naming the tensors: such a model samples noise and compares unequal to
+    itself (NaN != NaN), which other checks would misreport."""
+    bad = non_finite(state_dict)
+    if bad:
+        raise CheckpointError(
+            f"{source}: non-finite values in {len(bad)} tensors: "
+            + "; ".join(bad[:8])
+            + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
+        )
 
 
 def gpt_from_checkpoint(checkpoint: dict, cls: type[GPT] = GPT) -> GPT:

@@ -356,20 +356,78 @@ def parse_params(raw: dict, source: Path | str = "params.yaml") -> Params:
         raise ParamsError(_format_error(err, Path(source))) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; a missing, empty or unparsable file is a ParamsError that names it
-    (and, for YAML syntax, the line), never a silent fallback to the built-in defaults."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: params file not found")
-    text = path.read_text(encoding="utf-8")
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (what DVC reads params.yaml as); other bytes are refused naming where they are."""
+    raw = path.read_bytes()
     try:
-        raw = yaml.safe_load(text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ParamsError(
+            f"{path}: not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line}, column {column} (byte offset "
+            f"{e.start}, {e.reason}); save it as UTF-8"
+        ) from None
+
+
+def _duplicate_key(node: yaml.Node | None, parents: tuple[str, ...] = ()) -> str | None:
+    """The first key that a mapping in the YAML tree repeats, with both lines; PyYAML would silently keep the
+    last value, DVC refuses the file."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = ".".join(parents + (key.value,))
+            if key.value in seen:
+                first, again = seen[key.value], key.start_mark.line + 1
+                where = f"at lines {first} and {again}" if first != again else f"twice at line {first}"
+                return f"duplicate key {name} {where}"
+            seen[key.value] = key.start_mark.line + 1
+            found = _duplicate_key(value, parents + (key.value,))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_key(item, parents + (str(i),))
+            if found:
+                return found
+    return None
+
+
+def _load_yaml(text: str, path: Path):
+    """safe_load that refuses a repeated key (naming it and both lines) instead of keeping the last one."""
+    try:
+        loader = yaml.SafeLoader(text)  # refuses control characters (a binary file) here already
+        try:
+            node = loader.get_single_node()
+            duplicate = _duplicate_key(node)
+            if duplicate:
+                raise ParamsError(
+                    f"{path}: {duplicate}: YAML would keep only the last value (DVC refuses the file); keep one"
+                )
+            return None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        raise ParamsError(
+            f"{path}: not a text file: character {e.character:#06x} at line {line} ({e.reason})"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ParamsError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; a missing, empty, non-UTF-8 or unparsable file, or one that repeats a
+    key, is a ParamsError that names it (and the line), never a silent fallback to the built-in defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    raw = _load_yaml(_read_text(path), path)
     if raw is None:
         raise ParamsError(
             f"{path}: the file is empty; expected the sections {', '.join(SECTIONS)} "

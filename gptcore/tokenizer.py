@@ -6,24 +6,34 @@
 
 Every tokenizer serialises to one self-contained JSON string (`to_json`, `from_json`): the prepare stage
 writes it to <data>/tokenizer.json, and it travels inside every checkpoint, so a checkpoint decodes and
-encodes without the data folder. For BPE the model's vocabulary is the tokenizer's rounded up to a multiple
-of 64 (nanoGPT's 50257 -> 50304: faster matrix products; the padded ids never occur in the data), and at
-least data.vocab_size, so GPT-2 small keeps its 50304 rows on a corpus too small to learn that many tokens.
-Token files are uint16 while the vocabulary fits, uint32 beyond.
+encodes without the data folder. For BPE the model's vocabulary is the tokenizer's own rounded up to a
+multiple of 64 (nanoGPT's 50257 -> 50304: faster matrix products; the padded ids never occur in the data):
+data.vocab_size is how many tokens BPE may learn, and a corpus that yields fewer gives the model fewer rows
+(said so when prepared). Token files are uint16 while the vocabulary fits, uint32 beyond.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from gptcore.errors import CheckpointError, DataError
+from gptcore.errors import CheckpointError, DataError, ParamsError
 
 FILE = "tokenizer.json"
 KINDS = ("char", "bpe")
 UINT16_VOCAB = 1 << 16  # ids below this fit uint16 token files
+BYTES = 256  # byte-level BPE starts from every byte, whatever the corpus holds
+
+
+def not_utf8(text: str, err: UnicodeEncodeError) -> DataError:
+    """Bytes that were not UTF-8 where the text came from (Python keeps them as lone surrogates, U+DC80..U+DCFF,
+    from a command line or a terminal) cannot be tokenised: name the first one and where it is."""
+    c = ord(text[err.start])
+    what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
+    return DataError(f"not UTF-8 text: {what} at character {err.start}")
 
 
 class Tokenizer:
@@ -88,7 +98,10 @@ class CharTokenizer(Tokenizer):
 
     def encode_array(self, text: str) -> np.ndarray:
         """The token ids of `text`; a clear error names characters not in the vocabulary."""
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        try:
+            codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        except UnicodeEncodeError as e:
+            raise not_utf8(text, e) from None
         pos = np.searchsorted(self._sorted_codepoints, codepoints)
         pos = np.minimum(pos, max(self.vocab_size - 1, 0))
         known = self._sorted_codepoints[pos] == codepoints if self.vocab_size else np.zeros(len(codepoints), bool)
@@ -118,6 +131,7 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
 
     def __init__(self, hf, vocab_size: int = 0):
+        # vocab_size: the rows a saved tokenizer records, kept as saved (earlier ones padded to data.vocab_size)
         self.hf = hf
         self._vocab_size = max(round_up(self.tokens), vocab_size)
 
@@ -135,14 +149,14 @@ class BPETokenizer(Tokenizer):
             vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
         )
         hf.train_from_iterator(text.splitlines(keepends=True), trainer)
-        return cls(hf, vocab_size)
+        return cls(hf)
 
     @classmethod
-    def from_file(cls, path: Path, vocab_size: int = 0) -> BPETokenizer:
+    def from_file(cls, path: Path) -> BPETokenizer:
         from tokenizers import Tokenizer as HF
 
         try:
-            return cls(HF.from_file(str(path)), vocab_size)
+            return cls(HF.from_file(str(path)))
         except Exception as e:  # tokenizers raises its own exception type for a file it cannot read
             raise DataError(f"{path}: not a tokenizer.json of Hugging Face tokenizers: {e}") from None
 
@@ -156,6 +170,10 @@ class BPETokenizer(Tokenizer):
         return self._vocab_size
 
     def encode_array(self, text: str) -> np.ndarray:
+        try:
+            text.encode("utf-8")  # tokenizers refuses lone surrogates with a bare TypeError
+        except UnicodeEncodeError as e:
+            raise not_utf8(text, e) from None
         return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=self.token_dtype)
 
     def decode(self, ids) -> str:
@@ -183,24 +201,48 @@ def from_json(text: str, source: str = "tokenizer") -> Tokenizer:
     raise DataError(f"{source}: not a gptcore tokenizer (expected kind 'char' with 'itos', or 'bpe' with 'hf')")
 
 
+def train_bpe(train_text: str, vocab_size: int) -> BPETokenizer:
+    """BPE of up to `vocab_size` tokens on the training split. A size no corpus of this many bytes can yield is
+    refused before training; one this corpus does not yield is said in one line, and the tokenizer keeps the
+    size it learned."""
+    n_bytes = len(train_text.encode("utf-8"))
+    most = BYTES + max(n_bytes - 1, 0)  # a merge joins two tokens of a word: at most one per byte after the first
+    if vocab_size > most:
+        raise ParamsError(
+            f"data.vocab_size: {vocab_size:,} is more than byte-level BPE can learn from the training split "
+            f"({n_bytes:,} bytes: {BYTES} byte tokens and at most one merge per further byte, {most:,} in all); "
+            "lower data.vocab_size"
+        )
+    bpe = BPETokenizer.train(train_text, vocab_size)
+    if bpe.tokens < vocab_size:
+        print(
+            f"warning: data.vocab_size: {vocab_size:,} asked, but BPE learned {bpe.tokens:,} tokens from the "
+            f"training split (no pair left to merge); the model gets {bpe.vocab_size:,} (a multiple of 64)",
+            file=sys.stderr,
+        )
+    return bpe
+
+
 def build(spec: str, train_text: str, vocab_size: int, root: Path | None = None) -> Tokenizer:
     """The BPE tokenizer `data.tokenizer` asks for: `bpe` (trained on the training split, up to `vocab_size`
-    tokens) or the path of a tokenizer.json (relative paths from `root`); the model's vocabulary at least
-    `vocab_size` either way. (`char` is CharTokenizer.from_text of the whole corpus.)"""
+    tokens) or the path of a tokenizer.json (relative paths from `root`), used as it is. (`char` is
+    CharTokenizer.from_text of the whole corpus.)"""
     if spec == "bpe":
-        return BPETokenizer.train(train_text, vocab_size)
+        return train_bpe(train_text, vocab_size)
     path = Path(spec)
     if not path.is_absolute() and root is not None:
         path = Path(root) / path
     if not path.is_file():
         raise DataError(f"data.tokenizer: {spec!r} is neither char, bpe nor a tokenizer.json file ({path} not found)")
-    return BPETokenizer.from_file(path, vocab_size)
+    return BPETokenizer.from_file(path)
 
 
 def save(tokenizer: Tokenizer, folder: Path, write) -> None:
     """<folder>/tokenizer.json (the tokenizer) and <folder>/meta.json (what the token files hold), through
     `write(path, bytes)`, an atomic writer."""
     meta = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "dtype": tokenizer.token_dtype.name}
+    if isinstance(tokenizer, BPETokenizer):  # the tokens it produces, before the padding to a multiple of 64
+        meta["tokens"] = tokenizer.tokens
     if isinstance(tokenizer, CharTokenizer):  # nanoGPT's meta.json fields, for its tools
         meta.update(itos=tokenizer.itos, stoi=tokenizer.stoi)
     write(Path(folder) / FILE, tokenizer.to_json().encode("utf-8"))

@@ -34,6 +34,7 @@ from gptcore.errors import CheckpointError
 from gptcore.files import output_error, partial_writes, remove
 from gptcore.kernels import require_cutile
 from gptcore.manifest import manifest_path
+from gptcore.memory import check_fits
 from gptcore.model import GPT, GPTConfig
 from gptcore.params import Params, ParamsError, cuda_graph_refusal
 from gptcore.tokenizer import load as load_tokenizer
@@ -243,6 +244,7 @@ class Trainer:
         self.tokens_per_iter = self.p.gradient_accumulation_steps * self.p.batch_size * params.model.block_size
         self.out_dir = root / self.p.out_dir
         self.config = model_config(params, self.tokenizer.vocab_size)
+        check_fits(self.config, self.p.batch_size, self.device, self.dtype)  # before the model is allocated
         # Everything that can fail is checked here, before anything is written: the resume state too.
         self.resume_state = self.load_resume_state() if self.p.resume else None
         self.run_id: str | None = None  # the MLflow run, written into the checkpoints (a resumed run links to it)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gptcore import stage
-from gptcore.checkpoint import load_checkpoint
+from gptcore.checkpoint import check_finite, load_checkpoint
 from gptcore.devices import dtype_name, resolve_device, resolve_dtype
 from gptcore.errors import DataError, ParamsError
 from gptcore.files import atomic_write_text
@@ -76,6 +76,7 @@ def open_checkpoint(path: Path, data_dir: Path) -> tuple[dict, Tokenizer]:
     """The checkpoint (checked against its manifest when it has one) and its tokenizer: the one it carries,
     else the prepared data's in `data_dir`."""
     checkpoint = load_checkpoint(path)
+    check_finite(checkpoint.get("model") or {}, path)  # NaN weights would sample noise without a word
     vocab_size = checkpoint["model_args"].get("vocab_size")
     return checkpoint, for_checkpoint(path, vocab_size, checkpoint.get("tokenizer"), data_dir)
 
