@@ -6,10 +6,11 @@
 
 Every tokenizer serialises to one self-contained JSON string (`to_json`, `from_json`): the prepare stage
 writes it to <data>/tokenizer.json, and it travels inside every checkpoint, so a checkpoint decodes and
-encodes without the data folder. For BPE the model's vocabulary is the tokenizer's own rounded up to a
-multiple of 64 (nanoGPT's 50257 -> 50304: faster matrix products; the padded ids never occur in the data):
-data.vocab_size is how many tokens BPE may learn, and a corpus that yields fewer gives the model fewer rows
-(said so when prepared). Token files are uint16 while the vocabulary fits, uint32 beyond.
+encodes without the data folder. For BPE the model's vocabulary is the tokenizer's rounded up to a multiple
+of 64 (nanoGPT's 50257 -> 50304: faster matrix products; the padded ids never occur in the data); a trained
+BPE's is at least data.vocab_size, so GPT-2 small keeps its 50304 rows on a corpus too small to learn that
+many tokens (prepare says so, and meta.json records the tokens learned). A tokenizer.json you bring keeps its
+own size. Token files are uint16 while the vocabulary fits, uint32 beyond.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
 
     def __init__(self, hf, vocab_size: int = 0):
-        # vocab_size: the rows a saved tokenizer records, kept as saved (earlier ones padded to data.vocab_size)
+        # vocab_size: the rows at least (a trained BPE: data.vocab_size; a saved one: the rows it records)
         self.hf = hf
         self._vocab_size = max(round_up(self.tokens), vocab_size)
 
@@ -149,7 +150,7 @@ class BPETokenizer(Tokenizer):
             vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
         )
         hf.train_from_iterator(text.splitlines(keepends=True), trainer)
-        return cls(hf)
+        return cls(hf, vocab_size)
 
     @classmethod
     def from_file(cls, path: Path) -> BPETokenizer:
@@ -202,9 +203,9 @@ def from_json(text: str, source: str = "tokenizer") -> Tokenizer:
 
 
 def train_bpe(train_text: str, vocab_size: int) -> BPETokenizer:
-    """BPE of up to `vocab_size` tokens on the training split. A size no corpus of this many bytes can yield is
-    refused before training; one this corpus does not yield is said in one line, and the tokenizer keeps the
-    size it learned."""
+    """BPE of up to `vocab_size` tokens on the training split, with `vocab_size` rows at least. A size no corpus
+    of this many bytes can yield is refused before training; one this corpus does not yield is said in one
+    line (the rows beyond the tokens learned are never used)."""
     n_bytes = len(train_text.encode("utf-8"))
     most = BYTES + max(n_bytes - 1, 0)  # a merge joins two tokens of a word: at most one per byte after the first
     if vocab_size > most:
@@ -217,7 +218,8 @@ def train_bpe(train_text: str, vocab_size: int) -> BPETokenizer:
     if bpe.tokens < vocab_size:
         print(
             f"warning: data.vocab_size: {vocab_size:,} asked, but BPE learned {bpe.tokens:,} tokens from the "
-            f"training split (no pair left to merge); the model gets {bpe.vocab_size:,} (a multiple of 64)",
+            f"training split (no pair left to merge); the model keeps {bpe.vocab_size:,} rows, "
+            f"{bpe.vocab_size - bpe.tokens:,} of them never used (a smaller data.vocab_size drops them)",
             file=sys.stderr,
         )
     return bpe

@@ -270,10 +270,11 @@ def test_prepare_records_the_vocabulary_bpe_learned_and_says_it_is_smaller(proje
     assert code == 0
     meta = json.loads((project / "data" / "meta.json").read_text())
     learned = meta["tokens"]
-    assert 256 < learned < 5000 and meta["vocab_size"] == -(-learned // 64) * 64  # padded to a multiple of 64
+    assert 256 < learned < 5000 and meta["vocab_size"] == 5000  # the rows asked for, as GPT-2 small's 50304
     assert err == (
         f"warning: data.vocab_size: 5,000 asked, but BPE learned {learned:,} tokens from the training split (no "
-        f"pair left to merge); the model gets {meta['vocab_size']:,} (a multiple of 64)\n"
+        f"pair left to merge); the model keeps 5,000 rows, {5000 - learned:,} of them never used (a smaller "
+        "data.vocab_size drops them)\n"
     )
     argv = ["--set", "data.tokenizer=bpe", "--set", "train.max_iters=2", "--set", "train.eval_interval=2"]
     assert run_stage("train", argv, capsys)[0] == 0  # the model takes the rows the data has
