@@ -10,9 +10,31 @@ from pathlib import Path
 
 import yaml
 
+from gptcore.files import sha256_file
 from gptcore.params import Params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
+DVC = [sys.executable, "-m", "dvc"]
+# Stage params that keep a pipeline run cheap where bench and sample only need to run.
+FAST_STAGES = {
+    "bench": {"cases": ["train"], "backends": ["torch"], "warmup": 1, "repeats": 1, "min_repeat_ms": 0.0},
+    "sample": {"num_samples": 1, "max_new_tokens": 20},
+}
+
+
+def digests(root: Path, names=(".",)) -> dict[str, str]:
+    """sha256 of each named file under `root` (a folder's name stands for every file below it; by default the
+    whole tree), by path: what a test compares before and after to prove that nothing good changed."""
+    out = {}
+    for name in names:
+        path = root / name
+        if not path.exists():
+            out[name] = None  # absent: a file that appears or vanishes changes the digests
+            continue
+        for p in sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]:
+            out[p.relative_to(root).as_posix()] = sha256_file(p)
+    return out
+
 
 # A few speeches in tiny-shakespeare's shape, repeated so there is something to learn.
 SPEECHES = """First Citizen:

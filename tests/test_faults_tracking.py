@@ -4,7 +4,6 @@ refuses a garbage file in one line, and a copied project logs its artifacts into
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -14,14 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import make_project, run
+from pipeline_helpers import DVC, FAST_STAGES, digests, make_project, run
 
 pytestmark = pytest.mark.slow
-DVC = [sys.executable, "-m", "dvc"]
-FAST = {
-    "bench": {"cases": ["train"], "backends": ["torch"], "warmup": 1, "repeats": 1, "min_repeat_ms": 0.0},
-    "sample": {"num_samples": 1, "max_new_tokens": 20},
-}
 # The good artifacts a fault must leave as they were (the sample stage rewrites samples.txt from the same
 # seed; its metrics hold timings, bench's outputs are remeasured).
 GOOD = [
@@ -46,19 +40,9 @@ WARNING = re.compile(
 )
 
 
-def digest(project: Path, names=GOOD) -> dict[str, str]:
-    return {name: hashlib.sha256((project / name).read_bytes()).hexdigest() for name in names}
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
-    }
-
-
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    proj = make_project(tmp_path_factory.mktemp("faults") / "proj", **FAST)
+    proj = make_project(tmp_path_factory.mktemp("faults") / "proj", **FAST_STAGES)
     run(DVC + ["repro"], proj, timeout=900)
     return proj
 
@@ -72,13 +56,13 @@ def project(quickstart, tmp_path):
 def sample_with_a_broken_store(project: Path, *args: str) -> tuple[re.Match, dict]:
     """`python -m gptcore sample ARGS`: it exits 0, writes samples.txt anew, leaves every good artifact as it
     was and says on one stderr line that its records went offline; returns that line and the record."""
-    before = digest(project, GOOD + ["mlflow.db"])
+    before = digests(project, GOOD + ["mlflow.db"])
     written = (project / "samples" / "samples.txt").stat().st_mtime_ns
     out = run([sys.executable, "-m", "gptcore", "sample", *args], project, timeout=300)
     (line,) = out.stderr.strip().splitlines()
     warning = WARNING.fullmatch(line)
     assert warning, line
-    assert digest(project, GOOD + ["mlflow.db"]) == before
+    assert digests(project, GOOD + ["mlflow.db"]) == before
     assert (project / "samples" / "samples.txt").stat().st_mtime_ns > written  # written as usual
     record = json.loads(Path(warning["path"]).read_text())
     assert Path(warning["path"]).parent == project / "mlflow-offline"
@@ -127,20 +111,20 @@ def test_import_refuses_a_garbage_file_and_imports_nothing(project, content, rea
     good, garbage = project / "good.json", project / "garbage.json"
     good.write_text(json.dumps(GOOD_RECORD))
     garbage.write_bytes(content)
-    before = tree_digest(project)
+    before = digests(project)
     out = run([sys.executable, "-m", "gptcore.tracking", "import", str(good), str(garbage)], project, check=False)
     assert out.returncode == 2, out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith(f"error: {garbage}: not an offline MLflow record: {reason}"), line
     assert line.endswith("; nothing imported") and "imported as run" not in out.stdout
-    assert tree_digest(project) == before  # the store too: not even the good record went in
+    assert digests(project) == before  # the store too: not even the good record went in
 
 
 def test_a_copied_project_logs_into_its_own_folder(quickstart, tmp_path):
     copy = Path(shutil.copytree(quickstart, tmp_path / "copy", symlinks=True))  # cp -a repo copy
-    original, good = tree_digest(quickstart), digest(copy)
+    original, good = digests(quickstart), digests(copy, GOOD)
     out = run(DVC + ["repro"], copy, timeout=900)  # bench is always_changed: it reruns and logs artifacts
-    assert tree_digest(quickstart) == original and digest(copy) == good  # nothing written into the original
+    assert digests(quickstart) == original and digests(copy, GOOD) == good  # nothing written into the original
     root = (copy / "mlruns" / "gptcore").as_uri()
     moved = f"note: MLflow experiment 'gptcore' now keeps its artifacts in {root} (copied or moved from "
     assert f"{moved}{(quickstart / 'mlruns' / 'gptcore').as_uri()})" in out.stdout.splitlines()
