@@ -23,6 +23,7 @@ import torch
 from gptcore import stage
 from gptcore.devices import resolve_device, resolve_dtype
 from gptcore.errors import DataError, UserError
+from gptcore.files import not_utf8
 from gptcore.params import OFF, SampleParams, updated
 from gptcore.sampling import Decoder, load_for_inference, stream_text
 from gptcore.stages.sample import (
@@ -99,10 +100,7 @@ def input_lines(stdin) -> Iterator[str | DataError]:
             try:
                 line = line.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield DataError(
-                    f"line {number} is not UTF-8 text: byte 0x{line[e.start]:02x} at byte offset {e.start} "
-                    f"({e.reason}); it was not sent"
-                )
+                yield DataError(f"line {number} is not UTF-8 text: {not_utf8(e)}; it was not sent")
                 continue
         yield line.rstrip("\r\n")
 

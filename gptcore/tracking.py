@@ -32,7 +32,7 @@ from pathlib import Path
 
 from gptcore.environment import git_commit
 from gptcore.errors import StageKilled, UserError
-from gptcore.files import atomic_write_text
+from gptcore.files import atomic_write_text, not_utf8
 from gptcore.params import Params
 
 RETRIES = 6  # a locked SQLite write is retried this many times, waiting 0.1 s, 0.2 s, ... in between
@@ -445,7 +445,7 @@ def read_record(path: Path) -> dict:
     except OSError as e:
         raise refuse(f"cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise refuse(f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        raise refuse(f"not UTF-8 text ({not_utf8(e)})") from None
     except json.JSONDecodeError as e:
         raise refuse(f"not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:

@@ -56,7 +56,7 @@ def test_offline_record_imports_with_its_curve(tmp_path, monkeypatch):
     "content,message",
     [
         (json.dumps({"best_val_loss": 1.0}), r"lacks \['run_name', 'params', 'metrics', 'tags'\]"),
-        (b"\x80\x81 bytes", r"not UTF-8 text \(byte 0x80 at offset 0\)"),
+        (b"\x80\x81 bytes", r"not UTF-8 text \(byte 0x80 at byte offset 0 \(invalid start byte\)\)"),
         ("run_name: train\n", r"not JSON \(Expecting value at line 1 column 1\)"),
         ("[1, 2]", "a JSON list, not an object"),
         ('{"run_name": "t", "params": [], "metrics": [], "tags": {}}', r"params is \[\], not an object"),
