@@ -63,9 +63,14 @@ def tracking_uri(params: Params) -> str:
     return f"sqlite:///{store_dir() / 'mlflow.db'}"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The file of a SQLite store (`sqlite:///path`), or None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")).absolute() if uri.startswith("sqlite:///") else None
+
+
 def store_name(uri: str) -> str:
     """A store as its user knows it: a SQLite store's file, any other store's URI."""
-    return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri
+    return uri.removeprefix("sqlite:///")
 
 
 def failure_reason(error: BaseException) -> str:
@@ -117,12 +122,13 @@ def with_retries(call: Callable[[], object]) -> object:
 def store_lock(uri: str) -> Iterator[None]:
     """An exclusive lock on a SQLite store's folder while the store or an experiment is created: two
     processes creating the same tables at once fail ("table metrics already exists")."""
-    if not uri.startswith("sqlite:///"):
+    db_file = sqlite_file(uri)
+    if db_file is None:
         yield
         return
     import fcntl
 
-    lock_path = Path(uri.removeprefix("sqlite:///")).parent / ".mlflow.lock"
+    lock_path = db_file.parent / ".mlflow.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -135,11 +141,9 @@ def store_lock(uri: str) -> Iterator[None]:
 def check_sqlite_store(uri: str) -> None:
     """Read a SQLite store's file before MLflow opens it: MLflow retries a file it cannot open ten times
     with a growing backoff, and names a damaged one only in a traceback."""
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri.removeprefix("sqlite:///")).absolute()
-    if not path.exists():
-        return  # MLflow creates it
+    path = sqlite_file(uri)
+    if path is None or not path.exists():
+        return  # another kind of store, or a new one MLflow creates
     import sqlite3
 
     with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
@@ -163,9 +167,8 @@ def _folder_name(experiment: str) -> str:
 
 def artifact_root(uri: str, name: str) -> str | None:
     """Where an experiment of a SQLite store keeps its artifacts: mlruns/<name> beside the store."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).absolute().parent / "mlruns" / _folder_name(name)).as_uri()
+    db_file = sqlite_file(uri)
+    return None if db_file is None else (db_file.parent / "mlruns" / _folder_name(name)).as_uri()
 
 
 def experiment_id(client, name: str, uri: str) -> str:
@@ -189,7 +192,7 @@ def repoint(uri: str, name: str, exp_id: str, old: str, new: str) -> None:
     API cannot change an experiment's artifact location)."""
     import sqlite3
 
-    with contextlib.closing(sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=30)) as db, db:
+    with contextlib.closing(sqlite3.connect(sqlite_file(uri), timeout=30)) as db, db:
         db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, int(exp_id)))
         db.execute(
             "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?)"
