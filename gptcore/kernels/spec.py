@@ -49,11 +49,15 @@ class LaunchSpec:
     def ordered_args(self) -> tuple:
         """The arguments in the kernel's parameter order; a missing or unknown name is a TypeError naming it."""
         names = _names(self.body)
-        if len(self.args) != len(names) or not all(n in self.args for n in names):
+        try:
+            values = tuple(map(self.args.__getitem__, names))
+        except KeyError:
+            values = None
+        if values is None or len(self.args) != len(names):  # every name found and as many: none unknown
             missing = [n for n in names if n not in self.args]
             unknown = [n for n in self.args if n not in names]
             raise TypeError(f"{self.name}: arguments missing {missing}, unknown {unknown}")
-        return tuple(map(self.args.__getitem__, names))
+        return values
 
 
 def launch(spec: LaunchSpec, device_index: int) -> None:
