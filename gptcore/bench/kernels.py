@@ -5,8 +5,9 @@
 
 prints the kernel tables on a GPU: forward and forward+backward per implementation, eager (host launch
 cost included) and, with --graphs, replayed as CUDA graphs (GPU time only) beside a memory-floor row for
-LayerNorm (a copy and an add moving the same bytes). --host adds the host time of one eager
-forward+backward at tiny sizes, where it is all there is. Tile sweeps are gptcore.bench.tune.
+LayerNorm (a copy and an add moving the same bytes), and attention forward+backward with dropout (--dropout,
+0.2 by default). --host adds the host time of one eager call, forward and forward+backward, at tiny sizes,
+where it is all there is: the eager path, the custom operators and PyTorch's. Tile sweeps are gptcore.bench.tune.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ REFERENCE = {
     "attention_fwd_bwd": ["sdpa-flash", "sdpa-math"],
     "layernorm_fwd": ["torch"],
     "layernorm_fwd_bwd": ["torch"],
+    "attention_dropout_fwd_bwd": ["sdpa-flash", "sdpa-math"],
     "attention_host": ["sdpa-flash", "sdpa-math"],
+    "attention_host_fwd": ["sdpa-flash", "sdpa-math"],
     "layernorm_host": ["torch"],
+    "layernorm_host_fwd": ["torch"],
 }
 
 
@@ -74,16 +78,16 @@ def host_us(ms: float) -> dict:
     return {"host_us": ms * 1000}
 
 
-def _sdpa_params(q, k, v):
+def _sdpa_params(q, k, v, dropout_p: float):
     from torch.backends.cuda import SDPAParams
 
     try:
-        return SDPAParams(q, k, v, None, 0.0, True, False)  # enable_gqa since torch 2.5
+        return SDPAParams(q, k, v, None, dropout_p, True, False)  # enable_gqa since torch 2.5
     except TypeError:  # pragma: no cover - older torch
-        return SDPAParams(q, k, v, None, 0.0, True)
+        return SDPAParams(q, k, v, None, dropout_p, True)
 
 
-def sdpa_attention(backend: str, device: torch.device, q, k, v):
+def sdpa_attention(backend: str, device: torch.device, q, k, v, dropout_p: float = 0.0):
     """F.scaled_dot_product_attention pinned to one backend, or Skip with the reason it cannot take these
     inputs (asked of torch's own availability checks, before any call)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -103,25 +107,25 @@ def sdpa_attention(backend: str, device: torch.device, q, k, v):
         }[backend]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            usable = check(_sdpa_params(q, k, v), True)  # debug=True: torch warns why not
+            usable = check(_sdpa_params(q, k, v, dropout_p), True)  # debug=True: torch warns why not
         if not usable:
             why = "; ".join(str(w.message).splitlines()[0] for w in caught) or "torch's availability check said no"
             raise Skip(f"SDPA backend not available for these inputs: {why}")
 
     def attend(q, k, v):
         with sdpa_kernel(member):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
     return attend
 
 
-def cutile_attention(device: torch.device, dtype: torch.dtype):
+def cutile_attention(device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0):
     reason = cutile_unavailable(device) or attention_dtype_unsupported(dtype)
     if reason:
         raise Skip(reason)
     from gptcore import kernels
 
-    return kernels.causal_attention
+    return lambda q, k, v: kernels.causal_attention(q, k, v, dropout_p=dropout_p)
 
 
 def attention_rows(
@@ -133,8 +137,10 @@ def attention_rows(
     d: int,
     dtype: torch.dtype,
     timings: tuple[str, ...] = ("eager",),
+    dropout_p: float = 0.0,
 ) -> None:
-    """Causal attention (B, H, T, D) forward and forward+backward, cuTile and every SDPA backend."""
+    """Causal attention (B, H, T, D) forward and forward+backward, cuTile and every SDPA backend; with
+    dropout_p > 0 also forward+backward with attention dropout (`attention_dropout_fwd_bwd`)."""
     device = rec.device
     shape = f"B{b}xH{h}xT{t}xD{d}"
     flops_fwd, flops_fwd_bwd = attention_flops(b, h, t, d), attention_flops(b, h, t, d, backward=True)
@@ -143,8 +149,10 @@ def attention_rows(
         g = torch.Generator(device=device).manual_seed(0)
         return [torch.randn(b, h, t, d, device=device, dtype=dtype, generator=g).requires_grad_(grad) for _ in range(3)]
 
-    def attend_for(impl: str, q, k, v):
-        return cutile_attention(device, dtype) if impl == "cutile" else sdpa_attention(impl, device, q, k, v)
+    def attend_for(impl: str, q, k, v, p: float = 0.0):
+        if impl == "cutile":
+            return cutile_attention(device, dtype, p)
+        return sdpa_attention(impl, device, q, k, v, p)
 
     for timing in timings:
         for impl in ["cutile", *SDPA_BACKENDS]:
@@ -159,9 +167,9 @@ def attention_rows(
 
                 return run
 
-            def setup_fwd_bwd(impl=impl):
+            def setup_fwd_bwd(impl=impl, p=0.0):
                 q, k, v = inputs(True)
-                attend = attend_for(impl, q, k, v)
+                attend = attend_for(impl, q, k, v, p)
                 dout = torch.randn_like(q)
 
                 def run():
@@ -169,11 +177,15 @@ def attention_rows(
 
                 return run
 
-            for case, setup, flops in (
-                ("attention_fwd", setup_fwd, flops_fwd),
-                ("attention_fwd_bwd", setup_fwd_bwd, flops_fwd_bwd),
-            ):
-                rec.measure(case, impl, shape, dtype_name(dtype), setup, tflops(flops), timing=timing, shapes=shapes)
+            cases = [("attention_fwd", shape, setup_fwd), ("attention_fwd_bwd", shape, setup_fwd_bwd)]
+            if dropout_p > 0:
+                dropped = lambda impl=impl: setup_fwd_bwd(impl, dropout_p)  # noqa: E731
+                cases.append(("attention_dropout_fwd_bwd", f"{shape}xp{dropout_p:g}", dropped))
+            for case, case_shape, setup in cases:
+                flops = flops_fwd if case == "attention_fwd" else flops_fwd_bwd
+                rec.measure(
+                    case, impl, case_shape, dtype_name(dtype), setup, tflops(flops), timing=timing, shapes=shapes
+                )
 
 
 # ---- LayerNorm ---------------------------------------------------------------------------------------------
@@ -279,42 +291,71 @@ def memory_floor_rows(
 # ---- host time -------------------------------------------------------------------------------------------
 
 
+def cutile_ops(device: torch.device):
+    """The cuTile custom operators themselves (what torch.compile's graphs call), as attention and LayerNorm
+    functions: the eager path beside them skips their dispatch."""
+    reason = cutile_unavailable(device)
+    if reason:
+        raise Skip(reason)
+    from gptcore.kernels import attention, layernorm
+
+    def attend(q, k, v):
+        return attention.attention_fwd_op(q, k, v, None, q.shape[-1] ** -0.5, 0.0)[0]
+
+    def norm(x, w, bias, eps):
+        return layernorm.layer_norm_fwd_op(x, w, bias, eps)[0]
+
+    return attend, norm
+
+
 def host_rows(rec: Recorder, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Host time of one eager forward+backward at tiny sizes (the GPU's share is negligible): the launch
-    path's cost, per implementation."""
+    """Host time of one eager call at tiny sizes (the GPU's share is negligible), forward alone and forward
+    with backward: the launch path's cost per implementation. `cutile` is the path a module takes in eager
+    mode, `cutile-op` the custom operators that traced code calls."""
     device = rec.device
     b, h, t, d = 1, 1, 64, 64
     rows, width = 64, 384
 
-    def attention_setup(impl):
+    def attention_setup(impl, grad):
         def setup():
             g = torch.Generator(device=device).manual_seed(0)
             q, k, v = (
-                torch.randn(b, h, t, d, device=device, dtype=dtype, generator=g).requires_grad_(True) for _ in range(3)
+                torch.randn(b, h, t, d, device=device, dtype=dtype, generator=g).requires_grad_(grad) for _ in range(3)
             )
-            attend = cutile_attention(device, dtype) if impl == "cutile" else sdpa_attention(impl, device, q, k, v)
+            if impl == "cutile":
+                attend = cutile_attention(device, dtype)
+            elif impl == "cutile-op":
+                attend = cutile_ops(device)[0]
+            else:
+                attend = sdpa_attention(impl, device, q, k, v)
+            if not grad:
+                return lambda: attend(q, k, v)
             dout = torch.randn_like(q)
             return lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), dout)
 
         return setup
 
-    def layernorm_setup(impl):
+    def layernorm_setup(impl, grad):
         def setup():
-            norm = layer_norm_for(impl, device)
-            x = torch.randn(rows, width, device=device, dtype=dtype, requires_grad=True)
-            w = torch.ones(width, device=device, dtype=dtype, requires_grad=True)
-            bias = torch.zeros(width, device=device, dtype=dtype, requires_grad=True)
+            norm = cutile_ops(device)[1] if impl == "cutile-op" else layer_norm_for(impl, device)
+            x = torch.randn(rows, width, device=device, dtype=dtype, requires_grad=grad)
+            w = torch.ones(width, device=device, dtype=dtype, requires_grad=grad)
+            bias = torch.zeros(width, device=device, dtype=dtype, requires_grad=grad)
+            if not grad:
+                return lambda: norm(x, w, bias, 1e-5)
             dy = torch.randn_like(x)
             return lambda: torch.autograd.grad(norm(x, w, bias, 1e-5), (x, w, bias), dy)
 
         return setup
 
     for case, shape, impls, setup in (
-        ("attention_host", f"B{b}xH{h}xT{t}xD{d}", ["cutile", *SDPA_BACKENDS], attention_setup),
-        ("layernorm_host", f"N{rows}xC{width}", ["cutile", "torch"], layernorm_setup),
+        ("attention_host", f"B{b}xH{h}xT{t}xD{d}", ["cutile", "cutile-op", *SDPA_BACKENDS], attention_setup),
+        ("layernorm_host", f"N{rows}xC{width}", ["cutile", "cutile-op", "torch"], layernorm_setup),
     ):
-        for impl in impls:
-            rec.measure(case, impl, shape, dtype_name(dtype), setup(impl), host_us, timing="host")
+        for grad in (False, True):
+            for impl in impls:
+                row = case if grad else f"{case}_fwd"
+                rec.measure(row, impl, shape, dtype_name(dtype), setup(impl, grad), host_us, timing="host")
 
 
 # ---- the shapes of a model ---------------------------------------------------------------------------------
@@ -328,16 +369,18 @@ def kernel_rows(
     gpt2_batch: int,
     dtypes: list[torch.dtype],
     timings: tuple[str, ...] = ("eager",),
+    dropout_p: float = 0.0,
 ) -> None:
-    """Attention and LayerNorm at a model's shapes (`model`: model_batch x the config's) and at GPT-2
-    small's (`gpt2_small`: gpt2_batch x 12 heads x 1024 x 64, 768 wide)."""
+    """Attention (with dropout_p > 0 also with attention dropout) and LayerNorm at a model's shapes (`model`:
+    model_batch x the config's) and at GPT-2 small's (`gpt2_small`: gpt2_batch x 12 heads x 1024 x 64, 768
+    wide)."""
     for dtype in dtypes:
         for shapes in shape_sets:
             if shapes == "model":
                 b, h, t, c = model_batch, config.n_head, config.block_size, config.n_embd
             else:
                 b, h, t, c = gpt2_batch, GPT2_SMALL["n_head"], GPT2_SMALL["block_size"], GPT2_SMALL["n_embd"]
-            attention_rows(rec, shapes, b, h, t, c // h, dtype, timings)
+            attention_rows(rec, shapes, b, h, t, c // h, dtype, timings, dropout_p)
             layernorm_rows(rec, shapes, b * t, c, dtype, timings)
 
 
@@ -379,6 +422,7 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs", action="store_true", help="also time CUDA-graph replays (GPU time only)")
     ap.add_argument("--host", action="store_true", help="also the host time per eager call at tiny sizes")
     ap.add_argument("--quick", action="store_true", help="one attention shape and one LayerNorm shape")
+    ap.add_argument("--dropout", type=float, default=0.2, help="attention dropout of the dropout rows (0: none)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", help="write every record to this file")
     args = ap.parse_args(argv)
@@ -392,7 +436,7 @@ def main(argv=None) -> int:
     if args.host:
         host_rows(rec)
     for b, h, t, d in ATTN_SHAPES[1:2] if args.quick else ATTN_SHAPES:
-        attention_rows(rec, "kernel bench", b, h, t, d, torch.bfloat16, timings)
+        attention_rows(rec, "kernel bench", b, h, t, d, torch.bfloat16, timings, args.dropout)
     for n, c in LN_SHAPES[:1] if args.quick else LN_SHAPES:
         layernorm_rows(rec, "kernel bench", n, c, torch.bfloat16, timings)
     add_speedups(rec.records, REFERENCE)

@@ -43,7 +43,7 @@ from functools import cache
 import cuda.tile as ct
 import torch
 
-from gptcore.kernels.dropout import dropout_rng, dropout_threshold
+from gptcore.kernels.dropout import MIX_A, MIX_B, dropout_rng, dropout_threshold
 from gptcore.kernels.runtime import ATTENTION_DTYPES, arch_of, attention_head_dim_unsupported
 from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, launch
 from gptcore.model import MASK_FLOOR
@@ -152,40 +152,49 @@ def _scores(q, k_t, j, rows, masked, TILE_M, TILE_N):
     return s
 
 
-def _fmix32(x):
-    """MurmurHash3's 32-bit finalizer: every input bit flips each output bit with probability ~1/2."""
+def _mix32(x):
+    """The 32-bit mixer of gptcore.kernels.dropout.mix32 (lowbias32) on a uint32 tile."""
     x = x ^ (x >> 16)
-    x = x * 0x85EBCA6B
-    x = x ^ (x >> 13)
-    x = x * 0xC2B2AE35
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
     return x ^ (x >> 16)
 
 
-def _dropout(RNG, bh, drop_threshold, keep_scale):
+def _dropout(RNG, bh, t, drop_threshold, keep_scale):
     """What every kernel's dropout needs, as one tuple: the call's two 32-bit keys, read from the device
     (int64 (2,)) so that a replayed CUDA graph reads the replay's new draw where a kernel argument would stay
-    frozen at capture; the head bh; the threshold; the kept probabilities' scale 1 / (1 - p)."""
+    frozen at capture; the count of head bh's first row (bh * T); the threshold; the kept probabilities'
+    scale 1 / (1 - p)."""
     keys = ct.load(RNG, (0,), (2,))
     k0 = ct.astype(ct.bitcast(ct.extract(keys, (0,), shape=(1,)).item(), ct.uint64), ct.uint32)
     k1 = ct.astype(ct.bitcast(ct.extract(keys, (1,), shape=(1,)).item(), ct.uint64), ct.uint32)
-    return k0, k1, bh, drop_threshold, keep_scale
+    return k0, k1, bh * t, ct.astype(drop_threshold, ct.uint32), keep_scale
 
 
-def _keep(drop, q_idx, k_idx):
-    """Dropout's keep mask at query q_idx, key k_idx (broadcastable int32 tiles) of `drop`'s head: a
-    counter-based hash of the coordinates (q_idx << 16 | k_idx: distinct below 65536 positions) keyed by the
-    call's keys, kept where it reaches the threshold p * 2^32. gptcore.kernels.dropout.dropout_keep_mask
-    computes the same in PyTorch."""
-    k0, k1, bh, drop_threshold, _ = drop
-    x = (ct.astype(q_idx, ct.uint32) << 16) | ct.astype(k_idx, ct.uint32)
-    x = _fmix32(x ^ k0)
-    x = _fmix32(x ^ k1 ^ (ct.astype(bh, ct.uint32) * 0x9E3779B1))
-    return x >= ct.astype(drop_threshold, ct.uint32)
+def _keep_tile(drop, q_first, k_first, TQ, TK, KEYS_ON_ROWS):
+    """Dropout's keep mask of queries [q_first, q_first + TQ) and keys [k_first, k_first + TK) of `drop`'s
+    head: [TQ, TK], or [TK, TQ] with KEYS_ON_ROWS (the dK/dV kernel's transposed tiles). One hash per query
+    row and one per key, mixed per probability (gptcore.kernels.dropout, which computes the same in
+    PyTorch); a draw at or above the threshold p * 2^32 keeps."""
+    k0, k1, row0, threshold, _ = drop
+    queries = row0 + q_first + ct.arange(TQ, dtype=ct.int32)
+    keys = k_first + ct.arange(TK, dtype=ct.int32)
+    row_hash = _mix32(_mix32(ct.astype(queries, ct.uint32) ^ k0) + k1)  # [TQ]: dropout.keyed_hash
+    col_hash = _mix32(_mix32(ct.astype(keys, ct.uint32) ^ k1) + k0)  # [TK]
+    if KEYS_ON_ROWS:
+        x = row_hash[None, :] ^ col_hash[:, None]  # [TK, TQ]
+    else:
+        x = row_hash[:, None] ^ col_hash[None, :]  # [TQ, TK]
+    x = x * MIX_A
+    x = x ^ (x >> 16)
+    return x * MIX_B >= threshold
 
 
-def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked, D, TILE_M, TILE_N, drop):
-    """One key tile of the online softmax. rows: key position of each query row, [TILE_M, 1] (its query
-    index too: dropout runs with Tq == Tk). `drop`: `_dropout`'s tuple, or None without dropout."""
+def _fwd_step(q, K, V, b, h, j, rows, rows_first, m_i, l_i, acc, qk_scale_log2, masked, D, TILE_M, TILE_N, drop):
+    """One key tile of the online softmax. rows: key position of each query row, [TILE_M, 1], the first
+    one rows_first (the query indices too: dropout runs with Tq == Tk). `drop`: `_dropout`'s tuple, or None
+    without dropout."""
     k_t = ct.load(K, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO, latency=2).reshape(
         (D, TILE_N)
     )  # [D, TILE_N]
@@ -195,9 +204,8 @@ def _fwd_step(q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, masked, D, T
     p = ct.exp2((s - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, TILE_N]
     alpha = ct.exp2((m_i - m_new) * qk_scale_log2, flush_to_zero=True)  # [TILE_M, 1]
     l_i = l_i * alpha + ct.sum(p, axis=1, keepdims=True)  # the softmax normalises before dropout
-    if drop is not None:
-        cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]  # [1, TILE_N]
-        p = ct.where(_keep(drop, rows, cols), p, 0.0)
+    if drop is not None:  # Tq == Tk: the tile's first query is its first key position
+        p = ct.where(_keep_tile(drop, rows_first, j * TILE_N, TILE_M, TILE_N, False), p, 0.0)
     v = ct.load(V, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO, latency=4).reshape((TILE_N, D))  # [TILE_N, D]
     acc = ct.mma(p.astype(q.dtype), v, acc * alpha)  # [TILE_M, D]
     return m_new, l_i, acc
@@ -231,7 +239,7 @@ def attn_fwd_kernel_body(
     q = ct.load(Q, (b, h, m_blk, 0), (1, 1, TILE_M, D), padding_mode=ZERO).reshape((TILE_M, D))
     drop = None
     if DROPOUT:
-        drop = _dropout(RNG, b * Q.shape[1] + h, drop_threshold, keep_scale)
+        drop = _dropout(RNG, b * Q.shape[1] + h, tq, drop_threshold, keep_scale)
 
     m_i = ct.full((TILE_M, 1), MASK_FLOOR, dtype=ct.float32)  # running max of the raw scores
     l_i = ct.zeros((TILE_M, 1), dtype=ct.float32)  # running sum of exp2
@@ -242,7 +250,7 @@ def attn_fwd_kernel_body(
     n_all = ct.cdiv(min(first_key + TILE_M, tk), TILE_N)
     for j in range(n_all):
         m_i, l_i, acc = _fwd_step(
-            q, K, V, b, h, j, rows, m_i, l_i, acc, qk_scale_log2, j >= n_full, D, TILE_M, TILE_N, drop
+            q, K, V, b, h, j, rows, first_key, m_i, l_i, acc, qk_scale_log2, j >= n_full, D, TILE_M, TILE_N, drop
         )
 
     out = ct.truediv(acc, l_i, flush_to_zero=True, rounding_mode=ct.RoundingMode.APPROX)
@@ -261,7 +269,7 @@ def _exp2_bias(STATS, b, h, i, qk_scale_log2, TILE_M):
     return m * qk_scale_log2 + log2_l
 
 
-def _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked, D, TILE_M, TILE_N, drop):
+def _dq_step(q, do, bias, delta, K, V, b, h, j, rows, rows_first, dq, qk_scale_log2, masked, D, TILE_M, TILE_N, drop):
     k = ct.load(K, (b, h, j, 0), (1, 1, TILE_N, D), padding_mode=ZERO, latency=2).reshape((TILE_N, D))  # [TILE_N, D]
     v_t = ct.load(V, (b, h, 0, j), (1, 1, D, TILE_N), order=(0, 1, 3, 2), padding_mode=ZERO, latency=2).reshape(
         (D, TILE_N)
@@ -270,9 +278,8 @@ def _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, masked,
     p = ct.exp2(s * qk_scale_log2 - bias, flush_to_zero=True)  # [TILE_M, TILE_N]
     dp = ct.mma(do, v_t, ct.zeros((TILE_M, TILE_N), dtype=ct.float32))  # [TILE_M, TILE_N]
     if drop is not None:  # the gradient reaches the kept probabilities only, scaled as they were
-        cols = j * TILE_N + ct.arange(TILE_N, dtype=ct.int32)[None, :]  # [1, TILE_N]
-        _, _, _, _, keep_scale = drop
-        dp = ct.where(_keep(drop, rows, cols), dp * keep_scale, 0.0)
+        keep_scale = drop[4]
+        dp = ct.where(_keep_tile(drop, rows_first, j * TILE_N, TILE_M, TILE_N, False), dp * keep_scale, 0.0)
     ds = p * (dp - delta)  # [TILE_M, TILE_N]
     return ct.mma(ds.astype(q.dtype), k, dq)  # [TILE_M, D]
 
@@ -311,7 +318,7 @@ def attn_bwd_dq_kernel_body(
     bias = _exp2_bias(STATS, b, h, m_blk, qk_scale_log2, TILE_M).reshape((TILE_M, 1))  # [TILE_M, 1]
     drop = None
     if DROPOUT:
-        drop = _dropout(RNG, b * Q.shape[1] + h, drop_threshold, keep_scale)
+        drop = _dropout(RNG, b * Q.shape[1] + h, tq, drop_threshold, keep_scale)
 
     first_key = m_blk * TILE_M + tk - tq
     rows = first_key + ct.arange(TILE_M, dtype=ct.int32)[:, None]  # [TILE_M, 1]
@@ -319,12 +326,16 @@ def attn_bwd_dq_kernel_body(
     n_full = (first_key + 1) // TILE_N
     n_all = ct.cdiv(min(first_key + TILE_M, tk), TILE_N)
     for j in range(n_all):
-        dq = _dq_step(q, do, bias, delta, K, V, b, h, j, rows, dq, qk_scale_log2, j >= n_full, D, TILE_M, TILE_N, drop)
+        dq = _dq_step(
+            q, do, bias, delta, K, V, b, h, j, rows, first_key, dq, qk_scale_log2, j >= n_full, D, TILE_M, TILE_N, drop
+        )
     dq = dq * qk_scale
     ct.store(DQ, (b, h, m_blk, 0), dq.reshape((1, 1, TILE_M, D)).astype(DQ.dtype))
 
 
-def _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, masked, D, TILE_M, TILE_N, drop):
+def _dkv_step(
+    k, v, Q, DO, STATS, DELTA, b, h, i, keys, keys_first, dk, dv, qk_scale_log2, masked, D, TILE_M, TILE_N, drop
+):
     """One query tile i against this block's key tile; everything transposed: [TILE_N, TILE_M]."""
     q = ct.load(Q, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
     do = ct.load(DO, (b, h, i, 0), (1, 1, TILE_M, D), padding_mode=ZERO, latency=2).reshape((TILE_M, D))
@@ -337,8 +348,8 @@ def _dkv_step(k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, m
     p_t = ct.exp2(s_t * qk_scale_log2 - bias, flush_to_zero=True)  # [TILE_N, TILE_M]
     dp_t = ct.mma(v, ct.transpose(do), ct.zeros((TILE_N, TILE_M), dtype=ct.float32))  # [TILE_N, TILE_M]
     if drop is not None:  # the same mask as the forward's, transposed: keys along rows, queries along columns
-        _, _, _, _, keep_scale = drop
-        keep_t = _keep(drop, qpos, keys)  # [TILE_N, TILE_M]
+        keep_scale = drop[4]
+        keep_t = _keep_tile(drop, i * TILE_M, keys_first, TILE_M, TILE_N, True)  # [TILE_N, TILE_M]
         dv = ct.mma(ct.where(keep_t, p_t * keep_scale, 0.0).astype(q.dtype), do, dv)  # [TILE_N, D]
         dp_t = ct.where(keep_t, dp_t * keep_scale, 0.0)
     else:
@@ -381,7 +392,7 @@ def attn_bwd_dkdv_kernel_body(
     dv = ct.zeros((TILE_N, D), dtype=ct.float32)
     drop = None
     if DROPOUT:
-        drop = _dropout(RNG, b * Q.shape[1] + h, drop_threshold, keep_scale)
+        drop = _dropout(RNG, b * Q.shape[1] + h, t, drop_threshold, keep_scale)
 
     n_q = ct.cdiv(t, TILE_M)
     first = (n_blk * TILE_N) // TILE_M  # first query tile with a row at or after this key tile
@@ -389,7 +400,25 @@ def attn_bwd_dkdv_kernel_body(
     unmasked = min(ct.cdiv(n_blk * TILE_N + TILE_N - 1, TILE_M), n_q)
     for i in range(first, n_q):
         dk, dv = _dkv_step(
-            k, v, Q, DO, STATS, DELTA, b, h, i, keys, dk, dv, qk_scale_log2, i < unmasked, D, TILE_M, TILE_N, drop
+            k,
+            v,
+            Q,
+            DO,
+            STATS,
+            DELTA,
+            b,
+            h,
+            i,
+            keys,
+            n_blk * TILE_N,
+            dk,
+            dv,
+            qk_scale_log2,
+            i < unmasked,
+            D,
+            TILE_M,
+            TILE_N,
+            drop,
         )
     dk = dk * qk_scale
     ct.store(DK, (b, h, n_blk, 0), dk.reshape((1, 1, TILE_N, D)).astype(DK.dtype))
@@ -664,6 +693,34 @@ def _backward(ctx, do, _dstats):
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The eager path: autograd calls the launch helpers directly, without the custom operators' dispatch
+    (their Python layers cost more host time than the kernels take at small sizes). Code being traced
+    (torch.compile, export) and tensor subclasses take the operators (`_eager` decides)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rng, scale, dropout_p):
+        o, stats = attention_forward(q, k, v, scale=scale, dropout_p=dropout_p, rng=rng)
+        ctx.save_for_backward(q, k, v, o, stats, rng)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, stats, rng = ctx.saved_tensors
+        dq, dk, dv = attention_backward(q, k, v, o, stats, do, scale=ctx.scale, dropout_p=ctx.dropout_p, rng=rng)
+        return dq, dk, dv, None, None, None
+
+
+def _eager(*tensors: torch.Tensor) -> bool:
+    """Whether a call may skip the custom operators: not traced, and plain CUDA tensors (a FakeTensor or
+    another subclass must see the operator)."""
+    return not torch.compiler.is_compiling() and all(type(t) in _PLAIN and t.is_cuda for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -692,4 +749,9 @@ def causal_attention(
         )
     if dropout_p > 0 and rng is None:
         rng = dropout_rng(q.device)
-    return attention_fwd_op(q, k, v, rng, float(scale), float(dropout_p))[0]
+    scale, dropout_p = float(scale), float(dropout_p)
+    if not _eager(q, k, v):
+        return attention_fwd_op(q, k, v, rng, scale, dropout_p)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(q, k, v, rng, scale, dropout_p)
+    return attention_forward(q, k, v, scale=scale, dropout_p=dropout_p, rng=rng)[0]

@@ -378,18 +378,28 @@ def layer_norm_forward(x2, weight, bias, *, eps: float, tiles: LNTiles | None = 
     return y, stats
 
 
-def layer_norm_backward(x2, weight, stats, dy2, *, bias_dtype: torch.dtype | None, tiles: LNTiles | None = None):
-    """Returns dx (M, N) in x's dtype, dweight in the weight's dtype (None without a weight) and dbias in
-    `bias_dtype` (None without a bias)."""
+def layer_norm_backward(
+    x2,
+    weight,
+    stats,
+    dy2,
+    *,
+    bias_dtype: torch.dtype | None,
+    weight_grad: bool = True,
+    tiles: LNTiles | None = None,
+):
+    """Returns dx (M, N) in x's dtype, dweight in the weight's dtype (None without a weight, or when not
+    `weight_grad`) and dbias in `bias_dtype` (None when bias_dtype is None: no bias, or none wanted)."""
     m, n = x2.shape
     dev = x2.get_device()
     tiles = tiles or _table_tiles(dev, n)
     dx, parts = bwd_outputs(x2, bwd_blocks(m, tiles, sm_count(dev)))
     has_bias = bias_dtype is not None
     launch(bwd_spec(x2, weight, dy2, stats, dx, parts, has_bias=has_bias, tiles=tiles), dev)
-    if weight is None and not has_bias:
+    weight_grad = weight_grad and weight is not None
+    if not weight_grad and not has_bias:  # the column sums' kernel is skipped: nothing wants them
         return dx, None, None
-    dw = None if weight is None else torch.empty(n, device=x2.device, dtype=weight.dtype)
+    dw = torch.empty(n, device=x2.device, dtype=weight.dtype) if weight_grad else None
     db = torch.empty(n, device=x2.device, dtype=bias_dtype) if has_bias else None
     launch(colsum_spec(parts, dw, db), dev)
     return dx, dw, db
@@ -468,6 +478,39 @@ def _check(x, weight, bias):
         raise ValueError("cuTile layer_norm got an empty tensor")
 
 
+class _EagerLayerNorm(torch.autograd.Function):
+    """The eager path: autograd calls the launch helpers directly, without the custom operators' dispatch
+    (their Python layers cost more host time than the kernels take at small sizes), and skips the
+    gradients nobody asked for. Traced code and tensor subclasses take the operators (`_eager` decides)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, stats = layer_norm_forward(_rows(x, x.shape[-1]), weight, bias, eps=eps)
+        ctx.save_for_backward(x, weight, stats)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, stats = ctx.saved_tensors
+        n = x.shape[-1]
+        _, want_w, want_b, _ = ctx.needs_input_grad
+        bias_dtype = ctx.bias_dtype if want_b else None
+        dx, dw, db = layer_norm_backward(
+            _rows(x, n), weight, stats, _rows(dy, n), bias_dtype=bias_dtype, weight_grad=want_w
+        )
+        return dx.view(dy.shape), dw, db, None
+
+
+def _eager(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call may skip the custom operators: not traced, and plain CUDA tensors (a FakeTensor or
+    another subclass must see the operator)."""
+    return not torch.compiler.is_compiling() and all(t is None or (type(t) in _PLAIN and t.is_cuda) for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
 ) -> torch.Tensor:
@@ -475,4 +518,10 @@ def layer_norm(
     _check(x, weight, bias)
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    return layer_norm_fwd_op(x, weight, bias, float(eps))[0]
+    eps = float(eps)
+    if not _eager(x, weight, bias):
+        return layer_norm_fwd_op(x, weight, bias, eps)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _EagerLayerNorm.apply(x, weight, bias, eps)
+    y, _ = layer_norm_forward(_rows(x, x.shape[-1]), weight, bias, eps=eps)
+    return y.view(x.shape)

@@ -56,7 +56,9 @@ def run_cases(rec: Recorder, p: BenchParams, checkpoint: dict, config: GPTConfig
     """Every row of the cases asked for into `rec`; returns the profiles (by backend) when one was asked for."""
     if "kernels" in p.cases:
         kernel_dtypes = list(dict.fromkeys(resolve_dtype(d, device) for d in p.kernel_dtypes))
-        kernel_bench.kernel_rows(rec, config, p.kernel_shapes, p.model_batch, p.gpt2_batch, kernel_dtypes)
+        kernel_bench.kernel_rows(
+            rec, config, p.kernel_shapes, p.model_batch, p.gpt2_batch, kernel_dtypes, dropout_p=config.dropout
+        )
     if "train" in p.cases:
         model_bench.train_step_rows(rec, checkpoint, p.model_batch, dtype, p.backends, p.compile)
     if "inference" in p.cases:
