@@ -69,7 +69,8 @@ class TrainParams(Section):
     backend: Literal["torch", "cutile"] = "torch"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    compile: bool = False
+    # torch.compile the model: true (Inductor's default mode) or reduce-overhead (its CUDA graphs as well)
+    compile: Literal[False, True, "reduce-overhead"] = False
     # The whole optimizer step captured once as a CUDA graph and replayed (gptcore/train_graph.py). Checked
     # against compile and dtype here, against the device and the number of processes by the Trainer.
     cuda_graph: bool = False
@@ -94,9 +95,11 @@ class TrainParams(Section):
     @field_validator("cuda_graph")
     @classmethod
     def graph_fits_the_other_settings(cls, on: bool, info: ValidationInfo) -> bool:
-        if on and info.data.get("compile"):
+        compile_setting = info.data.get("compile")
+        if on and compile_setting:
+            shown = "true" if compile_setting is True else compile_setting
             raise ValueError(
-                "cannot be combined with train.compile: true (the graph records the eager model's "
+                f"cannot be combined with train.compile: {shown} (the graph records the eager model's "
                 "kernels; compiling inside a capture is not supported here); switch one of them off"
             )
         dtype = info.data.get("dtype")

@@ -400,6 +400,7 @@ class Trainer:
             grad_clip=p.grad_clip,
             scaler=state.scaler,
             distributed=self.d.world_size > 1,
+            compile_mode="reduce-overhead" if p.compile == "reduce-overhead" else None,
         )
 
     def train_iteration(self, step: TrainStep, state: RunState, lr: float) -> float:

@@ -43,8 +43,10 @@ class EagerTrainStep:
         micro_steps: int,
         grad_clip: float,
         distributed: bool,
+        mark_steps: bool = False,
     ):
         self.model, self.forward, self.optimizer, self.scaler = model, forward, optimizer, scaler
+        self.mark_steps = mark_steps  # reduce-overhead: each micro-step starts a new round of graph replays
         self.device = next(model.parameters()).device
         self.dtype, self.micro_steps, self.grad_clip, self.distributed = dtype, micro_steps, grad_clip, distributed
 
@@ -55,6 +57,8 @@ class EagerTrainStep:
         for micro in range(self.micro_steps):
             last = micro == self.micro_steps - 1
             no_sync = self.forward.no_sync() if self.distributed and not last else contextlib.nullcontext()
+            if self.mark_steps:  # the previous micro-step's outputs are consumed: their graph memory may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             with no_sync, autocast(self.device, self.dtype):
                 _, loss = self.forward(xs[micro], ys[micro])
                 loss = loss / self.micro_steps
@@ -86,6 +90,7 @@ def make_train_step(
     grad_clip: float,
     scaler: torch.amp.GradScaler | None = None,
     distributed: bool = False,
+    compile_mode: str | None = None,
 ) -> TrainStep:
     """The training step of `model` (as built: not compiled, not wrapped) with `optimizer`.
 
@@ -93,7 +98,8 @@ def make_train_step(
     CUDA graph after its warm-up steps; the optimizer must be capturable, and ValueError says what else
     it refuses). `batch_size`, `block_size`: the micro-batches' shape, which the graph fixes. `scaler`: the
     run's GradScaler (it is saved with the run); a fresh one for `dtype` when None. `distributed`: wrap
-    the model in DDP (this process is one of a torchrun launch)."""
+    the model in DDP (this process is one of a torchrun launch). `compile_mode`: torch.compile's mode in
+    "compile" (None: its default; "reduce-overhead" adds its CUDA graphs)."""
     if mode == "graph":
         if distributed:
             raise ValueError("the graphed step runs in one process: DDP's gradient all-reduce is not captured")
@@ -109,7 +115,7 @@ def make_train_step(
     if mode not in ("eager", "compile"):
         raise ValueError(f"mode must be 'eager', 'compile' or 'graph', got {mode!r}")
     device = next(model.parameters()).device
-    forward = torch.compile(model) if mode == "compile" else model
+    forward = torch.compile(model, mode=compile_mode) if mode == "compile" else model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -123,4 +129,5 @@ def make_train_step(
         micro_steps=micro_steps,
         grad_clip=grad_clip,
         distributed=distributed,
+        mark_steps=mode == "compile" and compile_mode == "reduce-overhead",
     )

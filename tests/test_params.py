@@ -61,6 +61,7 @@ def test_unknown_section_and_min_lr_above_lr():
     "other,message",
     [
         ({"compile": True}, r"train\.cuda_graph: .*cannot be combined with train\.compile: true"),
+        ({"compile": "reduce-overhead"}, r"cannot be combined with train\.compile: reduce-overhead"),
         ({"dtype": "float16"}, r"train\.cuda_graph: .*cannot be combined with train\.dtype: float16"),
     ],
 )
@@ -74,6 +75,16 @@ def test_cuda_graph_conflicts_are_refused_when_params_load(other, message):
     parse_params(raw)  # the other setting alone is fine
     raw["train"].update(cuda_graph=True, compile=False, dtype="bfloat16")
     assert parse_params(raw).train.cuda_graph is True
+
+
+@pytest.mark.parametrize("setting", [False, True, "reduce-overhead"])
+def test_train_compile_is_off_on_or_reduce_overhead(setting):
+    raw = defaults()
+    raw["train"]["compile"] = setting
+    assert parse_params(raw).train.compile == setting
+    raw["train"]["compile"] = "max-speed"
+    with pytest.raises(ParamsError, match=r"train\.compile: .*reduce-overhead"):
+        parse_params(raw)
 
 
 def test_missing_file(tmp_path):

@@ -56,13 +56,14 @@ def train_step(
     device: torch.device,
     dtype: torch.dtype,
     batch: int,
-    use_compile: bool = False,
+    use_compile: bool | str = False,
     graph: bool = False,
 ) -> Callable[[], object]:
     """One training step as the train stage runs it (gptcore.train_step.make_train_step): forward and
     loss under autocast, backward, gradient clipping at 1.0, fused AdamW on CUDA; eagerly, compiled, or
     captured as one CUDA graph (past its eager warm-up steps and the capture, so that only replays are
-    timed). Random tokens: the data does not change the time. Raises Skip when it cannot run here."""
+    timed). `use_compile`: True, or torch.compile's mode ("reduce-overhead"). Random tokens: the data does
+    not change the time. Raises Skip when it cannot run here."""
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
     lr = 1e-4
     if graph:
@@ -83,6 +84,7 @@ def train_step(
             batch_size=batch,
             block_size=config.block_size,
             grad_clip=1.0,
+            compile_mode=use_compile if isinstance(use_compile, str) else None,
         )
     except ValueError as e:  # a setting the graphed step refuses (float16), with its reason
         raise Skip(str(e)) from None
@@ -103,8 +105,9 @@ def train_step_rows(
     backends: list[str],
     compile_setting: bool | str = "auto",
 ) -> None:
-    """The training step (`train_step`) eagerly, compiled, and captured as one CUDA graph (`+graph`), per
-    backend. `compile_setting` (bench.compile): True, False, or "auto" (on CUDA only)."""
+    """The training step (`train_step`) eagerly, compiled (Inductor's default mode and reduce-overhead), and
+    captured as one CUDA graph (`+graph`), per backend. `compile_setting` (bench.compile): True, False, or
+    "auto" (on CUDA only)."""
     device = rec.device
     compile_on = compile_setting is True or (compile_setting == "auto" and device.type == "cuda")
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
@@ -113,9 +116,11 @@ def train_step_rows(
     rows = [
         ("torch eager", "torch", False, False),
         ("torch compile", "torch", True, False),
+        ("torch compile reduce-overhead", "torch", "reduce-overhead", False),
         ("torch eager+graph", "torch", False, True),
         ("cutile", "cutile", False, False),
         ("cutile compile", "cutile", True, False),
+        ("cutile compile reduce-overhead", "cutile", "reduce-overhead", False),
         ("cutile+graph", "cutile", False, True),
     ]
     for impl, backend, use_compile, graph in rows:
