@@ -9,7 +9,8 @@ and a probability's draw is a short mix of R ^ C: two multiplies and an xorshift
 probability with its compare and select, against 13 for a full hash per probability. The final mix is what
 makes two rows' (or two columns') masks independent: a single multiply leaves pairs of rows whose masks
 agree far more often than chance (tests/test_dropout.py measures every pair). A draw at or above the
-threshold round(p * 2^32) keeps, so the drop probability is p to 2^-33.
+threshold round(p * 2^32) keeps, so the drop probability is p to 2^-33. Rows are counted head * T + query in
+32 bits, distinct up to B * H * T = 2^31 rows a call.
 
 The keys come from the default CUDA generator, so a run is reproducible from its RNG state
 (torch.manual_seed, a checkpoint) and every replay of a captured CUDA graph draws new ones.
