@@ -5,21 +5,24 @@
     torchrun --nproc_per_node=2 -m stages.train              # data-parallel (NCCL on GPUs, gloo on CPU)
 
 Everything that can be checked (params, data, backend, the resume state) is checked before anything is
-written. The run's best checkpoint replaces out/ckpt.pt, with its manifest, metrics and plot, only when the
-run ends: a failed or interrupted run leaves the previous ones as they were (out/last.pt, the resume
-state, is written at every evaluation). One train runs in a folder at a time: a second is refused, naming
-the first (stage.workspace_lock); a run starts by removing what a killed one left half-done.
+written. The run's best checkpoint replaces out/ckpt.pt, with its manifest, metrics and plots (the loss CSV
+and its picture, plots/loss.png), only when the run ends: a failed or interrupted run leaves the previous ones
+as they were (out/last.pt, the resume state, is written at every evaluation). One train runs in a folder at a
+time: a second is refused, naming the first (stage.workspace_lock); a run starts by removing what a killed
+one left half-done.
 """
 
 from pathlib import Path
 
-from gptcore import data, stage
+from gptcore import data, plots, stage
 from gptcore.files import sha256_file
 from gptcore.manifest import write_manifest
 from gptcore.train import Dist, Trainer, init_distributed, shutdown_distributed
 
 SECTION = "train"
 SECTIONS = ["data", "model", "train"]
+LOSS_CSV = Path("plots") / "train_loss.csv"
+LOSS_PNG = Path("plots") / "loss.png"
 
 
 def main(argv=None) -> int:
@@ -76,7 +79,8 @@ def main(argv=None) -> int:
                 "n_params": result.n_params,
             }
             stage.write_metrics("train", metrics, root)
-            stage.write_plot(root / "plots" / "train_loss.csv", result.history)
+            stage.write_plot(root / LOSS_CSV, result.history)
+            plots.write_loss_curve(root / LOSS_CSV, root / LOSS_PNG)
             run.set_tags(
                 {
                     "checkpoint.sha256": sha256_file(ckpt_file),
@@ -89,6 +93,7 @@ def main(argv=None) -> int:
             )
             run.log_metrics(metrics)
             run.log_artifact(ckpt_file.with_suffix(".json"))
+            run.log_artifact(root / LOSS_PNG)
         return 0
     finally:
         shutdown_distributed()
