@@ -41,10 +41,15 @@ def main(argv=None) -> int:
             if trainer.resumed_run_id:
                 run.set_tags({"resumed_from": trainer.resumed_run_id})
 
-            def on_eval(it, losses, lr):
-                run.log_metrics({"train_loss": losses["train"], "val_loss": losses["val"], "lr": lr}, step=it)
+            # train_loss (this iteration's), lr and tokens/s every log interval; at evaluations the val loss
+            # and the train loss measured the same way (eval_train_loss: over eval_iters batches)
+            def on_log(it, loss, lr, tokens_per_sec):
+                run.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec}, step=it)
 
-            result = trainer.run(on_eval=on_eval)
+            def on_eval(it, losses, lr):
+                run.log_metrics({"val_loss": losses["val"], "eval_train_loss": losses["train"]}, step=it)
+
+            result = trainer.run(on_eval=on_eval, on_log=on_log)
             ckpt_file = Path(result.checkpoint).resolve()
             ckpt_rel = ckpt_file.relative_to(root).as_posix() if ckpt_file.is_relative_to(root) else str(ckpt_file)
             if trainer.improved:  # a new ckpt.pt: its manifest (sha256, size, this run, the commit, what made it)
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
                     "data.sha256": trainer.data_sha256,
                 }
             )
-            run.log_metrics(metrics)
+            run.log_metrics(metrics, step=result.iterations)  # the run's figures at its last iteration
             run.log_artifact(ckpt_file.with_suffix(".json"))
             run.log_artifact(root / LOSS_PNG)
         return 0
