@@ -1,5 +1,6 @@
 """Train stage: train the GPT on the prepared data; keep the best-val checkpoint and its manifest
-(out/ckpt.json: sha256, MLflow run, git commit, config, vocabulary, data; see gptcore/manifest.py); log to MLflow.
+(out/ckpt.json: sha256, MLflow run, git commit, config, vocabulary, data; see gptcore/manifest.py); log to
+MLflow, the checkpoint as the run's logged model (its path and sha256; the weights stay DVC's).
 
     python -m stages.train [--set train.max_iters=100]        # one process
     torchrun --nproc_per_node=2 -m stages.train              # data-parallel (NCCL on GPUs, gloo on CPU)
@@ -14,6 +15,8 @@ one left half-done.
 
 from pathlib import Path
 
+import yaml
+
 from gptcore import data, plots, stage
 from gptcore.files import sha256_file
 from gptcore.manifest import write_manifest
@@ -23,6 +26,54 @@ SECTION = "train"
 SECTIONS = ["data", "model", "train"]
 LOSS_CSV = Path("plots") / "train_loss.csv"
 LOSS_PNG = Path("plots") / "loss.png"
+MODEL_TYPE = "gpt2"  # the logged model's type in MLflow: what its weights are, for searching and comparing
+
+
+def dvc_artifact(root: Path, path: str) -> str | None:
+    """The name of the artifact that <root>/dvc.yaml declares at `path` (out/ckpt.pt: gptcore-char), or None
+    (no dvc.yaml here, or none declared there)."""
+    try:
+        declared = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")).get("artifacts") or {}
+    except (OSError, AttributeError, yaml.YAMLError):
+        return None
+    return next((name for name, a in declared.items() if isinstance(a, dict) and a.get("path") == path), None)
+
+
+def log_checkpoint_model(run, root: Path, manifest: dict, result) -> None:
+    """The new best checkpoint as the run's logged model: its path, sha256 and DVC artifact, never its bytes
+    (DVC keeps those), and best_val_loss at the iteration it was saved."""
+    path, sha256 = manifest["path"], manifest["sha256"]
+    manifest_file = Path(path).with_suffix(".json").as_posix()
+    artifact = dvc_artifact(root, path)
+    kept = f"the DVC artifact {artifact} (dvc artifacts get REPO {artifact})" if artifact else "DVC"
+    tags = {
+        "checkpoint.path": path,
+        "checkpoint.sha256": sha256,
+        "checkpoint.bytes": manifest["bytes"],
+        "checkpoint.manifest": manifest_file,
+        "git.commit": manifest["git_commit"],
+        # the description MLflow's UI shows on the model's page
+        "mlflow.note.content": f"The best checkpoint (iteration {result.best_iter}) of this train run: {path}, "
+        f"sha256 {sha256}, kept by {kept}; its manifest is {manifest_file}.",
+    }
+    if artifact:
+        tags["dvc.artifact"] = artifact
+    if manifest.get("dvc_exp_name"):
+        tags["dvc.exp_name"] = manifest["dvc_exp_name"]
+    params = {
+        **manifest["model_config"],
+        "n_params": result.n_params,
+        "corpus": manifest["data"]["corpus"],
+        "tokenizer": manifest["data"]["tokenizer"],
+    }
+    run.log_model(
+        artifact or Path(path).stem,
+        step=result.best_iter,
+        params=params,
+        tags=tags,
+        metrics={"best_val_loss": result.best_val_loss},
+        model_type=MODEL_TYPE,
+    )
 
 
 def main(argv=None) -> int:
@@ -52,8 +103,9 @@ def main(argv=None) -> int:
             result = trainer.run(on_eval=on_eval, on_log=on_log)
             ckpt_file = Path(result.checkpoint).resolve()
             ckpt_rel = ckpt_file.relative_to(root).as_posix() if ckpt_file.is_relative_to(root) else str(ckpt_file)
+            manifest = None
             if trainer.improved:  # a new ckpt.pt: its manifest (sha256, size, this run, the commit, what made it)
-                write_manifest(
+                manifest = write_manifest(
                     ckpt_file,
                     dvc_stage="train",
                     mlflow_run_id=run.run_id,
@@ -96,7 +148,13 @@ def main(argv=None) -> int:
                     "data.sha256": trainer.data_sha256,
                 }
             )
-            run.log_metrics(metrics, step=result.iterations)  # the run's figures at its last iteration
+            # The run's figures at its last iteration; best_val_loss at the best one, with the checkpoint saved there
+            summary = {k: v for k, v in metrics.items() if k != "best_val_loss"}
+            run.log_metrics(summary, step=result.iterations)
+            if manifest:
+                log_checkpoint_model(run, root, manifest, result)
+            else:  # a resumed run that found no better checkpoint: ckpt.pt is still the earlier run's model
+                run.log_metrics({"best_val_loss": result.best_val_loss}, step=result.best_iter)
             run.log_artifact(ckpt_file.with_suffix(".json"))
             run.log_artifact(root / LOSS_PNG)
         return 0
