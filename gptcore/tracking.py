@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -189,16 +190,17 @@ def experiment_id(client, name: str, uri: str) -> str:
 
 def repoint(uri: str, name: str, exp_id: str, old: str, new: str) -> None:
     """Move the artifact root of a SQLite store's experiment, and of its runs, from `old` to `new` (MLflow's
-    API cannot change an experiment's artifact location)."""
+    API cannot change an experiment's artifact location), and of its logged models."""
     import sqlite3
 
     with contextlib.closing(sqlite3.connect(sqlite_file(uri), timeout=30)) as db, db:
         db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, int(exp_id)))
-        db.execute(
-            "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?)"
-            " WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
-            (new, len(old) + 1, int(exp_id), len(old) + 1, old + "/"),
-        )
+        for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+            db.execute(
+                f"UPDATE {table} SET {column} = ? || substr({column}, ?)"
+                f" WHERE experiment_id = ? AND substr({column}, 1, ?) = ?",
+                (new, len(old) + 1, int(exp_id), len(old) + 1, old + "/"),
+            )
     print(f"note: MLflow experiment {name!r} now keeps its artifacts in {new} (copied or moved from {old})")
 
 
@@ -234,21 +236,60 @@ def flatten(prefix: str, value) -> dict[str, object]:
     return {prefix: value}
 
 
+def log_external_model(client, exp_id: str, run_id: str, model: dict) -> str:
+    """A LoggedModel of run `run_id` whose weights stay outside MLflow (a DVC-tracked file its tags name), as
+    MLflow 3's `mlflow.create_external_model` makes one, but on this client's store (the fluent API logs to
+    the process's global one): created, given the MLmodel file that lets the registry take it, READY, its
+    metrics logged to the run at `step` and linked to it, and the run's output. Returns the model's id.
+    `model` is a record of `StageRun.log_model`."""
+    from mlflow.entities import LoggedModelOutput, Metric
+    from mlflow.models.model import MLMODEL_FILE_NAME
+    from mlflow.models.utils import get_external_mlflow_model_spec
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+
+    logged = client.create_logged_model(
+        exp_id,
+        name=model["name"],
+        source_run_id=run_id,
+        tags={**model["tags"], MLFLOW_MODEL_IS_EXTERNAL: "true"},
+        params=model["params"],
+        model_type=model.get("model_type"),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        get_external_mlflow_model_spec(logged).save(os.path.join(tmp, MLMODEL_FILE_NAME))
+        client.log_model_artifacts(logged.model_id, tmp)
+    client.finalize_logged_model(logged.model_id, "READY")
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, model["step"], model_id=logged.model_id) for k, v in model["metrics"].items()]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, model["step"])])
+    return logged.model_id
+
+
 class StageRun:
     """The MLflow run of one stage execution. Stages log through this object, not mlflow directly: it keeps
     every record too, so that without a store (GPTCORE_MLFLOW=off: the GPU box has no MLflow) or when the
     store fails, the records go to a JSON file (`offline_path`) instead of being lost."""
 
     def __init__(
-        self, stage: str, name: str, client=None, run_id: str | None = None, offline_path: Path | None = None, uri=""
+        self,
+        stage: str,
+        name: str,
+        client=None,
+        run_id: str | None = None,
+        offline_path: Path | None = None,
+        uri="",
+        experiment_id: str | None = None,
     ):
         self.stage = stage
         self.name = name
         self._client = client
         self._run_id = run_id
         self._uri = uri
+        self._experiment_id = experiment_id
         self.offline_path = offline_path
-        self.records: dict = {"params": {}, "metrics": [], "tags": {}, "artifacts": []}
+        self.records: dict = {"params": {}, "metrics": [], "tags": {}, "artifacts": [], "models": []}
 
     @property
     def run_id(self) -> str:
@@ -318,6 +359,28 @@ class StageRun:
         self._call(lambda: self._client.log_artifact(self._run_id, str(path)))
         self.records["artifacts"].append(str(path))
 
+    def log_model(
+        self, name: str, step: int, params: dict, tags: dict, metrics: dict, model_type: str | None = None
+    ) -> None:
+        """A logged model of this run (MLflow 3) whose weights are a file outside MLflow that `tags` name (its
+        path and sha256): no copy of them goes into the store. `metrics` are logged at `step`, linked to the
+        model as well as the run. Offline, the record keeps it and `import` creates it."""
+        numeric = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        model = {
+            "name": name,
+            "model_type": model_type,
+            "step": step,
+            "params": {k: str(v) for k, v in params.items()},
+            "tags": {k: str(v) for k, v in tags.items()},
+            "metrics": numeric,
+        }
+        self._call(lambda: log_external_model(self._client, self._experiment_id, self._run_id, model))
+        self.records["models"].append(model)
+
     def log_text(self, text: str, name: str):
         self._call(lambda: self._client.log_text(self._run_id, text, name))
         self.records["artifacts"].append(name)
@@ -349,7 +412,7 @@ def open_run(stage: str, name: str, uri: str, experiment: str, tags: dict) -> St
         run = StageRun(stage, name, uri=uri)
         run.go_offline(e, "cannot be used")
         return run
-    return StageRun(stage, name, client, active.info.run_id, uri=uri)
+    return StageRun(stage, name, client, active.info.run_id, uri=uri, experiment_id=exp_id)
 
 
 @contextmanager
@@ -429,8 +492,40 @@ def record_problem(record) -> str | None:
     artifacts = record.get("artifacts", [])
     if not isinstance(artifacts, list) or not all(isinstance(a, str) for a in artifacts):
         return f"artifacts is {_shown(artifacts)}, not a list of names"
+    models = record.get("models", [])
+    if not isinstance(models, list):
+        return f"models is {_shown(models)}, not a list"
+    for i, model in enumerate(models):
+        problem = model_problem(model)
+        if problem:
+            return f"models[{i}]{problem}"
     if record.get("status", "FINISHED") not in STATUSES:
         return f"status is {_shown(record['status'])}, not one of {', '.join(STATUSES)}"
+    return None
+
+
+def model_problem(model) -> str | None:
+    """What keeps `model` from being a logged model's record (`StageRun.log_model`), or None; the message
+    follows the model's place in the record."""
+    if not isinstance(model, dict):
+        return f" is {_shown(model)}, not an object"
+    missing = [k for k in ("name", "step", "params", "tags", "metrics") if k not in model]
+    if missing:
+        return f" lacks {missing}"
+    if not isinstance(model["name"], str):
+        return f".name is {_shown(model['name'])}, not a string"
+    if isinstance(model["step"], bool) or not isinstance(model["step"], int):
+        return f".step is {_shown(model['step'])}, not an integer"
+    for key in ("params", "tags"):
+        if not isinstance(model[key], dict) or not all(isinstance(v, str) for v in model[key].values()):
+            return f".{key} is {_shown(model[key])}, not an object of strings"
+    if not isinstance(model["metrics"], dict):
+        return f".metrics is {_shown(model['metrics'])}, not an object"
+    for key, value in model["metrics"].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f".metrics.{key} is {_shown(value)}, not a number"
+    if not isinstance(model.get("model_type"), (str, type(None))):
+        return f".model_type is {_shown(model['model_type'])}, not a string"
     return None
 
 
@@ -460,9 +555,9 @@ def read_record(path: Path) -> dict:
 
 
 def import_offline(path: Path, params: Params, experiment: str | None = None) -> str:
-    """Create one MLflow run from an offline record (params, tags, every metric at its step, its status).
-    Returns the new run id. The record's artifacts are files of the machine that wrote it: they are listed
-    in the `offline.artifacts` tag, not uploaded."""
+    """Create one MLflow run from an offline record (params, tags, every metric at its step, its logged
+    models, its status). Returns the new run id. The record's artifacts are files of the machine that wrote
+    it: they are listed in the `offline.artifacts` tag, not uploaded."""
     record = read_record(path)
     uri = tracking_uri(params)
     try:
@@ -496,6 +591,8 @@ def _import(record: dict, path: Path, uri: str, experiment: str) -> str:
         client.log_batch(run.info.run_id, params=params_[i : i + 100])
     for i in range(0, len(metrics), 1000):
         client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000])
+    for model in record.get("models", []):
+        log_external_model(client, exp_id, run.info.run_id, model)
     client.set_terminated(run.info.run_id, status=record.get("status", "FINISHED"))
     return run.info.run_id
 

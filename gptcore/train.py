@@ -443,17 +443,19 @@ class Trainer:
             mininterval=1.0,
         )
 
-    def show_speed(self, bar: tqdm, loss: float, step_ms: list[float]) -> None:
+    def show_speed(self, bar: tqdm, loss: float, step_ms: list[float]) -> float:
+        """The loss and speed of the last log interval on the bar; returns the tokens/s."""
         steady = statistics.median(step_ms[-self.p.log_interval :])
-        bar.set_postfix(
-            loss=f"{loss:.4f}", ms_iter=f"{steady:.1f}", tok_s=f"{self.tokens_per_iter / steady * 1000:,.0f}"
-        )
+        tokens_per_sec = self.tokens_per_iter / steady * 1000
+        bar.set_postfix(loss=f"{loss:.4f}", ms_iter=f"{steady:.1f}", tok_s=f"{tokens_per_sec:,.0f}")
+        return tokens_per_sec
 
     # ---- the loop -----------------------------------------------------------------------------------
-    def run(self, stop_after: int | None = None, on_eval=None) -> TrainResult:
+    def run(self, stop_after: int | None = None, on_eval=None, on_log=None) -> TrainResult:
         """Train to max_iters (or stop after `stop_after` iterations, as an interruption would).
 
-        `on_eval(it, losses, lr)` is called on the master process after each evaluation.
+        `on_eval(it, losses, lr)` is called on the master process after each evaluation, `on_log(it, loss, lr,
+        tokens_per_sec)` every `log_interval` iterations (this iteration's loss, the interval's speed).
         """
         p = self.p
         state = self.start_state()
@@ -477,7 +479,9 @@ class Trainer:
                 train_losses.append(loss)
                 bar.update(1)
                 if it % p.log_interval == 0 and self.d.master:
-                    self.show_speed(bar, loss, step_ms)
+                    tokens_per_sec = self.show_speed(bar, loss, step_ms)
+                    if on_log:
+                        on_log(it, loss, lr, tokens_per_sec)
         if end == p.max_iters and self.d.master:
             self.improved = self.promote_best()
         return self.result(state, end, step_ms, train_losses)

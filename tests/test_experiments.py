@@ -29,6 +29,7 @@ WATCHED = [
     "metrics/train.json",
     "metrics/bench.json",
     "plots/train_loss.csv",
+    "plots/loss.png",
     "cutile/model.safetensors",
     "samples/samples.txt",
 ]

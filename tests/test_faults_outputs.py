@@ -25,7 +25,15 @@ from gptcore.stage import LOCK_FILE, workspace_lock
 from gptcore.train import LAST_CHECKPOINT, STAGED_CHECKPOINT, Trainer
 
 # What a good run left, which no failing or refused run may change.
-GOOD = ["out/ckpt.pt", "out/ckpt.json", "out/last.pt", "metrics/train.json", "plots/train_loss.csv", "data/train.bin"]
+GOOD = [
+    "out/ckpt.pt",
+    "out/ckpt.json",
+    "out/last.pt",
+    "metrics/train.json",
+    "plots/train_loss.csv",
+    "plots/loss.png",
+    "data/train.bin",
+]
 GOOD_OUT = ["ckpt.json", "ckpt.pt", "last.pt"]
 LONG = ["--set", "train.max_iters=100000", "--set", "train.lr_decay_iters=100000", "--set", "train.eval_interval=5"]
 

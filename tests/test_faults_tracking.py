@@ -139,4 +139,6 @@ def test_a_copied_project_logs_into_its_own_folder(quickstart, tmp_path):
     bench = runs[0]
     assert bench.data.tags["dvc.stage"] == "bench" and bench.info.status == "FINISHED"
     logged = sorted(p.name for p in (copy / "mlruns" / "gptcore" / bench.info.run_id / "artifacts").iterdir())
-    assert logged == ["bench.json", "records.json"]
+    assert logged == ["bench.json", "bench.png", "records.json"]
+    (model,) = client.search_logged_models([experiment.experiment_id])  # train's checkpoint, re-pointed too
+    assert model.artifact_location.startswith(root + "/") and (copy / "mlruns" / "gptcore" / "models").is_dir()

@@ -1,6 +1,7 @@
 """Bench stage: time the cuTile model and kernels against PyTorch on this machine. Writes
 metrics/bench.json (the headline figures per backend), bench/records.json (every row, with the device and
-versions), plots/bench.csv (speed relative to the PyTorch reference) and MLflow metrics.
+versions), plots/bench.csv (speed relative to the PyTorch reference) and its chart plots/bench.png, and MLflow
+metrics.
 
     python -m stages.bench                                           # as `dvc repro` runs it
     GPTCORE_MLFLOW=off python -m stages.bench --preset shakespeare_char --checkpoint out/ckpt.pt
@@ -16,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from gptcore import stage
+from gptcore import plots, stage
 from gptcore.bench import kernels as kernel_bench
 from gptcore.bench import model as model_bench
 from gptcore.bench.profile import format_table
@@ -29,6 +30,7 @@ from gptcore.params import BenchParams
 
 SECTION = "bench"
 PLOT = Path("plots") / "bench.csv"
+CHART = Path("plots") / "bench.png"
 RECORDS = Path("bench") / "records.json"
 
 
@@ -99,7 +101,7 @@ def report(headline: dict, records: list[dict], path: Path) -> int:
     counts = headline["rows"]
     print(
         f"bench: {counts['ok']} measured, {counts['skipped']} skipped, {counts['failed']} failed -> "
-        f"{path}, {RECORDS}, {PLOT}"
+        f"{path}, {RECORDS}, {PLOT}, {CHART}"
     )
     for backend in ("torch", "cutile"):
         decode = headline.get(backend, {}).get("decode_speedup_vs_uncached")
@@ -147,6 +149,7 @@ def main(argv=None) -> int:
         )
         path = stage.write_metrics("bench", headline, root)
         stage.write_plot(root / PLOT, plot_rows(records))
+        plots.write_speed_chart(root / PLOT, root / CHART)
         run.log_metrics({**mlflow_figures(records), **{f"rows_{k}": v for k, v in headline["rows"].items()}})
         run.set_tags(
             {
@@ -158,4 +161,5 @@ def main(argv=None) -> int:
         )
         run.log_artifact(path)
         run.log_artifact(root / RECORDS)
+        run.log_artifact(root / CHART)
     return report(headline, records, path.relative_to(root))
