@@ -16,7 +16,11 @@ STAGES = {
     "bench": "cuTile against PyTorch on this machine: kernels, training step, prefill, decoding",
     "sample": "text from either model: samples/samples.txt",
 }
+COMMANDS = {  # python -m gptcore NAME, besides the stages: {name: its module}
+    "compare": "gptcore.compare",
+}
 TOOLS = {
+    "python -m gptcore compare": "the experiments side by side: params that differ, val loss, ms/iter, verify",
     "python -m gptcore.chat --checkpoint PATH": "talk to a model: it answers each speech you type, streaming",
     "python -m gptcore.presets NAME": "switch params.yaml to a preset (shakespeare_char, gpt2_small, tiny_cpu)",
     "python -m gptcore.release ARTIFACT... vX.Y.Z": "release a version (git tag + dvc push); --list lists them",
@@ -44,6 +48,8 @@ def main(argv: list[str]) -> int:
         print(usage())
         return 0
     name = argv[0]
+    if name in COMMANDS:
+        return importlib.import_module(COMMANDS[name]).main(argv[1:])
     if name not in STAGES:
         print(f"error: unknown stage {name!r}: expected one of {', '.join(STAGES)}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -124,8 +124,8 @@ def producing_stages(root: Path, paths: list[str]) -> list[str]:
 
 def check_pipeline(root: Path, paths: list[str]) -> None:
     """`dvc status --with-deps` of the stages that made the artifacts' files: each, and everything upstream,
-    must be as dvc.lock records, its outputs in the cache (always-changed stages such as bench aside,
-    which never settle)."""
+    must be as dvc.lock records, its outputs in the cache (a stage marked `always_changed` aside, which never
+    settles)."""
     proc = _run(_dvc("status", "--json", "--with-deps", *producing_stages(root, paths)), root)
     try:
         status = json.loads(proc.stdout or "{}")

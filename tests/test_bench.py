@@ -106,10 +106,11 @@ def test_the_bench_times_the_training_step_of_the_trainer(monkeypatch):
     assert any(not torch.equal(t, before[name]) for name, t in step.model.state_dict().items())
 
 
-def test_dvc_stage_reruns_on_every_machine_and_declares_its_outputs():
+def test_dvc_stage_reruns_when_its_inputs_change_and_declares_its_outputs():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     b = stages["bench"]
-    assert b["always_changed"] is True
+    assert "always_changed" not in b  # `dvc repro` on an unchanged project runs nothing (test_pipeline)
+    assert "${bench.checkpoint}" in b["deps"] and "gptcore/stages/bench.py" in b["deps"] and b["params"] == ["bench"]
     assert any("metrics/bench.json" in m for m in b["metrics"])
     plot = next(p["plots/bench.csv"] for p in b["plots"] if "plots/bench.csv" in p)
     assert (plot["x"], plot["y"], plot["cache"]) == ("speedup", "benchmark", False)
@@ -142,7 +143,6 @@ def test_bench_stage_on_cpu(tmp_path):
     m = json.loads((proj / "metrics" / "bench.json").read_text())
     saved = json.loads((proj / "bench" / "records.json").read_text())
     assert saved["environment"]["device"] and saved["environment"]["torch"] == torch.__version__
-    assert m["rows"]["failed"] == 0 and m["rows"]["ok"] > 0
     records = saved["records"].values()
     measured = [r for r in records if r["status"] == "ok"]
     skipped = [r for r in records if r["status"] == "skipped"]
@@ -159,8 +159,8 @@ def test_bench_stage_on_cpu(tmp_path):
     cutile = [r for r in records if r["implementation"].startswith("cutile")]
     # kernels 4, train_step 4 (eager, compiled, compiled reduce-overhead, +graph), prefill 1, decode 3
     assert len(cutile) == 4 + 4 + 1 + 3 and all(r in skipped and r["reason"] for r in cutile)
-    assert m["torch"]["decode_speedup_vs_uncached"] > 0 and m["torch"]["train_step_ms"] > 0
-    assert "cutile" not in m  # every cuTile row was skipped: no figure, not a zero
+    assert m["torch_decode_ms"] > 0 and m["torch_step_ms"] > 0 and "x the tokens/s of uncached" in out.stdout
+    assert not any(k.startswith("cutile") for k in m)  # every cuTile row was skipped: no figure, not a zero
     assert all(r["device"] and r["torch"] == torch.__version__ and r["commit"] for r in records)
 
     plot = (proj / "plots" / "bench.csv").read_text().splitlines()

@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 import pytest
-from pipeline_helpers import env_for, make_project, run
+from pipeline_helpers import digests, env_for, make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +35,13 @@ def test_dvc_repro_runs_the_pipeline(project):
 
 def test_second_repro_does_nothing(project):
     proj, _ = project
+    recorded = digests(proj, ["dvc.lock", "metrics", "bench", "plots"])
     out = run([sys.executable, "-m", "dvc", "repro"], proj, timeout=900)
-    # bench measures the machine, so it is `always_changed`; every other stage is cached.
+    rerun = [line for line in out.stdout.splitlines() if line.startswith("Running stage")]
+    assert rerun == [], out.stdout  # bench too: it reruns when its code, params or checkpoint change
+    assert digests(proj, ["dvc.lock", "metrics", "bench", "plots"]) == recorded
+    # Asked to re-measure (README "Benchmarks"): bench alone reruns.
+    out = run([sys.executable, "-m", "dvc", "repro", "-f", "-s", "bench"], proj, timeout=900)
     rerun = [line for line in out.stdout.splitlines() if line.startswith("Running stage")]
     assert rerun == ["Running stage 'bench':"], out.stdout
 

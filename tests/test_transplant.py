@@ -288,7 +288,8 @@ def test_transplant_stage_writes_metrics_and_stops_cleanly_on_a_bad_checkpoint(r
 def test_dvc_stages_track_the_right_things():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert "${transplant.source}" in stages["transplant"]["deps"]  # a new checkpoint reruns transplant onwards
-    assert stages["verify"]["params"] == ["verify"]  # a tolerance change reruns verify alone
+    # a tolerance change reruns verify alone; the other two are the folders it reads
+    assert stages["verify"]["params"] == ["verify", "data.out_dir", "transplant.out_dir"]
     assert "${transplant.out_dir}/model.safetensors" in stages["verify"]["deps"]
     assert [next(iter(m)) for m in stages["verify"]["metrics"]] == ["metrics/verify.json"]
     assert [next(iter(o)) for o in stages["verify"]["outs"]] == ["reports/verify.md", "reports/verify.json"]

@@ -353,57 +353,49 @@ def decode_rows(
             r["same_tokens_as_uncached"] = bool(torch.equal(outputs[variant][:, start : start + timed], same))
 
 
+# metrics/bench.json: (name, case, implementation, batch or None for the first measured, field of the row).
+# Few and flat, with names no other metrics file uses, so `dvc exp show` and `dvc metrics show` fit a terminal.
+HEADLINE = (
+    ("torch_step_ms", "train_step", "torch eager", None, "ms"),
+    ("cutile_step_ms", "train_step", "cutile", None, "ms"),
+    ("torch_decode_ms", "decode", "torch kv_cache", 1, "ms_per_token"),
+    ("cutile_decode_ms", "decode", "cutile kv_cache", 1, "ms_per_token"),
+)
+
+
+def first_row(records: list[dict], case: str, implementation: str, batch: int | None = None) -> dict | None:
+    """The first measured row of a case and implementation (at `batch`, when given), or None."""
+    return next(
+        (
+            r
+            for r in records
+            if r["status"] == OK
+            and r["case"] == case
+            and r["implementation"] == implementation
+            and (batch is None or r.get("batch") == batch)
+        ),
+        None,
+    )
+
+
+def row_counts(records: list[dict]) -> dict[str, int]:
+    return {status: sum(r["status"] == status for r in records) for status in (OK, "skipped", "failed")}
+
+
 def headline_metrics(records: list[dict], profiles: dict[str, dict] | None = None) -> dict:
-    """The few numbers metrics/bench.json holds, per backend: the training step (eager, compiled, as one
-    CUDA graph), training tokens/s, prefill of a full block and decoding at batch 1, the step profile's
-    kernel time, kernel count, matmul TFLOP/s and MFU; and the row counts. Every row, with its device and
-    versions, goes to the records file."""
-    out: dict = {"rows": {status: sum(r["status"] == status for r in records) for status in (OK, "skipped", "failed")}}
-    ok = [r for r in records if r["status"] == OK]
-
-    def first(case: str, implementation: str, batch: int | None = None) -> dict | None:
-        return next(
-            (
-                r
-                for r in ok
-                if r["case"] == case
-                and r["implementation"] == implementation
-                and (batch is None or r.get("batch") == batch)
-            ),
-            None,
-        )
-
-    for backend, eager, graph in (("torch", "torch eager", "torch eager+graph"), ("cutile", "cutile", "cutile+graph")):
-        figures = {}
-        for key, row, field in (
-            ("train_step_ms", first("train_step", eager), "ms"),
-            ("train_tokens_per_sec", first("train_step", eager), "tokens_per_sec"),
-            ("train_step_graph_ms", first("train_step", graph), "ms"),
-            ("train_step_compile_ms", first("train_step", f"{backend} compile"), "ms"),
-            ("prefill_ms", first("prefill", backend, batch=1), "ms"),
-            ("decode_ms_per_token", first("decode", f"{backend} kv_cache", batch=1), "ms_per_token"),
-            ("decode_graph_ms_per_token", first("decode", f"{backend} kv_cache+cuda_graph", batch=1), "ms_per_token"),
-            ("decode_speedup_vs_uncached", first("decode", f"{backend} kv_cache", batch=1), "speedup_vs_uncached"),
-        ):
-            if row is not None and field in row:
-                figures[key] = row[field]
-        table = (profiles or {}).get(backend, {})
-        for key, field in (
-            ("profile_kernel_ms", "total_ms"),
-            ("profile_kernels", "kernels"),
-            ("profile_matmul_tflops", "matmul_tflops"),
-            ("profile_mfu", "mfu"),
-        ):
+    """The few numbers metrics/bench.json holds: each backend's eager training step and KV-cache decoding at
+    batch 1 (ms per token), cuTile's step speedup (torch's time over cuTile's: above 1, cuTile is faster), and
+    when profiled each backend's kernel time per step and MFU. Every row, with its device and versions, goes
+    to the records file (and MLflow)."""
+    out: dict = {}
+    for name, case, implementation, batch, field in HEADLINE:
+        row = first_row(records, case, implementation, batch)
+        if row is not None and field in row:
+            out[name] = row[field]
+    if "torch_step_ms" in out and "cutile_step_ms" in out:
+        out["cutile_speedup"] = out["torch_step_ms"] / out["cutile_step_ms"]
+    for backend, table in (profiles or {}).items():
+        for name, field in (("kernel_ms", "total_ms"), ("mfu", "mfu")):
             if field in table:
-                figures[key] = table[field]
-        if figures:
-            out[backend] = figures
-    torch_figures, cutile_figures = out.get("torch", {}), out.get("cutile", {})
-    speedup = {
-        key.removesuffix("_ms").removesuffix("_ms_per_token"): torch_figures[key] / cutile_figures[key]
-        for key in ("train_step_ms", "train_step_graph_ms", "prefill_ms", "decode_graph_ms_per_token")
-        if key in torch_figures and key in cutile_figures
-    }
-    if speedup:
-        out["cutile_speedup"] = speedup  # torch's time over cuTile's: above 1, cuTile is faster
+                out[f"{backend}_{name}"] = table[field]
     return out

@@ -1,5 +1,5 @@
 """Bench stage: time the cuTile model and kernels against PyTorch on this machine. Writes
-metrics/bench.json (the headline figures per backend), bench/records.json (every row, with the device and
+metrics/bench.json (a few headline figures), bench/records.json (every row, with the device and
 versions), plots/bench.csv (speed relative to the PyTorch reference) and its chart plots/bench.png, and MLflow
 metrics.
 
@@ -96,15 +96,16 @@ def mlflow_figures(records: list[dict]) -> dict:
     return figures
 
 
-def report(headline: dict, records: list[dict], path: Path) -> int:
+def report(records: list[dict], path: Path) -> int:
     """The summary on the console; 1 when a row failed (listed on stderr), else 0."""
-    counts = headline["rows"]
+    counts = model_bench.row_counts(records)
     print(
         f"bench: {counts['ok']} measured, {counts['skipped']} skipped, {counts['failed']} failed -> "
         f"{path}, {RECORDS}, {PLOT}, {CHART}"
     )
     for backend in ("torch", "cutile"):
-        decode = headline.get(backend, {}).get("decode_speedup_vs_uncached")
+        row = model_bench.first_row(records, "decode", f"{backend} kv_cache", batch=1)
+        decode = (row or {}).get("speedup_vs_uncached")
         if decode:
             print(f"  decode batch 1, {backend} kv_cache: {decode:.2f}x the tokens/s of uncached regeneration")
     failed = [r for r in records if r["status"] == FAILED]
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
         path = stage.write_metrics("bench", headline, root)
         stage.write_plot(root / PLOT, plot_rows(records))
         plots.write_speed_chart(root / PLOT, root / CHART)
-        run.log_metrics({**mlflow_figures(records), **{f"rows_{k}": v for k, v in headline["rows"].items()}})
+        counts = model_bench.row_counts(records)
+        run.log_metrics({**mlflow_figures(records), **{f"rows_{k}": v for k, v in counts.items()}})
         run.set_tags(
             {
                 "bench.device": rec.env["device"],
@@ -162,4 +164,4 @@ def main(argv=None) -> int:
         run.log_artifact(path)
         run.log_artifact(root / RECORDS)
         run.log_artifact(root / CHART)
-    return report(headline, records, path.relative_to(root))
+    return report(records, path.relative_to(root))

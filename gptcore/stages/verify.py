@@ -26,7 +26,7 @@ from gptcore.tokenizer import for_checkpoint
 from gptcore.tokenizer import load as load_tokenizer
 from gptcore.tracking import flatten
 from gptcore.transplant import WEIGHTS_FILE, check_weights
-from gptcore.verify import FAIL, headline_metrics, metrics, render, verify
+from gptcore.verify import FAIL, headline_metrics, level_metrics, metrics, render, verify
 
 SECTION = "verify"
 REPORT = Path("reports") / "verify.md"
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         if not args.checkpoint:
             stage.write_metrics("verify", headline, root)
         run.set_tags({"verify.status": result.status, **{f"verify.{r.name}": r.status for r in result.results}})
-        run.log_metrics(flatten("", headline))
+        run.log_metrics(flatten("", {**headline, **level_metrics(result)}))
         run.log_artifact(report_path)
         run.log_artifact(record_path)
 

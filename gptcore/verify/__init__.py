@@ -12,7 +12,7 @@ The ops under test are injectable (`Candidate`), so the whole thing runs on the 
 """
 
 from gptcore.verify.common import FAIL, PASS, SKIPPED, Candidate, Result, cutile_candidate, torch_candidate
-from gptcore.verify.report import headline_metrics, metrics, render
+from gptcore.verify.report import headline_metrics, level_metrics, metrics, render
 from gptcore.verify.runner import Verification, VerifyError, verify
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "VerifyError",
     "cutile_candidate",
     "headline_metrics",
+    "level_metrics",
     "metrics",
     "render",
     "torch_candidate",

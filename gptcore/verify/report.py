@@ -29,6 +29,10 @@ HEADLINES = {  # the figures the summary table shows per level
     "L4": ["identical_prompts", "prompts", "tokens_per_prompt", "rounding_ties", "max_tie_gap", "first_divergence"],
     "L5": ["grad_rel_max", "grad_rel_median", "worst_parameter"],
 }
+DVC_METRICS = {  # level: {figure: its name in metrics/verify.json}
+    "L3": {"kl_mean": "kl_mean", "top1_agreement": "top1"},
+    "L5": {"grad_rel_max": "grad_rel_max"},
+}
 BADGE = {PASS: "pass", FAIL: "**FAIL**", SKIPPED: "skipped"}
 
 
@@ -94,9 +98,24 @@ def metrics(v: Verification) -> dict:
 
 
 def headline_metrics(v: Verification) -> dict:
-    """The numbers metrics/verify.json holds (DVC tabulates them): the counts, and per level that ran its
-    headline figures and `pass` (1 or 0). The whole record (`metrics`) is a plain output."""
+    """The numbers metrics/verify.json holds (DVC tabulates them): the counts, and the few figures of DVC_METRICS
+    for the levels that ran, flat and short-named so `dvc exp show` fits a terminal. The whole record
+    (`metrics`) is a plain output, reports/verify.json."""
     out = {"passed": v.count(PASS), "failed": v.count(FAIL), "skipped": v.count(SKIPPED)}
+    for r in v.results:
+        if r.status == SKIPPED:
+            continue
+        for figure, name in DVC_METRICS.get(r.name, {}).items():
+            value = r.figures.get(figure)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[name] = value
+    return jsonable(out)
+
+
+def level_metrics(v: Verification) -> dict:
+    """Per level that ran: `pass` (1 or 0) and the figures its summary shows, for MLflow to chart across runs
+    (metrics/verify.json keeps only the headline)."""
+    out = {}
     for r in v.results:
         if r.status == SKIPPED:
             continue
