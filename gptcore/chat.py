@@ -1,6 +1,6 @@
 """An interactive bot: type a speech, the model answers in the corpus's style, streaming as it goes.
 
-    python -m gptcore.chat --checkpoint out/ckpt.pt [--backend cutile] [--temperature 0.8] [--top-k 200|off]
+    python -m gptcore.chat --checkpoint out/ckpt.pt [--backend cutile] [--temperature 0.8] [--top-k off]
 
 It samples as the sample stage does, from the `sample` params of params.yaml (--params, --set and --preset as
 every stage takes them), with the sample stage's options (--max-new-tokens, --temperature, --top-k, --top-p,
@@ -106,7 +106,7 @@ def input_lines(stdin) -> Iterator[str | DataError]:
 
 
 def parse_args(argv):
-    ap = stage.parser(__doc__, SECTION)
+    ap = stage.parser(__doc__, SECTION, "python -m gptcore.chat")
     add_sampling_options(ap)
     ap.add_argument(
         "--data", help="the prepared data whose tokenizer serves a checkpoint that carries none (default: data.out_dir)"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from gptcore.errors import StageError, StageKilled, UserError
 from gptcore.files import atomic_write_text, output_error
-from gptcore.params import Params, load_params, parse_assignments, with_overrides, with_preset
+from gptcore.params import Params, example_assignment, load_params, parse_assignments, with_overrides, with_preset
 from gptcore.tracking import stage_run
 
 __all__ = [
@@ -52,9 +52,13 @@ def workspace() -> Path:
     return Path.cwd().resolve()
 
 
-def parser(description: str | None, section: str) -> argparse.ArgumentParser:
-    """A stage's command line with the options every stage has; the stage adds its own."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str | None, section: str, command: str) -> argparse.ArgumentParser:
+    """A stage's command line with the options every stage has; the stage adds its own. `command` is how a
+    person runs it (`python -m gptcore train`), for the usage line, however it was started (DVC runs
+    `python -m stages.train`, whose usage line would otherwise say `train.py`)."""
+    ap = argparse.ArgumentParser(
+        prog=command, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument(
         "--params",
         help=f"the params file (default: {PARAMS_FILE}; where there is none, gptcore/params.py's defaults)",
@@ -66,7 +70,7 @@ def parser(description: str | None, section: str) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         dest="assignments",
         help=f"override a parameter, value in YAML (repeatable): section.key=value, or a key of "
-        f"{section}: --set {section}.seed=1",
+        f"{section}: --set {example_assignment(section)}",
     )
     ap.add_argument(
         "--preset",

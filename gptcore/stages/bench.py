@@ -2,10 +2,10 @@
 metrics/bench.json (the headline figures per backend), bench/records.json (every row, with the device and
 versions), plots/bench.csv (speed relative to the PyTorch reference) and MLflow metrics.
 
-    python -m stages.bench                                           # as `dvc repro` runs it
-    GPTCORE_MLFLOW=off python -m stages.bench --preset shakespeare_char --checkpoint out/ckpt.pt
-    python -m stages.bench --cases inference --backends torch --set decode_batch_sizes=[1]
-    python -m stages.bench --profile      # only where a training step's kernel time goes, per backend
+    python -m gptcore bench                                     # as `dvc repro` runs it
+    GPTCORE_MLFLOW=off python -m gptcore bench --preset shakespeare_char --checkpoint out/ckpt.pt
+    python -m gptcore bench --cases inference --backends torch --set 'decode_batch_sizes=[1]'
+    python -m gptcore bench --profile    # only where a training step's kernel time goes, per backend
 
 Rows that cannot run here (cuTile without a GPU, an SDPA backend this device lacks) are recorded as
 `skipped` with the reason. A row that fails is recorded as `failed`; the stage then exits with status 1
@@ -37,7 +37,7 @@ def metric_name(text: str) -> str:
 
 
 def parse_args(argv):
-    ap = stage.parser(__doc__, SECTION)
+    ap = stage.parser(__doc__, SECTION, "python -m gptcore bench")
     ap.add_argument("--checkpoint", help="bench.checkpoint: the trained model whose config sets the shapes")
     ap.add_argument("--device", help="bench.device: auto | cpu | cuda | cuda:N")
     ap.add_argument("--cases", nargs="+", help="bench.cases: kernels train inference")

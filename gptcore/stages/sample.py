@@ -92,7 +92,7 @@ FLAGS = SHARED_FLAGS + ("prompt", "num_samples")
 
 
 def parse_args(argv):
-    ap = stage.parser(__doc__, SECTION)
+    ap = stage.parser(__doc__, SECTION, "python -m gptcore sample")
     ap.add_argument("--out", default="samples/samples.txt", help="the samples file (default: %(default)s)")
     ap.add_argument("--prompt", help="sample.prompt")
     ap.add_argument("--num-samples", type=int, dest="num_samples", help="sample.num_samples")

@@ -1,6 +1,6 @@
 """Transplant stage: check a checkpoint and write the cuTile model's weights (safetensors + manifest).
 
-    python -m stages.transplant [--params params.yaml] [--set transplant.dtype=bfloat16]
+    python -m gptcore transplant [--params params.yaml] [--set transplant.dtype=bfloat16]
 
 The source is `transplant.source` (default: the train stage's out/ckpt.pt; a karpathy/nanoGPT ckpt.pt
 works too). Any failed check stops the stage with a message naming the file and what is wrong.
@@ -14,8 +14,12 @@ from gptcore.transplant import MANIFEST_FILE, transplant
 SECTION = "transplant"
 
 
+def parse_args(argv):
+    return stage.parser(__doc__, SECTION, "python -m gptcore transplant").parse_args(argv)
+
+
 def main(argv=None) -> int:
-    args = stage.parser(__doc__, SECTION).parse_args(argv)
+    args = parse_args(argv)
     params = stage.load(args, SECTION)
     root = stage.workspace()
     p = params.transplant

@@ -1,0 +1,65 @@
+"""Stages run by hand: the examples in every stage's --help are valid command lines (their --set keys exist,
+their usage lines name `python -m gptcore STAGE`), `--out` sends all of a hand run's outputs there and leaves
+the pipeline's files alone, and transplanting the same checkpoint twice writes the same bytes."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+
+import pytest
+from pipeline_helpers import ROOT
+
+from gptcore import stage
+from gptcore.__main__ import STAGES
+from gptcore.__main__ import main as gptcore_main
+from gptcore.params import load_params, parse_assignments, with_overrides
+
+# A command line shown in a help text: `python -m gptcore STAGE ...`, `python -m gptcore.chat ...` or, as
+# DVC and torchrun run them, `-m stages.STAGE ...`; the arguments end at a `#` comment.
+EXAMPLE = re.compile(r"(?:python -m gptcore (\w+)|-m stages\.(\w+)|python -m (gptcore\.chat))\b([^#\n]*)")
+OPTIONAL = re.compile(r"\[(--[^\[\]]*)\]")  # `[--set data.corpus=my.txt]`: an optional part, shown as usage shows it
+
+
+def help_text(command: str, capsys) -> str:
+    """What `python -m gptcore STAGE --help` (or `python -m gptcore.chat --help`) prints."""
+    if command == "gptcore.chat":
+        with pytest.raises(SystemExit):
+            importlib.import_module(command).parse_args(["--help"])
+    else:
+        assert gptcore_main([command, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def examples(text: str) -> list[tuple[str, list[str]]]:
+    """(the module that runs it, its arguments) of each example command line in a help text."""
+    found = []
+    for match in EXAMPLE.finditer(text):
+        name = match.group(1) or match.group(2)
+        module = match.group(3) or f"gptcore.stages.{name}"
+        found.append((module, shlex.split(OPTIONAL.sub(r"\1", match.group(4)))))
+    return found
+
+
+@pytest.mark.parametrize("command", [*STAGES, "gptcore.chat"])
+def test_every_example_in_a_stages_help_is_a_valid_command_line(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")  # argparse wraps at the terminal's width: --set and its value may part
+    monkeypatch.chdir(ROOT)  # the examples' --params params.yaml is the project's
+    text = help_text(command, capsys)
+    name = command.rsplit(".", 1)[-1]
+    assert text.startswith(f"usage: python -m gptcore{'.' if name == 'chat' else ' '}{name} "), text.splitlines()[0]
+
+    shown = examples(text.split("\n\n", 1)[1])  # after the usage line
+    assert shown, f"{command} --help shows no example"
+    for module_name, argv in shown:
+        module = importlib.import_module(module_name)
+        args = module.parse_args(argv)  # an unknown option or a bad value exits here, naming it
+        sections = getattr(module, "SECTIONS", [module.SECTION])
+        stage.load(args, module.SECTION, sections=sections)  # each --set key and --preset, checked by params.py
+
+    # and every `--set key=value` the text shows, in an option's help too (not the KEY=VALUE placeholder)
+    assignments = re.findall(r"--set\s+'?([a-z][\w.]*=[^\s']+)", OPTIONAL.sub(r"\1", text))
+    assert assignments, f"{command} --help shows no --set example"
+    section = importlib.import_module(shown[0][0]).SECTION
+    with_overrides(load_params(ROOT / "params.yaml"), parse_assignments(assignments, section))
