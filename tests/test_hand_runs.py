@@ -5,16 +5,24 @@ the pipeline's files alone, and transplanting the same checkpoint twice writes t
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shlex
+import struct
+import sys
 
 import pytest
-from pipeline_helpers import ROOT
+import yaml
+from helpers import tiny_gpt
+from pipeline_helpers import ROOT, digests, env_for, run, tiny_params_dict
 
 from gptcore import stage
+from gptcore import tokenizer as tok
 from gptcore.__main__ import STAGES
 from gptcore.__main__ import main as gptcore_main
+from gptcore.checkpoint import save_checkpoint
 from gptcore.params import load_params, parse_assignments, with_overrides
+from gptcore.transplant import MANIFEST_FILE, WEIGHTS_FILE, transplant
 
 # A command line shown in a help text: `python -m gptcore STAGE ...`, `python -m gptcore.chat ...` or, as
 # DVC and torchrun run them, `-m stages.STAGE ...`; the arguments end at a `#` comment.
@@ -63,3 +71,40 @@ def test_every_example_in_a_stages_help_is_a_valid_command_line(command, capsys,
     assert assignments, f"{command} --help shows no --set example"
     section = importlib.import_module(shown[0][0]).SECTION
     with_overrides(load_params(ROOT / "params.yaml"), parse_assignments(assignments, section))
+
+
+def tiny_checkpoint(path, vocab_size: int):
+    model = tiny_gpt(vocab_size=vocab_size)
+    return save_checkpoint({"model_args": model.config.to_dict(), "model": model.state_dict(), "iter_num": 1}, path)
+
+
+def safetensors_metadata_keys(path) -> list[str]:
+    """The metadata keys in the order the file's header holds them."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return list(json.loads(f.read(size))["__metadata__"])
+
+
+@pytest.mark.slow
+def test_transplanting_the_same_checkpoint_twice_writes_the_same_bytes(root):
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(transplant={"source": "ckpt.pt"})))
+    tiny_checkpoint(root / "ckpt.pt", tok.load(root / "data").vocab_size)
+    env = {**env_for(root), "PYTHONPATH": str(ROOT), "GPTCORE_MLFLOW": "off"}
+    outputs = ["cutile", "metrics/transplant.json"]
+    made = []
+    for _ in range(2):  # two processes: safetensors' metadata order changed from one to the next
+        run([sys.executable, "-m", "gptcore", "transplant"], root, env=env)
+        made.append(digests(root, outputs))
+    assert made[0] == made[1] and len(made[0]) == 3  # weights, manifest, metrics: byte for byte
+    keys = safetensors_metadata_keys(root / "cutile" / WEIGHTS_FILE)
+    assert keys == sorted(keys) and "config" in keys
+
+
+def test_a_transplant_that_makes_the_same_bytes_keeps_the_manifest_that_names_their_run(root, tmp_path):
+    source = tiny_checkpoint(tmp_path / "ckpt.pt", tok.load(root / "data").vocab_size)
+    first = transplant(source, tmp_path / "cutile", None, provenance={"mlflow_run_id": "run1"})
+    written = digests(tmp_path, ["cutile"])
+    again = transplant(source, tmp_path / "cutile", None, provenance={"mlflow_run_id": "run2"})
+    assert again == first and again["mlflow_run_id"] == "run1" and digests(tmp_path, ["cutile"]) == written
+    other = transplant(source, tmp_path / "cutile", None, "bfloat16", provenance={"mlflow_run_id": "run3"})
+    assert other["mlflow_run_id"] == "run3" and json.loads((tmp_path / "cutile" / MANIFEST_FILE).read_text()) == other

@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     record = data.data_record(params.data, data_dir)  # in the manifest, for re-verifying a fetched copy
     with stage.tracked("transplant", params, [SECTION]) as run:
         # Paths in the manifest are relative to the workspace, so it reads the same wherever the repo lives.
+        provenance = {"mlflow_run_id": run.run_id, "git_commit": run.tags["git.commit"], "dvc_stage": "transplant"}
         manifest = transplant(
             root / p.source,
             root / p.out_dir,
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
             p.dtype,
             vocab_source=f"{params.data.out_dir}/tokenizer.json",
             source_label=p.source,
-            provenance={"mlflow_run_id": run.run_id, "git_commit": run.tags["git.commit"], "dvc_stage": "transplant"},
+            provenance=provenance,
             data=record,
             tokenizer=tokenizer.to_json(),  # a source without its own (nanoGPT's) gets the data's
         )
@@ -59,6 +60,11 @@ def main(argv=None) -> int:
         )
         run.log_metrics(metrics)
         run.log_artifact(root / p.out_dir / MANIFEST_FILE)
+    if any(manifest.get(k) != v for k, v in provenance.items()):
+        print(
+            f"note: {p.out_dir}/{MANIFEST_FILE} kept as run {manifest.get('mlflow_run_id')} wrote it at "
+            f"{manifest.get('created')}: these weights are byte for byte the ones it made"
+        )
     checks = ", ".join(c["name"] for c in manifest["checks"])
     print(
         f"transplanted {p.source} ({manifest['source']['format']}, {manifest['n_params']:,} parameters) -> "
