@@ -174,10 +174,11 @@ def _check_numeric(value, key: str = "") -> None:
         raise TypeError(f"metrics file value {key} = {value!r} is not a number: log it as an MLflow tag instead")
 
 
-def write_metrics(stage: str, metrics: dict, root: Path | None = None) -> Path:
-    """metrics/<stage>.json: a few headline numbers (nested dicts allowed), nothing else."""
+def write_metrics(stage: str, metrics: dict, root: Path | None = None, path: Path | None = None) -> Path:
+    """metrics/<stage>.json (or `path`, a run by hand's): a few headline numbers (nested dicts allowed), nothing
+    else."""
     _check_numeric(metrics)
-    path = (root or workspace()) / "metrics" / f"{stage}.json"
+    path = path or (root or workspace()) / "metrics" / f"{stage}.json"
     return atomic_write_text(path, json.dumps(_jsonable(metrics), indent=2) + "\n")
 
 

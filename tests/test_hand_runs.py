@@ -108,3 +108,23 @@ def test_a_transplant_that_makes_the_same_bytes_keeps_the_manifest_that_names_th
     assert again == first and again["mlflow_run_id"] == "run1" and digests(tmp_path, ["cutile"]) == written
     other = transplant(source, tmp_path / "cutile", None, "bfloat16", provenance={"mlflow_run_id": "run3"})
     assert other["mlflow_run_id"] == "run3" and json.loads((tmp_path / "cutile" / MANIFEST_FILE).read_text()) == other
+
+
+@pytest.mark.slow
+def test_sample_out_sends_the_whole_run_there_and_leaves_the_pipelines_files_alone(root, tmp_path_factory):
+    project = root
+    (project / "params.yaml").write_text(
+        yaml.safe_dump(tiny_params_dict(sample={"checkpoint": "ckpt.pt", "num_samples": 1, "max_new_tokens": 10}))
+    )
+    tiny_checkpoint(project / "ckpt.pt", tok.load(project / "data").vocab_size)
+    env = {**env_for(project), "PYTHONPATH": str(ROOT), "GPTCORE_MLFLOW": "off"}
+    run([sys.executable, "-m", "gptcore", "sample"], project, env=env)  # the pipeline's outputs
+    pipeline = digests(project, ["samples", "metrics"])
+    assert set(pipeline) == {"samples/samples.txt", "metrics/sample.json"}
+
+    out = tmp_path_factory.mktemp("elsewhere") / "x"
+    shown = run([sys.executable, "-m", "gptcore", "sample", "--out", str(out), "--seed", "7"], project, env=env)
+    assert digests(project, ["samples", "metrics"]) == pipeline  # not a byte of the pipeline's changed
+    assert out.read_text().startswith("==> sample 1 of 1 <==")
+    metrics = json.loads(out.with_name("x.metrics.json").read_text())
+    assert metrics["tokens_generated"] == 10 and f"metrics {out}.metrics.json" in shown.stdout
