@@ -26,6 +26,7 @@ from pathlib import Path
 
 from gptcore.errors import StageError, StageKilled, UserError
 from gptcore.files import atomic_write_text, output_error
+from gptcore.neighbours import registered
 from gptcore.params import Params, example_assignment, load_params, parse_assignments, with_overrides, with_preset
 from gptcore.tracking import stage_run
 
@@ -150,8 +151,13 @@ def workspace_lock(stage: str, root: Path | None = None) -> Iterator[None]:
 
 @contextmanager
 def tracked(stage: str, params: Params, sections: list[str], log: bool = True) -> Iterator:
-    """The stage's run: the workspace lock, then its MLflow run (a refused run logs nothing)."""
-    with workspace_lock(stage), stage_run(stage, params, sections + ["mlflow"], log=log) as run:
+    """The stage's run: the workspace lock, registered as running on this machine (for a bench run to see),
+    then its MLflow run (a refused run logs nothing)."""
+    with (
+        workspace_lock(stage),
+        registered(stage, workspace()),
+        stage_run(stage, params, sections + ["mlflow"], log=log) as run,
+    ):
         yield run
 
 

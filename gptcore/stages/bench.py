@@ -9,14 +9,16 @@ versions), plots/bench.csv (speed relative to the PyTorch reference) and MLflow 
 
 Rows that cannot run here (cuTile without a GPU, an SDPA backend this device lacks) are recorded as
 `skipped` with the reason. A row that fails is recorded as `failed`; the stage then exits with status 1
-after writing everything, so a broken kernel cannot pass unnoticed.
+after writing everything, so a broken kernel cannot pass unnoticed. A row measured while another gptcore
+stage ran on this machine, or while other processes kept its CPUs busy, says so (`disturbed`, and a warning
+naming what ran: gptcore/neighbours.py).
 """
 
 import re
 import sys
 from pathlib import Path
 
-from gptcore import stage
+from gptcore import neighbours, stage
 from gptcore.bench import kernels as kernel_bench
 from gptcore.bench import model as model_bench
 from gptcore.bench.profile import format_table
@@ -103,6 +105,8 @@ def report(headline: dict, records: list[dict], path: Path) -> int:
         decode = headline.get(backend, {}).get("decode_speedup_vs_uncached")
         if decode:
             print(f"  decode batch 1, {backend} kv_cache: {decode:.2f}x the tokens/s of uncached regeneration")
+    for line in neighbours.warnings(records):
+        print(line, file=sys.stderr)
     failed = [r for r in records if r["status"] == FAILED]
     if failed:
         print("failed rows:\n" + "\n".join(f"  {record_id(r)}: {r['reason']}" for r in failed), file=sys.stderr)
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
     checkpoint = load_checkpoint(ckpt_path)  # checked against its manifest (out/ckpt.json) when it has one
     ckpt_tags = checkpoint_tags(ckpt_path)
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
-    rec = Recorder(device, Timer(device, p.warmup, p.repeats, p.min_repeat_ms))
+    rec = Recorder(device, Timer(device, p.warmup, p.repeats, p.min_repeat_ms), watch=neighbours.Watch())
     print(
         f"bench on {rec.env['device']} (torch {rec.env['torch']}, cuda-tile {rec.env['cuda_tile']}); model "
         f"{config.n_layer}L {config.n_head}H {config.n_embd}d block {config.block_size} from {p.checkpoint}"
@@ -132,6 +136,7 @@ def main(argv=None) -> int:
         records = rec.records
         add_speedups(records, {**kernel_bench.REFERENCE, **model_bench.REFERENCE})
         headline = model_bench.headline_metrics(records, profiles)
+        headline["rows"]["disturbed"] = neighbours.disturbed_rows(records)  # measured while other work ran
         stage.write_json(
             root / RECORDS,
             {
