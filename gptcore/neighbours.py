@@ -168,7 +168,7 @@ def warnings(records: list[dict]) -> list[str]:
         causes.append((len(busy), f"other processes kept up to {max(busy):.0%} of the CPUs busy"))
     return [
         f"warning: {n} of {len(measured)} rows measured while {cause}: their figures are not this machine's alone "
-        "(re-measure when it is idle: dvc repro -f bench)"
+        "(re-measure when it is idle: dvc repro -f -s bench)"
         for n, cause in causes
     ]
 

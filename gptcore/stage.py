@@ -57,6 +57,7 @@ def parser(description: str | None, section: str, command: str) -> argparse.Argu
     """A stage's command line with the options every stage has; the stage adds its own. `command` is how a
     person runs it (`python -m gptcore train`), for the usage line, however it was started (DVC runs
     `python -m stages.train`, whose usage line would otherwise say `train.py`)."""
+    example = example_assignment(section)
     ap = argparse.ArgumentParser(
         prog=command, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -70,8 +71,8 @@ def parser(description: str | None, section: str, command: str) -> argparse.Argu
         default=[],
         metavar="KEY=VALUE",
         dest="assignments",
-        help=f"override a parameter, value in YAML (repeatable): section.key=value, or a key of "
-        f"{section}: --set {example_assignment(section)}",
+        help=f"override a parameter, value in YAML (repeatable): section.key=value (--set {example}), or a key "
+        f"of {section} alone (--set {example.partition('.')[2]})",
     )
     ap.add_argument(
         "--preset",

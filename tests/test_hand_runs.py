@@ -67,7 +67,7 @@ def test_every_example_in_a_stages_help_is_a_valid_command_line(command, capsys,
         stage.load(args, module.SECTION, sections=sections)  # each --set key and --preset, checked by params.py
 
     # and every `--set key=value` the text shows, in an option's help too (not the KEY=VALUE placeholder)
-    assignments = re.findall(r"--set\s+'?([a-z][\w.]*=[^\s']+)", OPTIONAL.sub(r"\1", text))
+    assignments = re.findall(r"--set\s+'?([a-z][\w.]*=[^\s')]+)", OPTIONAL.sub(r"\1", text))
     assert assignments, f"{command} --help shows no --set example"
     section = importlib.import_module(shown[0][0]).SECTION
     with_overrides(load_params(ROOT / "params.yaml"), parse_assignments(assignments, section))
