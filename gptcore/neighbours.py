@@ -57,9 +57,7 @@ class StageRun:
     def alive(self) -> bool:
         try:
             return abs(psutil.Process(self.pid).create_time() - self.started) < 1.0
-        except psutil.NoSuchProcess:
-            return False
-        except psutil.AccessDenied:  # another user's process holds the PID now: not the stage that registered
+        except psutil.Error:  # gone (or a zombie), or another user's process holds the PID now
             return False
 
 
@@ -72,6 +70,8 @@ def registered(stage: str, folder: Path) -> Iterator[None]:
     entry = {"pid": me.pid, "stage": stage, "folder": str(folder), "started": me.create_time()}
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.parent.stat().st_uid != os.getuid():  # in a shared /tmp, another user's folder of that name
+            raise PermissionError(f"{path.parent} belongs to another user")
         atomic_write_text(path, json.dumps(entry) + "\n")
     except OSError as e:
         print(f"warning: cannot register this {stage} run in {path.parent} ({e}): a bench run now will not know of it")

@@ -227,6 +227,15 @@ def test_running_stages_are_those_registered_and_alive(tmp_path, monkeypatch):
     assert list(tmp_path.glob("*.json")) == []  # ended: its entry is gone
 
 
+def test_a_stage_that_cannot_register_says_so_and_runs(tmp_path, monkeypatch, capsys):
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("GPTCORE_RUNTIME_DIR", str(tmp_path / "not-a-folder"))
+    ran = False
+    with registered("train", tmp_path):
+        ran = True
+    assert ran and capsys.readouterr().out.startswith(f"warning: cannot register this train run in {tmp_path}")
+
+
 def test_a_row_measured_beside_a_stage_and_busy_cpus_is_flagged(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTCORE_RUNTIME_DIR", str(tmp_path))
     cpu = torch.device("cpu")
