@@ -54,7 +54,6 @@ def main(argv: list[str]) -> int:
         print(f"error: unknown stage {name!r}: expected one of {', '.join(STAGES)}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"gptcore.stages.{name}")
-    sys.argv = [f"python -m gptcore {name}", *argv[1:]]  # argparse names the command by sys.argv[0]
     try:
         return stage.main(lambda: module.main(argv[1:]))
     except SystemExit as e:  # --help, or a usage error argparse reports itself

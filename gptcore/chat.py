@@ -1,6 +1,6 @@
 """An interactive bot: type a speech, the model answers in the corpus's style, streaming as it goes.
 
-    python -m gptcore.chat --checkpoint out/ckpt.pt [--backend cutile] [--temperature 0.8] [--top-k 200|off]
+    python -m gptcore.chat --checkpoint out/ckpt.pt [--backend cutile] [--temperature 0.8] [--top-k off]
 
 It samples as the sample stage does, from the `sample` params of params.yaml (--params, --set and --preset as
 every stage takes them), with the sample stage's options (--max-new-tokens, --temperature, --top-k, --top-p,
@@ -13,6 +13,7 @@ block_size tokens of it as the window slides. Commands are the options' names: /
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ from gptcore.stages.sample import (
 )
 from gptcore.tokenizer import Tokenizer
 
+PROMPT = "> "  # before each line typed in a terminal
+CUT = "[the reply stopped at max-new-tokens ({n}); /max-new-tokens N for longer ones]"
 SPEAKER = re.compile(r"^([A-Z][A-Za-z' ]*[A-Za-z]):\s*(.*)$")  # "ROMEO: But soft!" -> ROMEO's speech
 HELP = f"""commands:
   /temperature X       sampling temperature (0: greedy)
@@ -76,26 +79,42 @@ def apply_command(line: str, settings: SampleParams) -> tuple[SampleParams, str]
     return new, f"ok: {describe(new)}"
 
 
-def reply(decoder: Decoder, tokenizer: Tokenizer, conversation: str, max_tokens: int) -> Iterator[str]:
-    """The model's turn after `conversation`, streamed, up to the end of its speech (a blank line)."""
-    ids = tokenizer.encode(conversation)[-decoder.block :]
-    text = ""
-    for piece in stream_text(decoder, tokenizer, ids, max_tokens):
-        start = len(text)
-        text += piece
-        end = text.find("\n\n", len(text) - len(text.lstrip("\n")))  # a blank line after the speech began
-        if end >= 0:
-            yield piece[: max(0, end - start)]
-            return
-        yield piece
+class Reply:
+    """The model's turn after `conversation`, streamed as it is iterated, up to the end of its speech (a blank
+    line) or `max_tokens`; once iterated, `cut` says whether it stopped at `max_tokens` inside the speech."""
+
+    def __init__(self, decoder: Decoder, tokenizer: Tokenizer, conversation: str, max_tokens: int):
+        self.decoder, self.tokenizer, self.conversation, self.max_tokens = decoder, tokenizer, conversation, max_tokens
+        self.cut = False
+
+    def __iter__(self) -> Iterator[str]:
+        ids = self.tokenizer.encode(self.conversation)[-self.decoder.block :]
+        text = ""
+        for piece in stream_text(self.decoder, self.tokenizer, ids, self.max_tokens):
+            start = len(text)
+            text += piece
+            end = text.find("\n\n", len(text) - len(text.lstrip("\n")))  # a blank line after the speech began
+            if end >= 0:
+                yield piece[: max(0, end - start)]
+                return
+            yield piece
+        self.cut = True
 
 
-def input_lines(stdin) -> Iterator[str | DataError]:
-    """Each line typed, without its line end; a line that is not UTF-8 comes as the DataError that says what is
-    wrong with it, so the bot refuses that line and goes on. Read as bytes where the stream has them: a text
-    stream would stop the whole conversation at the first bad byte (or hand on what it cannot encode)."""
+def input_lines(stdin, prompt: str = "") -> Iterator[str | DataError]:
+    """Each line typed, without its line end, `prompt` shown before each; a line that is not UTF-8 comes as the
+    DataError that says what is wrong with it, so the bot refuses that line and goes on. Read as bytes where
+    the stream has them: a text stream would stop the whole conversation at the first bad byte (or hand on what
+    it cannot encode)."""
     lines = stdin.buffer if hasattr(stdin, "buffer") else stdin
-    for number, line in enumerate(lines, 1):
+    for number in itertools.count(1):
+        if prompt:
+            print(prompt, end="", flush=True)
+        line = lines.readline()
+        if not line:
+            if prompt:
+                print()  # end of input (Ctrl-D) at the prompt: the shell's own prompt starts on a line of its own
+            return
         if isinstance(line, bytes):
             try:
                 line = line.decode("utf-8")
@@ -106,7 +125,7 @@ def input_lines(stdin) -> Iterator[str | DataError]:
 
 
 def parse_args(argv):
-    ap = stage.parser(__doc__, SECTION)
+    ap = stage.parser(__doc__, SECTION, "python -m gptcore.chat")
     add_sampling_options(ap)
     ap.add_argument(
         "--data", help="the prepared data whose tokenizer serves a checkpoint that carries none (default: data.out_dir)"
@@ -130,7 +149,7 @@ def main(argv=None) -> int:
     decoder = decoder_for(model, settings, generator)
     conversation = ""
     print(f"gptcore chat: {settings.checkpoint} ({settings.backend} on {device}); type a speech, /help for commands")
-    for line in input_lines(sys.stdin):
+    for line in input_lines(sys.stdin, PROMPT if sys.stdin.isatty() else ""):  # piped: a clean transcript
         if isinstance(line, DataError):
             print(f"error: {line}")
             continue
@@ -156,11 +175,13 @@ def main(argv=None) -> int:
             print(f"error: {e}")
             continue
         conversation += turn
-        answer = ""
-        for piece in reply(decoder, tokenizer, conversation, settings.max_new_tokens):
+        answer, reply = "", Reply(decoder, tokenizer, conversation, settings.max_new_tokens)
+        for piece in reply:
             print(piece, end="", flush=True)
             answer += piece
         print()
+        if reply.cut:
+            print(CUT.format(n=settings.max_new_tokens))
         conversation += answer.strip("\n") + "\n\n"
     return 0
 

@@ -477,6 +477,16 @@ def with_preset(params: Params, name: str, sections: list[str]) -> Params:
     return parse_params(raw, path)
 
 
+def example_assignment(section: str) -> str:
+    """A `--set` example that `section` takes (`train.seed=1337`): its seed, else its first plain parameter,
+    at its default, so the stages' help never shows a key that does not exist."""
+    fields = SECTIONS[section].model_fields
+    scalars = [name for name, f in fields.items() if isinstance(f.default, (str, int, float, bool))]
+    name = "seed" if "seed" in fields else scalars[0]
+    value = yaml.safe_dump(fields[name].default, default_flow_style=True).strip().removesuffix("...").strip()
+    return f"{section}.{name}={value}"
+
+
 def parse_assignments(items: list[str], section: str) -> dict[str, object]:
     """`--set KEY=VALUE` arguments as {dotted key: value}, the value read as YAML (`top_p=null`,
     `cases=[kernels]`). KEY is `section.key` (any section) or a key of `section`, the stage's own."""
@@ -485,7 +495,7 @@ def parse_assignments(items: list[str], section: str) -> dict[str, object]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, for example --set {section}.seed=1")
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, for example --set {example_assignment(section)}")
         if key.split(".")[0] not in SECTIONS:
             key = f"{section}.{key}"
         try:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from gptcore.errors import StageError, StageKilled, UserError
 from gptcore.files import atomic_write_text, output_error
-from gptcore.params import Params, load_params, parse_assignments, with_overrides, with_preset
+from gptcore.neighbours import registered
+from gptcore.params import Params, example_assignment, load_params, parse_assignments, with_overrides, with_preset
 from gptcore.tracking import stage_run
 
 __all__ = [
@@ -52,9 +53,14 @@ def workspace() -> Path:
     return Path.cwd().resolve()
 
 
-def parser(description: str | None, section: str) -> argparse.ArgumentParser:
-    """A stage's command line with the options every stage has; the stage adds its own."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str | None, section: str, command: str) -> argparse.ArgumentParser:
+    """A stage's command line with the options every stage has; the stage adds its own. `command` is how a
+    person runs it (`python -m gptcore train`), for the usage line, however it was started (DVC runs
+    `python -m stages.train`, whose usage line would otherwise say `train.py`)."""
+    example = example_assignment(section)
+    ap = argparse.ArgumentParser(
+        prog=command, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument(
         "--params",
         help=f"the params file (default: {PARAMS_FILE}; where there is none, gptcore/params.py's defaults)",
@@ -65,8 +71,8 @@ def parser(description: str | None, section: str) -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         dest="assignments",
-        help=f"override a parameter, value in YAML (repeatable): section.key=value, or a key of "
-        f"{section}: --set {section}.seed=1",
+        help=f"override a parameter, value in YAML (repeatable): section.key=value (--set {example}), or a key "
+        f"of {section} alone (--set {example.partition('.')[2]})",
     )
     ap.add_argument(
         "--preset",
@@ -146,8 +152,13 @@ def workspace_lock(stage: str, root: Path | None = None) -> Iterator[None]:
 
 @contextmanager
 def tracked(stage: str, params: Params, sections: list[str], log: bool = True) -> Iterator:
-    """The stage's run: the workspace lock, then its MLflow run (a refused run logs nothing)."""
-    with workspace_lock(stage), stage_run(stage, params, sections + ["mlflow"], log=log) as run:
+    """The stage's run: the workspace lock, registered as running on this machine (for a bench run to see),
+    then its MLflow run (a refused run logs nothing)."""
+    with (
+        workspace_lock(stage),
+        registered(stage, workspace()),
+        stage_run(stage, params, sections + ["mlflow"], log=log) as run,
+    ):
         yield run
 
 
@@ -170,10 +181,11 @@ def _check_numeric(value, key: str = "") -> None:
         raise TypeError(f"metrics file value {key} = {value!r} is not a number: log it as an MLflow tag instead")
 
 
-def write_metrics(stage: str, metrics: dict, root: Path | None = None) -> Path:
-    """metrics/<stage>.json: a few headline numbers (nested dicts allowed), nothing else."""
+def write_metrics(stage: str, metrics: dict, root: Path | None = None, path: Path | None = None) -> Path:
+    """metrics/<stage>.json (or `path`, a run by hand's): a few headline numbers (nested dicts allowed), nothing
+    else."""
     _check_numeric(metrics)
-    path = (root or workspace()) / "metrics" / f"{stage}.json"
+    path = path or (root or workspace()) / "metrics" / f"{stage}.json"
     return atomic_write_text(path, json.dumps(_jsonable(metrics), indent=2) + "\n")
 
 

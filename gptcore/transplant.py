@@ -21,6 +21,7 @@ weights came from, the config, the checks that ran).
 from __future__ import annotations
 
 import json
+import struct
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -264,7 +265,27 @@ def save_weights(weights: CheckedWeights, path: Path, dtype: torch.dtype, tokeni
     }
     if weights.tokenizer or tokenizer:
         header["tokenizer"] = weights.tokenizer or tokenizer
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=header)
+        sort_metadata(tmp)
+
+    return atomic_write(path, write)
+
+
+def sort_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors file's header with its metadata in key order, in place. safetensors keeps the
+    metadata in a Rust HashMap, whose order changes from run to run: unsorted, the same weights would make
+    different bytes each time (a new sha256, and DVC would rerun every stage after transplant)."""
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:  # the same content, so the same length unless the JSON escapes differ
+            raise TransplantError(f"{path}: the sorted safetensors header is {len(text)} bytes, not {size}")
+        f.seek(8)
+        f.write(text.ljust(size))  # padded with spaces, as safetensors pads its header
 
 
 def transplant(
@@ -278,7 +299,8 @@ def transplant(
     data: dict | None = None,
     tokenizer: str | None = None,
 ) -> dict:
-    """Check `source`, write `<out_dir>/model.safetensors` and `<out_dir>/manifest.json`; return the manifest.
+    """Check `source`, write `<out_dir>/model.safetensors` and `<out_dir>/manifest.json`; return the manifest
+    (the one already there when it records the same bytes: then its run, time and seconds are the earlier's).
     `source_label` is the path recorded in the manifest (the stage gives it relative to the repo);
     `provenance` (the stage's mlflow_run_id, git_commit, dvc_stage) goes into the manifest as it is, and so
     does `data` (the corpus it was trained on: what re-verifying a fetched copy needs). `tokenizer`: the
@@ -316,5 +338,24 @@ def transplant(
     made_by = find_manifest(weights.source)
     if made_by:
         manifest["source"].update({k: made_by.data[k] for k in ("mlflow_run_id", "git_commit") if k in made_by.data})
-    atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    path = out_dir / MANIFEST_FILE
+    earlier = earlier_manifest(path, manifest, volatile=["created", "seconds", *(provenance or {})])
+    if earlier is not None:
+        return earlier
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def earlier_manifest(path: Path, manifest: dict, volatile: list[str]) -> dict | None:
+    """The manifest at `path` when it records these same weights from the same source, checked alike (it
+    differs from `manifest` only in the `volatile` keys: when and by which run), else None. Kept as it is, a
+    transplant that made the same bytes again changes no file, so DVC does not rerun verify after it."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # none yet, or unreadable: written anew
+
+    def lasting(m: dict) -> dict:
+        return {k: v for k, v in m.items() if k not in volatile}
+
+    return earlier if isinstance(earlier, dict) and lasting(earlier) == lasting(manifest) else None

@@ -2,18 +2,25 @@
 `skipped` with its reason, and the stage writes bench.json, the plot DVC renders, and no failed rows."""
 
 import json
+import os
+import re
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from pipeline_helpers import ROOT, env_for, make_project, run
+from pipeline_helpers import FAST_STAGES, ROOT, env_for, make_project, run, tiny_params_dict
 
+from gptcore import neighbours
 from gptcore.bench import kernels as kernel_bench
 from gptcore.bench import model as model_bench
 from gptcore.bench.timing import Recorder, Timer, add_speedups
 from gptcore.model import GPT, GPTConfig
+from gptcore.neighbours import registered
 from gptcore.train_step import EagerTrainStep, make_train_step
 
 
@@ -168,3 +175,108 @@ def test_bench_stage_on_cpu(tmp_path):
     shown = run([sys.executable, "-m", "dvc", "plots", "show", "--json"], proj, check=False, env=env)
     bars = json.loads(shown.stdout)["data"]["plots/bench.csv"][0]["content"]["data"]["values"]
     assert len(bars) == len(measured) and all(float(b["speedup"]) > 0 for b in bars)
+
+
+# A process that registers itself as a gptcore stage (as stage.tracked does), unless its stage is "", and then
+# sleeps or keeps a CPU busy.
+STAGE_STAND_IN = """
+import contextlib, sys, time
+from pathlib import Path
+from gptcore.neighbours import registered
+with registered(sys.argv[1], Path(sys.argv[2])) if sys.argv[1] else contextlib.nullcontext():
+    print("registered", flush=True)
+    while True:
+        if sys.argv[3] == "sleep":
+            time.sleep(1)
+"""
+
+
+@contextmanager
+def stand_ins(runtime: Path, *how: tuple[str, str, str]):
+    """Stand-in processes, each (stage, folder, "sleep" | "busy"), registered in `runtime` while the block runs;
+    killed at its end, so they cannot remove their entries (as a killed stage cannot)."""
+    env = {**os.environ, "GPTCORE_RUNTIME_DIR": str(runtime), "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", STAGE_STAND_IN, *args], env=env, stdout=subprocess.PIPE, text=True)
+        for args in how
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline() == "registered\n"
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_running_stages_are_those_registered_and_alive(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTCORE_RUNTIME_DIR", str(tmp_path))
+    with registered("bench", tmp_path):  # this process's own entry is not a neighbour
+        with stand_ins(tmp_path, ("train", "/exp/a", "sleep"), ("sample", "/exp/b", "sleep")) as procs:
+            found = neighbours.running_stages()
+            assert [(r.pid, r.stage, r.folder) for r in found] == sorted(
+                (p.pid, stage, folder) for p, (stage, folder) in zip(procs, [("train", "/exp/a"), ("sample", "/exp/b")])
+            )
+            assert str(found[0]) == f"{found[0].stage} (pid {found[0].pid}) in {found[0].folder}"
+        # killed: their entries stay behind, and are ignored and removed by the next look
+        assert len(list(tmp_path.glob("*.json"))) == 3 and neighbours.running_stages() == []
+        assert [p.name for p in tmp_path.glob("*.json")] == [f"{os.getpid()}.json"]
+        # a live PID that is not the process that registered (started at another time): not a stage
+        (tmp_path / "1.json").write_text(json.dumps({"pid": 1, "stage": "train", "folder": "/x", "started": 0.0}))
+        assert neighbours.running_stages() == []
+    assert list(tmp_path.glob("*.json")) == []  # ended: its entry is gone
+
+
+def test_a_stage_that_cannot_register_says_so_and_runs(tmp_path, monkeypatch, capsys):
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("GPTCORE_RUNTIME_DIR", str(tmp_path / "not-a-folder"))
+    ran = False
+    with registered("train", tmp_path):
+        ran = True
+    assert ran and capsys.readouterr().out.startswith(f"warning: cannot register this train run in {tmp_path}")
+
+
+def test_a_row_measured_beside_a_stage_and_busy_cpus_is_flagged(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTCORE_RUNTIME_DIR", str(tmp_path))
+    cpu = torch.device("cpu")
+    lines = []
+    rec = Recorder(cpu, Timer(cpu, 1, 1, 1000 * neighbours.MIN_WINDOW_S), log=lines.append, watch=neighbours.Watch())
+    busy = [("train", "/exp/a", "busy")] + [("", "", "busy")] * ((os.cpu_count() or 1) - 1)
+    with stand_ins(tmp_path, *busy) as procs:
+        row = rec.measure("sleep", "python", "1ms", "none", lambda: lambda: time.sleep(0.001))
+    assert row["status"] == "ok" and row["disturbed"].startswith(f"train (pid {procs[0].pid}) in /exp/a; ")
+    share = re.search(r"other processes kept (\d+)% of the (\d+) CPUs busy", row["disturbed"])
+    assert share and int(share[1]) > 100 * neighbours.BUSY_SHARE and int(share[2]) == os.cpu_count(), row
+    assert lines[-1].endswith("ms  ! disturbed")
+    (warning,) = [w for w in neighbours.warnings(rec.records) if "train" in w]
+    assert warning.startswith(f"warning: 1 of 1 rows measured while train (pid {procs[0].pid}) in /exp/a ran: ")
+    assert row["neighbours"] == [f"train (pid {procs[0].pid}) in /exp/a"] and row["others_cpu"] > neighbours.BUSY_SHARE
+
+    quiet = rec.measure("sleep", "python", "1ms again", "none", lambda: lambda: time.sleep(0.001))
+    assert quiet["neighbours"] == []  # the stand-ins are gone (the CPUs may be busy with other work)
+
+
+@pytest.mark.slow
+def test_the_bench_stage_flags_rows_measured_while_another_stage_ran(tmp_path):
+    """Two experiments of `dvc queue start -j 2` run in copies of the project of their own: the bench of one
+    sees the other's train through the machine-wide registry, and says so in the records, metrics and log."""
+    proj = tmp_path / "exp-bench"
+    proj.mkdir()
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(bench=FAST_STAGES["bench"])))
+    config = GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=32)
+    (proj / "out").mkdir()
+    torch.save({"model_args": config.to_dict(), "model": GPT(config).state_dict()}, proj / "out" / "ckpt.pt")
+    runtime = tmp_path / "runtime"
+    env = {**env_for(proj), "PYTHONPATH": str(ROOT), "GPTCORE_MLFLOW": "off", "GPTCORE_RUNTIME_DIR": str(runtime)}
+    other = str(tmp_path / "exp-train")
+    with stand_ins(runtime, ("train", other, "sleep")) as (train,):
+        out = run([sys.executable, "-m", "gptcore", "bench"], proj, env=env)
+    neighbour = f"train (pid {train.pid}) in {other}"
+
+    records = json.loads((proj / "bench" / "records.json").read_text())["records"].values()
+    measured = [r for r in records if r["status"] == "ok"]
+    assert measured and all(r["disturbed"].startswith(neighbour) for r in measured)
+    assert json.loads((proj / "metrics" / "bench.json").read_text())["disturbed_rows"] == len(measured)
+    assert out.stdout.count("! disturbed") == len(measured)
+    assert f"warning: {len(measured)} of {len(measured)} rows measured while {neighbour} ran: " in out.stderr

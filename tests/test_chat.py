@@ -46,6 +46,7 @@ def test_a_scripted_conversation(tmp_path, monkeypatch, capsys):
     assert "error: characters not in the vocabulary: 'Q', '¿', 'é'" in out  # reported; the bot goes on
     assert "ok: temperature 0.0, top-k off, top-p off, max-new-tokens 12" in out and "unknown command /bogus" in out
     assert "unread" not in out  # /quit ends it
+    assert chat.PROMPT not in out  # piped: no prompts in the transcript
     again = talk(monkeypatch, capsys, tmp_path / "ckpt.pt", script, "--max-new-tokens", "20")
     assert again == out  # the same seed and script, the same transcript
 
@@ -82,7 +83,7 @@ def test_a_reply_ends_with_its_speech_and_sees_the_whole_conversation():
     model.forward = spy
     decoder = Decoder(model, 1, 0.0)
     conversation = "All:\nSpeak, speak.\n\nFirst Citizen:\nResolved.\n\n"
-    text = "".join(chat.reply(decoder, vocab, conversation, 100))
+    text = "".join(chat.Reply(decoder, vocab, conversation, 100))
     assert "\n\n" not in text.lstrip("\n")  # cut at the end of the speech
     assert seen[0] == 32  # the prefill saw a full window of the conversation (the last block_size tokens)
     whole = "".join(stream_text(Decoder(model, 1, 0.0), vocab, vocab.encode(conversation)[-32:], 100))
@@ -118,6 +119,7 @@ class ScriptedDecoder:
     """Stands in for a Decoder: streams fixed tokens, as `Decoder.stream` does, one (1, 1) tensor each."""
 
     device = torch.device("cpu")
+    block = 32
 
     def __init__(self, tokens):
         self.tokens = tokens
@@ -137,3 +139,31 @@ def test_streamed_bpe_text_never_shows_half_a_character():
     pieces = list(stream_text(ScriptedDecoder(tokens), vocab, [0], len(tokens)))
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     assert len(pieces) < len(tokens)  # the split characters came in one piece each
+
+
+class Terminal(io.BytesIO):
+    """A scripted stdin that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+def test_in_a_terminal_the_bot_prompts_for_each_line_and_says_when_a_reply_hit_the_limit(tmp_path, monkeypatch, capsys):
+    checkpoint(tmp_path / "ckpt.pt")
+    monkeypatch.setattr(sys, "stdin", Terminal(b"/max-new-tokens 3\nAll: Speak, speak.\n"))
+    assert chat.main(["--params", str(ROOT / "params.yaml"), "--checkpoint", str(tmp_path / "ckpt.pt")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[1].startswith(chat.PROMPT + "ok: ") and lines[2].startswith(chat.PROMPT)  # asked before each line
+    assert out.count(chat.PROMPT) == 3 and out.endswith(chat.PROMPT + "\n")  # and at end of input, then a new line
+    assert lines[-2] == chat.CUT.format(n=3)  # three tokens, no end of a speech: the reply was cut, and it says so
+
+
+def test_a_reply_that_stops_at_the_limit_says_so_and_one_that_ends_its_speech_does_not():
+    vocab = CharTokenizer.from_text(SPEECHES)
+    tokens = vocab.encode("Speak, speak.\n\nAll:")
+    ended = chat.Reply(ScriptedDecoder(tokens), vocab, "All:\n", len(tokens))
+    assert "".join(ended) == "Speak, speak.\n" and not ended.cut  # up to the blank line
+    cut = chat.Reply(ScriptedDecoder(tokens), vocab, "All:\n", 5)
+    assert "".join(cut) == "Speak" and cut.cut
+    assert chat.CUT.format(n=5) == "[the reply stopped at max-new-tokens (5); /max-new-tokens N for longer ones]"

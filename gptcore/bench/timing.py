@@ -25,6 +25,7 @@ import torch
 
 from gptcore.cuda_graphs import capture
 from gptcore.environment import environment
+from gptcore.neighbours import Watch
 
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
 
@@ -103,9 +104,12 @@ def host_ms(fn: Callable[[], object], device: torch.device, calls: int = 200, wa
 class Recorder:
     """Runs measurements and keeps one record per row; a failure becomes a `failed` row, not a crash."""
 
-    def __init__(self, device: torch.device, timer: Timer, log: Callable[[str], None] = print):
+    def __init__(
+        self, device: torch.device, timer: Timer, log: Callable[[str], None] = print, watch: Watch | None = None
+    ):
         self.device = device
         self.timer = timer
+        self.watch = watch  # when given, each measured row records what ran beside it (`disturbed`, ...)
         self.env = environment(device)
         self.records: list[dict] = []
         self.log = log
@@ -125,6 +129,8 @@ class Recorder:
         }
         self.records.append(rec)
         figure = f"{rec['ms']:10.4f} ms" if status == OK else f"{status}: {reason}"
+        if rec.get("disturbed"):
+            figure += "  ! disturbed"
         self.log(f"  {case:<20} {shape:<22} {dtype:<9} {implementation:<28} {figure}")
         return rec
 
@@ -142,6 +148,8 @@ class Recorder:
         """`setup()` builds the call to time (raising Skip when it cannot run); `figures(ms)` derives
         throughput figures from the median time. `timing`: "eager" (events around the calls), "graph"
         (replays of the call captured as a CUDA graph) or "host" (host time per call)."""
+        if self.watch:
+            self.watch.start()
         try:
             fn = setup()
             if timing == "graph":
@@ -159,6 +167,8 @@ class Recorder:
         finally:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        if self.watch:
+            fields.update(self.watch.stop())
         return self.add(
             case, implementation, shape, dtype, OK, None, timing=timing, **result, **figures(result["ms"]), **fields
         )

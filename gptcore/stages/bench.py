@@ -3,21 +3,23 @@ metrics/bench.json (a few headline figures), bench/records.json (every row, with
 versions), plots/bench.csv (speed relative to the PyTorch reference) and its chart plots/bench.png, and MLflow
 metrics.
 
-    python -m stages.bench                                           # as `dvc repro` runs it
-    GPTCORE_MLFLOW=off python -m stages.bench --preset shakespeare_char --checkpoint out/ckpt.pt
-    python -m stages.bench --cases inference --backends torch --set decode_batch_sizes=[1]
-    python -m stages.bench --profile      # only where a training step's kernel time goes, per backend
+    python -m gptcore bench                                     # as `dvc repro` runs it
+    GPTCORE_MLFLOW=off python -m gptcore bench --preset shakespeare_char --checkpoint out/ckpt.pt
+    python -m gptcore bench --cases inference --backends torch --set 'decode_batch_sizes=[1]'
+    python -m gptcore bench --profile    # only where a training step's kernel time goes, per backend
 
 Rows that cannot run here (cuTile without a GPU, an SDPA backend this device lacks) are recorded as
 `skipped` with the reason. A row that fails is recorded as `failed`; the stage then exits with status 1
-after writing everything, so a broken kernel cannot pass unnoticed.
+after writing everything, so a broken kernel cannot pass unnoticed. A row measured while another gptcore
+stage ran on this machine, or while other processes kept its CPUs busy, says so (`disturbed`, and a warning
+naming what ran: gptcore/neighbours.py).
 """
 
 import re
 import sys
 from pathlib import Path
 
-from gptcore import plots, stage
+from gptcore import neighbours, plots, stage
 from gptcore.bench import kernels as kernel_bench
 from gptcore.bench import model as model_bench
 from gptcore.bench.profile import format_table
@@ -39,7 +41,7 @@ def metric_name(text: str) -> str:
 
 
 def parse_args(argv):
-    ap = stage.parser(__doc__, SECTION)
+    ap = stage.parser(__doc__, SECTION, "python -m gptcore bench")
     ap.add_argument("--checkpoint", help="bench.checkpoint: the trained model whose config sets the shapes")
     ap.add_argument("--device", help="bench.device: auto | cpu | cuda | cuda:N")
     ap.add_argument("--cases", nargs="+", help="bench.cases: kernels train inference")
@@ -108,6 +110,8 @@ def report(records: list[dict], path: Path) -> int:
         decode = (row or {}).get("speedup_vs_uncached")
         if decode:
             print(f"  decode batch 1, {backend} kv_cache: {decode:.2f}x the tokens/s of uncached regeneration")
+    for line in neighbours.warnings(records):
+        print(line, file=sys.stderr)
     failed = [r for r in records if r["status"] == FAILED]
     if failed:
         print("failed rows:\n" + "\n".join(f"  {record_id(r)}: {r['reason']}" for r in failed), file=sys.stderr)
@@ -127,7 +131,7 @@ def main(argv=None) -> int:
     checkpoint = load_checkpoint(ckpt_path)  # checked against its manifest (out/ckpt.json) when it has one
     ckpt_tags = checkpoint_tags(ckpt_path)
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
-    rec = Recorder(device, Timer(device, p.warmup, p.repeats, p.min_repeat_ms))
+    rec = Recorder(device, Timer(device, p.warmup, p.repeats, p.min_repeat_ms), watch=neighbours.Watch())
     print(
         f"bench on {rec.env['device']} (torch {rec.env['torch']}, cuda-tile {rec.env['cuda_tile']}); model "
         f"{config.n_layer}L {config.n_head}H {config.n_embd}d block {config.block_size} from {p.checkpoint}"
@@ -137,6 +141,7 @@ def main(argv=None) -> int:
         records = rec.records
         add_speedups(records, {**kernel_bench.REFERENCE, **model_bench.REFERENCE})
         headline = model_bench.headline_metrics(records, profiles)
+        headline["disturbed_rows"] = neighbours.disturbed_rows(records)  # measured while other work ran
         stage.write_json(
             root / RECORDS,
             {
@@ -152,6 +157,7 @@ def main(argv=None) -> int:
         stage.write_plot(root / PLOT, plot_rows(records))
         plots.write_speed_chart(root / PLOT, root / CHART)
         counts = model_bench.row_counts(records)
+        counts["disturbed"] = headline["disturbed_rows"]
         run.log_metrics({**mlflow_figures(records), **{f"rows_{k}": v for k, v in counts.items()}})
         run.set_tags(
             {

@@ -1,7 +1,7 @@
 """Prepare stage: tokenise the corpus (data.tokenizer: char, bpe, or a tokenizer.json) into train/val token
 files, tokenizer.json and meta.json.
 
-python -m stages.prepare [--params params.yaml] [--set data.corpus=my.txt]
+python -m gptcore prepare [--params params.yaml] [--set data.corpus=my.txt]
 """
 
 import time
@@ -11,8 +11,12 @@ from gptcore import data, stage
 SECTION = "data"
 
 
+def parse_args(argv):
+    return stage.parser(__doc__, SECTION, "python -m gptcore prepare").parse_args(argv)
+
+
 def main(argv=None) -> int:
-    args = stage.parser(__doc__, SECTION).parse_args(argv)
+    args = parse_args(argv)
     params = stage.load(args, SECTION)
     root = stage.workspace()
     with stage.tracked("prepare", params, [SECTION]) as run:

@@ -4,6 +4,7 @@ incrementally with a KV cache; write the samples (samples/samples.txt), metrics/
     python -m gptcore sample                                         # as `dvc repro` runs it
     GPTCORE_MLFLOW=off python -m gptcore sample --preset shakespeare_char --backend cutile
     python -m gptcore sample --prompt "ROMEO:" --num-samples 2 --max-new-tokens 500 --top-k off --top-p 0.95
+    python -m gptcore sample --out /tmp/romeo.txt --prompt "ROMEO:"  # by hand: /tmp/romeo.txt{,.metrics.json}
 
 Run by hand in a terminal, the text streams to the console as it is generated.
 """
@@ -28,6 +29,8 @@ from gptcore.tokenizer import Tokenizer, for_checkpoint
 
 SECTION = "sample"
 SECTIONS = ["data", "sample"]
+SAMPLES = Path("samples") / "samples.txt"
+METRICS_SUFFIX = ".metrics.json"  # a hand run's metrics, beside its --out file
 
 
 # ---- the options the sample stage and the chat bot share ------------------------------------------------
@@ -92,8 +95,13 @@ FLAGS = SHARED_FLAGS + ("prompt", "num_samples")
 
 
 def parse_args(argv):
-    ap = stage.parser(__doc__, SECTION)
-    ap.add_argument("--out", default="samples/samples.txt", help="the samples file (default: %(default)s)")
+    ap = stage.parser(__doc__, SECTION, "python -m gptcore sample")
+    ap.add_argument(
+        "--out",
+        metavar="FILE",
+        help=f"a run by hand: the samples to FILE and its metrics beside it (FILE{METRICS_SUFFIX}), leaving the "
+        f"pipeline's {SAMPLES} and metrics/sample.json as they are",
+    )
     ap.add_argument("--prompt", help="sample.prompt")
     ap.add_argument("--num-samples", type=int, dest="num_samples", help="sample.num_samples")
     add_sampling_options(ap)
@@ -162,26 +170,29 @@ def main(argv=None) -> int:
     decoder = decoder_for(model, s, torch.Generator(device=device).manual_seed(s.seed))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
+    samples_path = root / (args.out or SAMPLES)
     with stage.tracked("sample", params, SECTIONS) as run:
         texts, seconds = generate(decoder, tokenizer, s, prompt_ids)
         samples_text = "\n".join(texts)
-        atomic_write_text(root / args.out, samples_text)
+        atomic_write_text(samples_path, samples_text)
         metrics = speed_metrics(s, seconds, decoder)
-        stage.write_metrics("sample", metrics, root)
+        hand_run = samples_path.with_name(samples_path.name + METRICS_SUFFIX) if args.out else None
+        metrics_path = stage.write_metrics("sample", metrics, root, hand_run)
         run.log_metrics(metrics)
         run.set_tags(
             {
                 "sample.backend": s.backend,
                 "sample.device": device_name,
                 "sample.dtype": dtype_name(dtype),
-                "sample.file": args.out,
+                "sample.file": str(args.out or SAMPLES),
                 "sample.cuda_graph_error": decoder.graph_error or "",
                 **checkpoint_tags(ckpt_path),
             }
         )
         run.log_text(samples_text, "samples.txt")
     print(
-        f"sample: {s.num_samples} samples of {s.max_new_tokens} tokens -> {args.out}; "
+        f"sample: {s.num_samples} samples of {s.max_new_tokens} tokens -> {args.out or SAMPLES}, "
+        f"metrics {metrics_path.relative_to(root) if metrics_path.is_relative_to(root) else metrics_path}; "
         f"{metrics['steady_tokens_per_sec']:,.0f} tokens/s ({s.backend} on {device_name}"
         f"{', CUDA graphs' if decoder.use_graph else ''})"
     )

@@ -2,7 +2,7 @@
 (out/ckpt.json: sha256, MLflow run, git commit, config, vocabulary, data; see gptcore/manifest.py); log to
 MLflow, the checkpoint as the run's logged model (its path and sha256; the weights stay DVC's).
 
-    python -m stages.train [--set train.max_iters=100]        # one process
+    python -m gptcore train [--set train.max_iters=100]       # one process
     torchrun --nproc_per_node=2 -m stages.train              # data-parallel (NCCL on GPUs, gloo on CPU)
 
 Everything that can be checked (params, data, backend, the resume state) is checked before anything is
@@ -76,8 +76,12 @@ def log_checkpoint_model(run, root: Path, manifest: dict, result) -> None:
     )
 
 
+def parse_args(argv):
+    return stage.parser(__doc__, SECTION, "python -m gptcore train").parse_args(argv)
+
+
 def main(argv=None) -> int:
-    args = stage.parser(__doc__, SECTION).parse_args(argv)
+    args = parse_args(argv)
     params = stage.load(args, SECTION, sections=SECTIONS)
     root = stage.workspace()
     d = Dist.from_env()

@@ -1,6 +1,6 @@
 """Transplant stage: check a checkpoint and write the cuTile model's weights (safetensors + manifest).
 
-    python -m stages.transplant [--params params.yaml] [--set transplant.dtype=bfloat16]
+    python -m gptcore transplant [--params params.yaml] [--set transplant.dtype=bfloat16]
 
 The source is `transplant.source` (default: the train stage's out/ckpt.pt; a karpathy/nanoGPT ckpt.pt
 works too). Any failed check stops the stage with a message naming the file and what is wrong.
@@ -14,8 +14,12 @@ from gptcore.transplant import MANIFEST_FILE, transplant
 SECTION = "transplant"
 
 
+def parse_args(argv):
+    return stage.parser(__doc__, SECTION, "python -m gptcore transplant").parse_args(argv)
+
+
 def main(argv=None) -> int:
-    args = stage.parser(__doc__, SECTION).parse_args(argv)
+    args = parse_args(argv)
     params = stage.load(args, SECTION)
     root = stage.workspace()
     p = params.transplant
@@ -24,6 +28,7 @@ def main(argv=None) -> int:
     record = data.data_record(params.data, data_dir)  # in the manifest, for re-verifying a fetched copy
     with stage.tracked("transplant", params, [SECTION]) as run:
         # Paths in the manifest are relative to the workspace, so it reads the same wherever the repo lives.
+        provenance = {"mlflow_run_id": run.run_id, "git_commit": run.tags["git.commit"], "dvc_stage": "transplant"}
         manifest = transplant(
             root / p.source,
             root / p.out_dir,
@@ -31,7 +36,7 @@ def main(argv=None) -> int:
             p.dtype,
             vocab_source=f"{params.data.out_dir}/tokenizer.json",
             source_label=p.source,
-            provenance={"mlflow_run_id": run.run_id, "git_commit": run.tags["git.commit"], "dvc_stage": "transplant"},
+            provenance=provenance,
             data=record,
             tokenizer=tokenizer.to_json(),  # a source without its own (nanoGPT's) gets the data's
         )
@@ -55,6 +60,11 @@ def main(argv=None) -> int:
         )
         run.log_metrics(metrics)
         run.log_artifact(root / p.out_dir / MANIFEST_FILE)
+    if any(manifest.get(k) != v for k, v in provenance.items()):
+        print(
+            f"note: {p.out_dir}/{MANIFEST_FILE} kept as run {manifest.get('mlflow_run_id')} wrote it at "
+            f"{manifest.get('created')}: these weights are byte for byte the ones it made"
+        )
     checks = ", ".join(c["name"] for c in manifest["checks"])
     print(
         f"transplanted {p.source} ({manifest['source']['format']}, {manifest['n_params']:,} parameters) -> "

@@ -1,6 +1,6 @@
 """Verify stage: the cuTile model against the reference, level by level (compile gate, then L1-L5).
 
-    python -m stages.verify                       # the pipeline: <transplant.out_dir>/model.safetensors
+    python -m gptcore verify                      # the pipeline: <transplant.out_dir>/model.safetensors
                                                   #   -> reports/verify.{md,json}, metrics/verify.json
     python -m gptcore verify --checkpoint PATH [--data DIR] [--out DIR]
         # any checkpoint (ours, a nanoGPT ckpt.pt, a transplant's safetensors or its folder), checked as the
@@ -8,7 +8,7 @@
         # verify-runs/<name>-<sha>/), never to the pipeline's outputs. The data: --data DIR (meta.json,
         # val.bin), else the project's prepared data when here, else the tokenizer the checkpoint carries
         # and the corpus its manifest records. Without a params.yaml here, verify's defaults.
-    GPTCORE_MLFLOW=off python -m stages.verify --checkpoint out/ckpt.pt --preset shakespeare_char --out DIR
+    GPTCORE_MLFLOW=off python -m gptcore verify --checkpoint out/ckpt.pt --preset shakespeare_char --out DIR
         # the GPU machine (no MLflow there: records go to a JSON file)
 
 Exit status: 0 when nothing failed (skipped levels included: they say why), 1 when the compile gate or
@@ -53,8 +53,8 @@ def checked_data(args, params, root: Path, source: Path):
     return weights, tokenizer, data.from_record(found.data, tokenizer, str(found.path), root)
 
 
-def main(argv=None) -> int:
-    ap = stage.parser(__doc__, SECTION)
+def parse_args(argv):
+    ap = stage.parser(__doc__, SECTION, "python -m gptcore verify")
     ap.add_argument("--checkpoint", help="verify this checkpoint instead of the pipeline's transplant")
     ap.add_argument("--data", help="prepared data folder (meta.json, val.bin) to verify on")
     ap.add_argument("--out", help="where --checkpoint writes verify.md and verify.json")
@@ -62,6 +62,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.out and not args.checkpoint:
         ap.error("--out goes with --checkpoint (the pipeline writes reports/verify.md and metrics/verify.json)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     in_project = Path(args.params or stage.PARAMS_FILE).exists()
     params = stage.load(args, SECTION, {"device": args.device})
     root = stage.workspace()
