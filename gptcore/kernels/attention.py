@@ -44,7 +44,7 @@ import cuda.tile as ct
 import torch
 
 from gptcore.kernels.dropout import MIX_A, MIX_B, dropout_rng, dropout_threshold
-from gptcore.kernels.runtime import ATTENTION_DTYPES, arch_of, attention_head_dim_unsupported
+from gptcore.kernels.runtime import ATTENTION_DTYPES, arch_of, attention_head_dim_unsupported, launches_directly
 from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, launch
 from gptcore.model import MASK_FLOOR
 
@@ -696,7 +696,7 @@ attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerAttention(torch.autograd.Function):
     """The eager path: autograd calls the launch helpers directly, without the custom operators' dispatch
     (their Python layers cost more host time than the kernels take at small sizes). Code being traced
-    (torch.compile, export) and tensor subclasses take the operators (`_eager` decides)."""
+    (torch.compile, export) and tensor subclasses take the operators (`launches_directly` decides)."""
 
     @staticmethod
     def forward(ctx, q, k, v, rng, scale, dropout_p):
@@ -710,15 +710,6 @@ class _EagerAttention(torch.autograd.Function):
         q, k, v, o, stats, rng = ctx.saved_tensors
         dq, dk, dv = attention_backward(q, k, v, o, stats, do, scale=ctx.scale, dropout_p=ctx.dropout_p, rng=rng)
         return dq, dk, dv, None, None, None
-
-
-def _eager(*tensors: torch.Tensor) -> bool:
-    """Whether a call may skip the custom operators: not traced, and plain CUDA tensors (a FakeTensor or
-    another subclass must see the operator)."""
-    return not torch.compiler.is_compiling() and all(type(t) in _PLAIN and t.is_cuda for t in tensors)
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def causal_attention(
@@ -750,7 +741,7 @@ def causal_attention(
     if dropout_p > 0 and rng is None:
         rng = dropout_rng(q.device)
     scale, dropout_p = float(scale), float(dropout_p)
-    if not _eager(q, k, v):
+    if not launches_directly(q, k, v):
         return attention_fwd_op(q, k, v, rng, scale, dropout_p)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, rng, scale, dropout_p)

@@ -17,7 +17,7 @@ from functools import cache
 import cuda.tile as ct
 import torch
 
-from gptcore.kernels.runtime import LAYER_NORM_DTYPES, arch_of, sm_count
+from gptcore.kernels.runtime import LAYER_NORM_DTYPES, arch_of, launches_directly, sm_count
 from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, launch
 
 ZERO = ct.PaddingMode.ZERO
@@ -481,7 +481,8 @@ def _check(x, weight, bias):
 class _EagerLayerNorm(torch.autograd.Function):
     """The eager path: autograd calls the launch helpers directly, without the custom operators' dispatch
     (their Python layers cost more host time than the kernels take at small sizes), and skips the
-    gradients nobody asked for. Traced code and tensor subclasses take the operators (`_eager` decides)."""
+    gradients nobody asked for. Traced code and tensor subclasses take the operators (`launches_directly`
+    decides)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -502,15 +503,6 @@ class _EagerLayerNorm(torch.autograd.Function):
         return dx.view(dy.shape), dw, db, None
 
 
-def _eager(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call may skip the custom operators: not traced, and plain CUDA tensors (a FakeTensor or
-    another subclass must see the operator)."""
-    return not torch.compiler.is_compiling() and all(t is None or (type(t) in _PLAIN and t.is_cuda) for t in tensors)
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
 ) -> torch.Tensor:
@@ -519,7 +511,7 @@ def layer_norm(
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     eps = float(eps)
-    if not _eager(x, weight, bias):
+    if not launches_directly(x, weight, bias):
         return layer_norm_fwd_op(x, weight, bias, eps)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _EagerLayerNorm.apply(x, weight, bias, eps)

@@ -63,6 +63,16 @@ def attention_head_dim_unsupported(head_dim: int) -> str | None:
     return f"the cuTile attention kernels take head dims that are multiples of 16 up to 128, not {head_dim}"
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def launches_directly(*tensors: torch.Tensor | None) -> bool:
+    """Whether a kernel call may skip its custom operator and launch from an autograd.Function: not traced
+    (torch.compile, export), and plain CUDA tensors (a FakeTensor or another subclass must see the operator).
+    None stands for an absent optional tensor."""
+    return not torch.compiler.is_compiling() and all(t is None or (type(t) in _PLAIN and t.is_cuda) for t in tensors)
+
+
 @functools.cache
 def arch_of(index: int) -> str:
     """The architecture (`sm_90`) of CUDA device `index`: the key of the tile tables."""
