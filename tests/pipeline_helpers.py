@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -123,7 +124,14 @@ def env_for(project: Path) -> dict:
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=kw.pop("env", env_for(cwd)), **kw)
+    """Run cmd in cwd, its output captured. Into files, not pipes: `dvc queue start` leaves daemonized
+    workers holding the command's stdout, and reading a pipe would wait for them to exit (a worker that
+    hangs in its shutdown would hang the test), where a file is done when the command itself is."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=err, text=True, env=kw.pop("env", env_for(cwd)), **kw)
+        out.seek(0)
+        err.seek(0)
+        proc.stdout, proc.stderr = out.read(), err.read()
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
