@@ -267,6 +267,15 @@ def log_external_model(client, exp_id: str, run_id: str, model: dict) -> str:
     return logged.model_id
 
 
+def finite_numbers(metrics: dict) -> dict[str, float]:
+    """The metrics MLflow can take: finite ints and floats (not bools), as floats; the others are dropped."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
 class StageRun:
     """The MLflow run of one stage execution. Stages log through this object, not mlflow directly: it keeps
     every record too, so that without a store (GPTCORE_MLFLOW=off: the GPU box has no MLflow) or when the
@@ -334,11 +343,7 @@ class StageRun:
         self.records["params"].update(params)
 
     def log_metrics(self, metrics: dict, step: int | None = None):
-        numeric = {
-            k: float(v)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        }
+        numeric = finite_numbers(metrics)
         if self._client is not None:
             from mlflow.entities import Metric
 
@@ -365,11 +370,7 @@ class StageRun:
         """A logged model of this run (MLflow 3) whose weights are a file outside MLflow that `tags` name (its
         path and sha256): no copy of them goes into the store. `metrics` are logged at `step`, linked to the
         model as well as the run. Offline, the record keeps it and `import` creates it."""
-        numeric = {
-            k: float(v)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        }
+        numeric = finite_numbers(metrics)
         model = {
             "name": name,
             "model_type": model_type,
