@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             plots.write_loss_curve(root / LOSS_CSV, root / LOSS_PNG)
             run.set_tags(
                 {
-                    "checkpoint.sha256": sha256_file(ckpt_file),
+                    "checkpoint.sha256": manifest["sha256"] if manifest else sha256_file(ckpt_file),
                     "checkpoint.path": ckpt_rel,
                     "train.device": result.device,
                     "train.dtype": result.dtype,
