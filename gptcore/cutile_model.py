@@ -1,16 +1,18 @@
-"""The cuTile GPT: the reference model with its LayerNorms and attention running on cuTile kernels.
+"""The cuTile GPT: the reference model with its LayerNorms, attention, GELU and loss on cuTile kernels.
 
-Only the two module classes change; every parameter keeps the reference's name and shape, so a state
-dict moves between `GPT` and `CuTileGPT` unchanged. The kernels are PyTorch custom operators with their
-backward registered, so this model trains (attention dropout included, inside the flash kernels),
-compiles with torch.compile(fullgraph=True), exports, and captures in CUDA graphs.
+Only the two module classes and the forward change; every parameter keeps the reference's name and shape, so a
+state dict moves between `GPT` and `CuTileGPT` unchanged (the half copies of the weights are non-persistent).
+The kernels are PyTorch custom operators with their backward registered, so this model trains (dropout
+included, inside the kernels), compiles with torch.compile(fullgraph=True), exports, and captures in CUDA graphs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from gptcore import half_weights
 from gptcore.errors import ParamsError
+from gptcore.fused_forward import HALF_DTYPES, fused_dtype, fused_forward
 from gptcore.kernels import require_cutile
 from gptcore.kernels.runtime import attention_head_dim_unsupported
 from gptcore.model import GPT, CausalSelfAttention, GPTConfig, LayerNorm
@@ -47,8 +49,31 @@ class CuTileSelfAttention(CausalSelfAttention):
 
 
 class CuTileGPT(GPT):
+    """The cuTile model. A forward without a KV cache whose matmuls run in half precision (under autocast, or
+    with half weights) takes the fused path (gptcore/fused_forward.py): a few fused kernels per sublayer, the
+    weights read from half copies that the optimizer keeps current (gptcore/half_weights.py). Decoding with a KV
+    cache, and fp32 runs, take the module path: the reference's modules with cuTile LayerNorm and attention."""
+
     layer_norm_cls = CuTileLayerNorm
     attention_cls = CuTileSelfAttention
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        dtype = fused_dtype(self, idx.device.type) if kv_cache is None else None
+        if dtype is None:
+            return super().forward(idx, targets, kv_cache)
+        return fused_forward(self, idx, targets, dtype)
+
+    def prepare_half_weights(self, dtype: torch.dtype) -> None:
+        """Make the half copies of the weights for matmuls in `dtype` before the forward is compiled or captured
+        (eagerly, the forward makes them itself); a no-op for other dtypes."""
+        if dtype in HALF_DTYPES and self.lm_head.weight.dtype != dtype:
+            half_weights.prepare(self, dtype)
+
+    def configure_optimizers(self, *args, **kwargs) -> torch.optim.AdamW:
+        """The reference's AdamW, and every step then refreshes the half copies of the weights (one kernel)."""
+        optimizer = super().configure_optimizers(*args, **kwargs)
+        optimizer.register_step_post_hook(lambda *_: half_weights.refresh(self))
+        return optimizer
 
 
 def model_class(backend: str) -> type[GPT]:

@@ -100,6 +100,9 @@ def make_train_step(
     run's GradScaler (it is saved with the run); a fresh one for `dtype` when None. `distributed`: wrap
     the model in DDP (this process is one of a torchrun launch). `compile_mode`: torch.compile's mode in
     "compile" (None: its default; "reduce-overhead" adds its CUDA graphs)."""
+    prepare_half_weights = getattr(model, "prepare_half_weights", None)
+    if prepare_half_weights is not None:  # the cuTile model's half weight copies, before any compile or capture
+        prepare_half_weights(dtype)
     if mode == "graph":
         if distributed:
             raise ValueError("the graphed step runs in one process: DDP's gradient all-reduce is not captured")

@@ -5,6 +5,9 @@
 #   bash scripts/gpu_session.sh PHASE... [PRESET]        PRESET: shakespeare_char (default) or gpt2_small
 #
 #   tests    the GPU tests (python -m pytest -m gpu)
+#   fused    the fused forward's GPU tests and the custom operators' (tests/test_fused_gpu.py, test_ops_gpu.py)
+#   steps    the training step per backend and mode, and each backend's profile (python -m gptcore.bench.steps):
+#            PRESET's dims; with gpt2_small, GPT-2 small's dims with the character vocabulary (issue 24's row)
 #   kernels  the kernel tables: eager, graph replay, host time (python -m gptcore.bench.kernels)
 #   bench    the bench stage on PRESET's model (a checkpoint trained for 20 iterations: speed only), with the
 #            training step's profile
@@ -64,6 +67,14 @@ for phase in "${phases[@]}"; do
       # the files that hold GPU tests: the others import DVC, MLflow or ruamel.yaml, which the machine lacks
       python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_*_gpu.py tests/test_devices.py 2>&1 \
         | tee "$logs/gpu-tests.log" ;;
+    fused)
+      python3 -m pytest -q -p no:cacheprovider tests/test_fused_gpu.py tests/test_ops_gpu.py 2>&1 \
+        | tee "$logs/fused-tests.log" ;;
+    steps)
+      extra=()
+      [ "$preset" = gpt2_small ] && extra=(--vocab 65)
+      python3 -m gptcore.bench.steps --preset "$preset" "${extra[@]}" --profile \
+        --json "$logs/steps-$preset.json" --csv "$logs/steps.csv" 2>&1 | tee "$logs/steps-$preset.log" ;;
     kernels)
       python3 -m gptcore.bench.kernels --graphs --host --json "$logs/kernel-bench.json" 2>&1 \
         | tee "$logs/kernel-bench.log" ;;

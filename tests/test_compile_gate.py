@@ -47,6 +47,13 @@ def test_compile_gate_sm90_sm100():
         "layernorm.fwd",
         "layernorm.bwd",
         "layernorm.colsum",
+        "residual_layernorm.fwd",
+        "residual_layernorm.bwd",
+        "bias_gelu.fwd",
+        "bias_gelu.bwd",
+        "cross_entropy.fwd",
+        "cross_entropy.bwd",
+        "column_sums",
     }
     # sm_90's forward takes another block order from Tq = 2048 on: that variant is compiled too.
     assert any(job.arch == "sm_90" and job.label == "bfloat16 D=64 long" for job in expected)
@@ -101,5 +108,10 @@ def test_every_gate_signature_comes_from_its_kernels_launch_spec():
         if job.kernel == "layernorm.bwd":
             tiles = layernorm.tiles_for(job.arch, job.size)
             assert (spec.args["TILE_ROWS"], spec.args["HAS_W"]) == (tiles.bwd_rows, job.affine)
+        if job.kernel.startswith("residual_layernorm."):
+            assert spec.args["DROPOUT"] == job.dropout
+            assert spec.args["HAS_X"] == (job.variant != "embedding")
+            if job.kernel.endswith(".bwd"):
+                assert spec.args["HAS_DXO"] == (job.variant != "final")
         if job.aligned:  # the aligned signature assumes more of the arrays than the plain one
             assert sig.symbol != signature(spec, False).symbol

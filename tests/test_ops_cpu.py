@@ -1,77 +1,30 @@
 """The custom operators' plumbing, on a CPU: schemas, fake (meta) functions, the registered backward, and
 the cuTile model under torch.compile(fullgraph=True) and torch.export. The cuTile kernels need a GPU, so
-each op gets a CPU kernel here that computes its function with PyTorch, in the kernels' output layouts:
-everything around the kernels (what torch.library, AOTAutograd and Dynamo see) is the real code."""
+each op gets a CPU kernel (tests/cpu_kernels.py) that computes its function with PyTorch, in the kernels'
+output layouts: everything around the kernels (what torch.library, AOTAutograd and Dynamo see) is the real code."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from cpu_kernels import allow_cpu, register
 from helpers import tiny_gpt
 
 from gptcore.kernels import attention as A
 from gptcore.kernels import layernorm as L
 from gptcore.kernels.dropout import dropout_keep_mask, dropout_rng
-from gptcore.model import GPT, GPTConfig, causal_attention_reference, causal_scores
-
-
-def reference_attention(q, k, v, rng, scale, dropout_p):
-    """(o, stats) as the forward kernel writes them: o laid out (B, T, H, D), stats = (row max of the raw
-    scores, log2 of the row sum of exp2((s - max) * scale * log2(e)) = exp(scale * (s - max)))."""
-    b, h, tq, _ = q.shape
-    tk = k.shape[2]
-    s = causal_scores(q, k, scale)  # scaled
-    m = s.amax(-1)
-    log2_l = torch.log2(torch.exp(s - m[..., None]).sum(-1))
-    keep = dropout_keep_mask(rng, b, h, tq, tk, dropout_p) if dropout_p > 0 else None
-    o = causal_attention_reference(q, k, v, keep, dropout_p, scale)
-    return A._bhtd_empty_like(q, tq).copy_(o), torch.stack([m / scale, log2_l])
+from gptcore.model import GPT, GPTConfig, causal_attention_reference
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cpu_kernels():
-    @A.attention_fwd_op.register_kernel("cpu")
-    def _(q, k, v, rng, scale, dropout_p):
-        return reference_attention(q, k, v, rng, scale, dropout_p)
-
-    @A.attention_bwd_op.register_kernel("cpu")
-    def _(q, k, v, o, stats, do, rng, scale, dropout_p):
-        # the gradients written out (a kernel runs below autograd, so none can be recorded here)
-        b, h, t, _ = q.shape
-        qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
-        p = torch.softmax(causal_scores(qf, kf, scale), dim=-1)
-        scale_keep = dropout_keep_mask(rng, b, h, t, t, dropout_p) / (1 - dropout_p) if dropout_p > 0 else 1.0
-        dv = (p * scale_keep).transpose(-2, -1) @ dof
-        dp = (dof @ vf.transpose(-2, -1)) * scale_keep
-        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-        grads = (ds @ kf * scale, ds.transpose(-2, -1) @ qf * scale, dv)
-        return tuple(A._bhtd_empty_like(x, t).copy_(g) for x, g in zip((q, k, v), grads))
-
-    @L.layer_norm_fwd_op.register_kernel("cpu")
-    def _(x, weight, bias, eps):
-        x32 = x.float()
-        mean, var = x32.mean(-1), x32.var(-1, unbiased=False)
-        y = F.layer_norm(x32, (x.shape[-1],), weight, bias, eps).to(x.dtype)
-        return y.contiguous(), torch.stack([mean.reshape(-1), torch.rsqrt(var + eps).reshape(-1)])
-
-    @L.layer_norm_bwd_op.register_kernel("cpu")
-    def _(x, weight, bias, stats, dy):
-        n = x.shape[-1]
-        mean, rstd = stats[0].view(*x.shape[:-1], 1), stats[1].view(*x.shape[:-1], 1)
-        xhat = (x.float() - mean) * rstd
-        wdy = dy.float() * (weight.float() if weight is not None else 1.0)
-        dx = rstd * (wdy - wdy.mean(-1, keepdim=True) - xhat * (wdy * xhat).mean(-1, keepdim=True))
-        dw = (dy.float() * xhat).reshape(-1, n).sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
-        db = dy.float().reshape(-1, n).sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
-        return dx.to(dy.dtype).contiguous(), dw, db
+    register()
 
 
 @pytest.fixture
 def cpu_allowed(monkeypatch):
-    """The wrappers refuse CPU tensors (the kernels need a GPU); here the CPU kernels above stand in."""
-    monkeypatch.setattr(A, "_check", lambda q, k, v: None)
-    monkeypatch.setattr(L, "_check", lambda x, w, b: None)
+    """The wrappers refuse CPU tensors (the kernels need a GPU); here the CPU kernels stand in."""
+    allow_cpu(monkeypatch)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])

@@ -31,6 +31,13 @@ NAMES = {
     "ln_fwd_kernel_body": "layernorm",
     "ln_colsum_kernel_body": "layernorm",
     "attn_bwd_dkdv_kernel_body": "attention",
+    "adl_fwd_kernel_body": "layernorm",  # the fused residual add + dropout + LayerNorm
+    "adl_bwd_kernel_body": "layernorm",
+    "gelu_bwd_kernel_body": "gelu",
+    "ce_fwd_kernel_body": "cross-entropy",
+    "colsum_kernel_body": "reductions",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<2>, CopyFunctor<"
+    "c10::BFloat16, float, c10::BFloat16, 1, 1, 1>>": "optimizer",  # the half weight copies, with the step
     "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4> >": "attention",
     "void at::native::(anonymous namespace)::fused_dropout_kernel_vec<c10::BFloat16, float, unsigned int, 1, 4>": (
         "dropout"

@@ -17,7 +17,8 @@ pytest.importorskip("cuda.tile", reason="cuda-tile is not installed")
 
 from gptcore.bench import tune  # noqa: E402
 from gptcore.bench.timing import OK  # noqa: E402
-from gptcore.kernels import attention, compile, layernorm  # noqa: E402
+from gptcore.kernels import attention, bias_gelu, column_sums, compile, layernorm  # noqa: E402
+from gptcore.kernels import residual_layernorm as residual  # noqa: E402
 from gptcore.kernels.spec import parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,14 +52,17 @@ def launches(monkeypatch):
         constants = {name: spec.args[name] for name, constant in parameters(spec.body) if constant}
         recorded.append((spec.name, constants, spec.kernel))
 
-    for module in (attention, layernorm):
+    tiled = (attention, layernorm, residual, bias_gelu)
+    for module in tiled:
         monkeypatch.setattr(module, "launch", record)
         monkeypatch.setattr(module, "arch_of", lambda index: "sm_90")
         module._table_tiles.cache_clear()
-    monkeypatch.setattr(layernorm, "sm_count", lambda index: 132)
+    monkeypatch.setattr(column_sums, "launch", record)
+    for module in (layernorm, residual, bias_gelu):
+        monkeypatch.setattr(module, "sm_count", lambda index: 132)
     monkeypatch.setattr(tune, "prewarm", lambda jobs: [e for e in map(tune.warm_one, jobs) if e])
     yield recorded
-    for module in (attention, layernorm):
+    for module in tiled:
         module._table_tiles.cache_clear()
 
 
@@ -123,6 +127,41 @@ def test_layernorm_sweep_launches_every_candidate_as_configured(launches, width)
     base = layernorm.tiles_for("sm_90", width)
     best_fwd = min(tune.LN_FWD, key=lambda c: fake_ms("", vars(replace(base, **c))))
     assert chosen.fwd_rows == best_fwd["fwd_rows"] and chosen.fwd_occ == best_fwd["fwd_occ"]
+
+
+def test_fused_kernel_sweeps_launch_every_candidate_as_configured(launches):
+    """The residual LayerNorm and bias + GELU sweeps: each candidate's tiles reach its kernel, the backward's
+    column sums follow, and the fastest (made-up) candidate of each part is chosen."""
+    rec = FakeRecorder(fake_ms)
+    chosen = tune.tune_residual_layernorm(rec, shape=(64, 384), dtype=torch.bfloat16, arch="sm_90")
+    assert len(rec.records) == len(tune.RESIDUAL_FWD) + len(tune.RESIDUAL_BWD)
+    fwd = [(c, k) for name, c, k in launches if name == "adl_fwd_kernel_body"]
+    bwd = [(c, k) for name, c, k in launches if name == "adl_bwd_kernel_body"]
+    for c in tune.RESIDUAL_FWD:
+        assert any(
+            consts["TILE_ROWS"] == c["fwd_rows"] and consts["DROPOUT"] and kern is residual.fwd_kernel(c["fwd_occ"])
+            for consts, kern in fwd
+        ), c
+    for c in tune.RESIDUAL_BWD:
+        assert any(
+            consts["TILE_ROWS"] == c["bwd_rows"] and kern is residual.bwd_kernel(c["bwd_occ"]) for consts, kern in bwd
+        ), c
+    assert any(name == "colsum_kernel_body" for name, _, _ in launches)
+    base = residual.tiles_for("sm_90", 384)
+    best = min(tune.RESIDUAL_BWD, key=lambda c: fake_ms("", vars(replace(base, **c))))
+    assert chosen.bwd_rows == best["bwd_rows"]
+
+    launches.clear()
+    rec = FakeRecorder(lambda case, config: config["rows"] + config["cols"] / 1000)  # fewest rows: (16, 256)
+    chosen = tune.tune_bias_gelu(rec, shape=(64, 1536), dtype=torch.bfloat16, arch="sm_90")
+    assert len(rec.records) == 2 * len(tune.GELU)
+    for c in tune.GELU:
+        for name in ("gelu_fwd_kernel_body", "gelu_bwd_kernel_body"):
+            assert any(
+                n == name and consts["TILE_ROWS"] == c["rows"] and consts["TILE_COLS"] == c["cols"]
+                for n, consts, _ in launches
+            ), (name, c)
+    assert (chosen.rows, chosen.cols) == (16, 256) and chosen.bwd_blocks_per_sm == 8
 
 
 def test_a_spec_that_misnames_an_argument_is_refused():

@@ -204,8 +204,18 @@ def test_compile_gate_jobs_cover_the_model_signatures(trained):
         ("layernorm.bwd", "bfloat16 N=32 weight+bias"),
         ("layernorm.colsum", "bfloat16 N=any weight+bias"),
     ]
+    # the fused forward's kernels in the model's dtype: its width 32, MLP width 128, vocabulary 44
+    signatures += [
+        (f"residual_layernorm.{kind}", f"bfloat16 N=32 {variant}")
+        for kind, variants in (("fwd", ("block", "embedding")), ("bwd", ("block", "embedding", "final")))
+        for variant in variants
+    ]
+    signatures += [("bias_gelu.fwd", "bfloat16 F=128"), ("bias_gelu.bwd", "bfloat16 F=128")]
+    unaligned = [("cross_entropy.fwd", "bfloat16 V=44"), ("cross_entropy.bwd", "bfloat16 V=44")]
+    unaligned += [("column_sums", "float32 N=any")]  # its partials' shapes are not the model's
     # each also as the aligned signature that training-shaped tensors launch (sizes multiples of 16 here)
-    assert labels == [(kernel, label + suffix) for kernel, label in signatures for suffix in ("", " 16B")]
+    expected = [(kernel, label + suffix) for kernel, label in signatures for suffix in ("", " 16B")]
+    assert sorted(labels) == sorted(expected + unaligned)
 
 
 def test_compile_gate_jobs_add_the_dropout_kernels_when_dropout_runs(trained):
@@ -223,14 +233,16 @@ def test_compile_gate_jobs_add_the_dropout_kernels_when_dropout_runs(trained):
 
 
 def test_compile_gate_jobs_skip_the_aligned_signature_where_sizes_do_not_allow_it(trained):
-    """A width that is not a multiple of 16 never launches the aligned LayerNorm signature, nor a head
-    dim or block size that is not one the aligned attention signature."""
+    """A width that is not a multiple of 16 never launches the aligned LayerNorm signatures (plain or fused), nor a
+    head dim or block size that is not one the aligned attention signature; the MLP's 4 x 36 = 144 columns are
+    a multiple of 16, so only bias + GELU gets its aligned signature."""
     from dataclasses import replace
 
     _, weights, _, _ = trained
     odd = replace(weights.config, n_embd=36, n_head=2, block_size=30)  # head dim 18
-    labels = [j.label for j in model_jobs(odd, "bfloat16", "float16", ["sm_90"])]
-    assert labels and not [label for label in labels if "16B" in label]
+    jobs = model_jobs(odd, "bfloat16", "float16", ["sm_90"])
+    aligned = {(j.kernel, j.label) for j in jobs if j.aligned}
+    assert jobs and aligned == {("bias_gelu.fwd", "bfloat16 F=144 16B"), ("bias_gelu.bwd", "bfloat16 F=144 16B")}
 
 
 def test_compile_gate_jobs_add_the_long_sequence_forward_order(trained):
@@ -278,7 +290,9 @@ def test_verify_stage_on_any_checkpoint_writes_its_report_where_told(trained, tm
     # attention fwd, dq, dkv (bf16) and fwd (fp16); LayerNorm fwd, bwd, column sums (fp32 and bf16); the
     # three attention kernels with dropout (bf16: L1's dropout cases); each with the plain and the aligned
     # ("16B") signature
-    assert m["compile_gate"]["jobs"] == 26 and m["compile_gate"]["archs"] == "sm_90"
+    # attention, LayerNorm and the fused kernels, with dropout (L1 checks the kernels' dropout)
+    expected = model_jobs(trained[1].config, "bfloat16", "float16", ["sm_90"], dropout=True)
+    assert m["compile_gate"]["jobs"] == len(expected) == 53 and m["compile_gate"]["archs"] == "sm_90"
     assert m["source"].endswith("ckpt.pt") and "| vocab | pass |" in report
     if not torch.cuda.is_available():
         assert m["status"] == "incomplete" and m["skipped"] == 5 and proc.returncode == 0

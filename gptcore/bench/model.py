@@ -161,10 +161,10 @@ def step_profiles(
         except Skip as e:
             profiles[backend] = {"skipped": str(e)}
             continue
-        table = profile.category_table(
-            profile.kernel_times(step, device), profile.StepFlops.of(config, batch), device_name
-        )
+        kernels = profile.kernel_times(step, device)
+        table = profile.category_table(kernels, profile.StepFlops.of(config, batch), device_name)
         profiles[backend] = {"shape": f"B{batch}xT{config.block_size}", "dtype": dtype_name(dtype), **table}
+        profiles[backend]["top_kernels"] = profile.top_kernels(kernels)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return profiles

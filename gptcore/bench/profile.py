@@ -24,14 +24,15 @@ CATEGORIES: list[tuple[str, str]] = [
     ("optimizer", r"multi_tensor_apply|adam|_foreach"),  # AdamW and the gradient clipping's norms
     # our kernels, SDPA's, and SDPA's math path on a CPU; on a GPU the only softmax is the loss's
     ("attention", r"attn_(fwd|bwd)|flash|fmha|attention|safe_softmax|aten::_softmax|aten::softmax$"),
-    ("cross-entropy", r"softmax|nll_loss|cross_entropy"),
-    ("layernorm", r"ln_(fwd|bwd|colsum)|layer_?norm|GammaBeta"),
+    ("cross-entropy", r"softmax|nll_loss|cross_entropy|ce_(fwd|bwd)_kernel"),
+    # the fused residual add + dropout + LayerNorm (adl_*) counts as LayerNorm: it is the LayerNorm pass
+    ("layernorm", r"ln_(fwd|bwd|colsum)|layer_?norm|GammaBeta|adl_(fwd|bwd)_kernel"),
     ("matmul", r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitk|aten::(mm|addmm|bmm|matmul)$"),
     ("dropout", r"dropout|bernoulli|philox"),
     ("embedding", r"embedding|index_select|indexselect|index_add|indexFuncLargeIndex|segment|compute_grad_weight"),
     ("gelu", r"gelu"),
     ("casts and copies", r"copy|cast|aten::to$|convert|CatArrayBatched|aten::cat$|aten::clone$"),
-    ("reductions", r"reduce_kernel|aten::sum$|aten::mean$|aten::norm$|vector_norm"),
+    ("reductions", r"reduce_kernel|aten::sum$|aten::mean$|aten::norm$|vector_norm|colsum_kernel"),
     ("elementwise", r"elementwise|add|mul|aten::(fill_|zero_|div|sub|where|masked_fill|sqrt|lerp)"),
 ]
 _COMPILED = [(name, re.compile(pattern, re.IGNORECASE)) for name, pattern in CATEGORIES]
@@ -104,6 +105,12 @@ def kernel_times(step: Callable[[], object], device: torch.device, steps: int = 
         if us > 0:
             kernels[event.key] = {"ms": us / 1000 / steps, "count": event.count / steps}
     return kernels
+
+
+def top_kernels(kernels: dict[str, dict], count: int = 40) -> list[dict]:
+    """The `count` kernels that take the most time per step: name (cut to 120 characters), category, ms, launches."""
+    ranked = sorted(kernels.items(), key=lambda item: -item[1]["ms"])[:count]
+    return [{"name": name[:120], "category": category(name), "ms": k["ms"], "count": k["count"]} for name, k in ranked]
 
 
 def category_table(kernels: dict[str, dict], flops: StepFlops, device_name: str) -> dict:

@@ -1,10 +1,11 @@
 """Tile sweeps: time every candidate configuration of a kernel (CUDA-graph replay, GPU time only) and hand
 back the fastest as an explicit config (an AttnTiles or LNTiles), without touching the kernels' tables.
 
-    python -m gptcore.bench.tune [attention|layernorm|all] [--json PATH]
+    python -m gptcore.bench.tune [attention|layernorm|residual_layernorm|bias_gelu|all] [--json PATH]
 
 prints the ranking of each kernel and the chosen configs, ready to go into the architecture's table in
-gptcore/kernels/attention.py / layernorm.py (with the records, as data, in results/). Every candidate runs
+gptcore/kernels/attention.py, layernorm.py, residual_layernorm.py or bias_gelu.py (with the records, as data,
+in results/). Every candidate runs
 through the kernels' launch helpers, and so through their launch specs, with its config by keyword.
 
 Compiling every candidate serially takes minutes, so a pool of processes first launches each once, which
@@ -25,12 +26,18 @@ import torch
 
 from gptcore.bench.timing import OK, Recorder, Timer, synchronize
 from gptcore.devices import DTYPES, dtype_name
-from gptcore.kernels import attention, layernorm
+from gptcore.kernels import attention, bias_gelu, layernorm
+from gptcore.kernels import residual_layernorm as residual
 from gptcore.kernels.attention import HEAD_MAJOR, LONGEST_FIRST
 from gptcore.kernels.runtime import current_arch
 
 ATTN_TUNE_SHAPES = ((16, 12, 1024, 64), (8, 12, 2048, 64))  # (B, H, T, D): the table holds the T1024 winners
 LN_TUNE_SHAPES = ((16384, 384), (16384, 768))  # (rows, width): the "small" and "large" entries
+# The fused forward's kernels at the two presets' training steps: shakespeare_char (B64 T256, 384 wide, MLP 1536)
+# and GPT-2 small (B12 T1024, 768 wide, MLP 3072).
+RESIDUAL_TUNE_SHAPES = ((16384, 384), (12288, 768))
+GELU_TUNE_SHAPES = ((16384, 1536), (12288, 3072))
+RESIDUAL_DROPOUT = 0.2  # the residual LayerNorm is timed as training runs it, with the presets' dropout
 
 # Candidates, each a set of fields replaced in the architecture's current config.
 ATTN_FWD = [
@@ -120,6 +127,47 @@ LN_BWD = [
 ]
 
 
+RESIDUAL_FWD = [
+    dict(fwd_rows=rows, fwd_occ=occ, fwd_blocks_per_sm=per_sm, fwd_latency=latency)
+    for rows, occ, per_sm, latency in (
+        (16, 4, 4, 3),
+        (8, 4, 4, 3),
+        (8, 4, 4, 4),
+        (16, 4, 0, 0),
+        (8, 4, 0, 0),
+        (16, 2, 2, 4),
+        (32, 2, 2, 4),
+        (4, 4, 8, 3),
+    )
+]
+RESIDUAL_BWD = [
+    dict(bwd_rows=rows, bwd_occ=occ, bwd_blocks_per_sm=per_sm, bwd_latency=latency)
+    for rows, occ, per_sm, latency in (
+        (16, 2, 2, 4),
+        (8, 2, 2, 4),
+        (8, 4, 4, 4),
+        (4, 4, 4, 4),
+        (16, 1, 1, 4),
+        (32, 1, 1, 4),
+        (8, 2, 2, 0),
+        (4, 2, 4, 2),
+    )
+]
+GELU = [
+    dict(rows=rows, cols=cols, fwd_occ=occ, bwd_occ=occ, bwd_blocks_per_sm=per_sm)
+    for rows, cols, occ, per_sm in (
+        (64, 128, 2, 4),
+        (32, 128, 4, 4),
+        (32, 256, 2, 4),
+        (64, 64, 4, 4),
+        (128, 64, 2, 4),
+        (16, 256, 4, 8),
+        (64, 128, 2, 2),
+        (32, 128, 4, 8),
+    )
+]
+
+
 def label(changes: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in changes.items())
 
@@ -127,6 +175,50 @@ def label(changes: dict) -> str:
 def shape_label(kernel: str, shape) -> str:
     """B16xH12xT1024xD64 (attention) or N16384xC768 (LayerNorm rows x width)."""
     return "x".join(f"{axis}{size}" for axis, size in zip("BHTD" if kernel == "attention" else "NC", shape))
+
+
+def residual_inputs(shape, dtype, device, seed=0) -> dict:
+    """A block's residual LayerNorm as training runs it: fp32 residual x and parameters, the branch in `dtype`,
+    dropout on; the forward's outputs (with the table config) and upstream gradients for the backward."""
+    m, n = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size, dt=torch.float32):
+        return torch.randn(*size, device=device, generator=gen).to(dt)
+
+    x = dict(x=randn(m, n), branch=randn(m, n, dt=dtype), bb=randn(n), w=1 + 0.1 * randn(n), b=0.1 * randn(n))
+    x["rng"] = torch.tensor([1234, 5678], device=device)
+    x["x_out"], _, x["stats"] = residual.forward_rows(
+        x["x"], x["branch"], x["bb"], x["w"], x["b"], x["rng"], p=RESIDUAL_DROPOUT, eps=1e-5, out_dtype=dtype
+    )
+    x.update(dy=randn(m, n, dt=dtype), dx_out=randn(m, n), dtype=dtype)
+    return x
+
+
+def residual_call(part: str, tiles, x: dict):
+    if part == "fwd":
+        return lambda: residual.forward_rows(
+            x["x"], x["branch"], x["bb"], x["w"], x["b"], x["rng"], p=RESIDUAL_DROPOUT, eps=1e-5,
+            out_dtype=x["dtype"], tiles=tiles,
+        )  # fmt: skip
+    return lambda: residual.backward_rows(
+        x["x_out"], x["w"], x["stats"], x["rng"], x["dy"], x["dx_out"], p=RESIDUAL_DROPOUT, has_x=True,
+        branch_dtype=x["dtype"], tiles=tiles,
+    )  # fmt: skip
+
+
+def gelu_inputs(shape, dtype, device, seed=0) -> dict:
+    """u (M, F) in `dtype`, an fp32 bias, and an upstream gradient."""
+    m, f = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    u = torch.randn(m, f, device=device, generator=gen).to(dtype)
+    return dict(u=u, bias=torch.randn(f, device=device, generator=gen), dg=torch.randn_like(u))
+
+
+def gelu_call(part: str, tiles, x: dict):
+    if part == "fwd":
+        return lambda: bias_gelu.forward_rows(x["u"], x["bias"], tiles=tiles)
+    return lambda: bias_gelu.backward_rows(x["u"], x["bias"], x["dg"], tiles=tiles)
 
 
 # ---- one candidate's call, the same for compiling it first and for timing it -------------------------------
@@ -175,8 +267,15 @@ def layernorm_call(part: str, tiles, x: dict):
 KERNELS = {  # kernel -> (its module, its inputs, one candidate's call)
     "attention": (attention, attention_inputs, attention_call),
     "layernorm": (layernorm, layernorm_inputs, layernorm_call),
+    "residual_layernorm": (residual, residual_inputs, residual_call),
+    "bias_gelu": (bias_gelu, gelu_inputs, gelu_call),
 }
-TILES = {"attention": attention.AttnTiles, "layernorm": layernorm.LNTiles}
+TILES = {
+    "attention": attention.AttnTiles,
+    "layernorm": layernorm.LNTiles,
+    "residual_layernorm": residual.ADLTiles,
+    "bias_gelu": bias_gelu.GeluTiles,
+}
 
 
 def warm_one(job) -> str | None:
@@ -263,6 +362,29 @@ def tune_layernorm(rec: Recorder, shape=(16384, 768), dtype=torch.bfloat16, arch
     return chosen
 
 
+def tune_residual_layernorm(rec: Recorder, shape=(16384, 384), dtype=torch.bfloat16, arch: str | None = None):
+    """Records of every forward and backward candidate of the fused residual LayerNorm, and the fastest config."""
+    candidates = [("fwd", c) for c in RESIDUAL_FWD] + [("bwd", c) for c in RESIDUAL_BWD]
+    chosen, best = sweep(rec, "residual_layernorm", shape, dtype, candidates, arch)
+    for part in ("fwd", "bwd"):
+        if part in best:
+            chosen = replace(chosen, **best[part][1])
+    return chosen
+
+
+def tune_bias_gelu(rec: Recorder, shape=(16384, 1536), dtype=torch.bfloat16, arch: str | None = None):
+    """Records of every candidate of bias + GELU, forward and backward timed apart, and the fastest config:
+    the forward's tile and occupancy from the fastest forward, the backward's grid from the fastest backward
+    (both share the tile shape, so the backward's winner sets it when the two disagree)."""
+    candidates = [("fwd", c) for c in GELU] + [("bwd", c) for c in GELU]
+    chosen, best = sweep(rec, "bias_gelu", shape, dtype, candidates, arch)
+    if "bwd" in best:
+        chosen = replace(chosen, **best["bwd"][1])
+    if "fwd" in best and all(best["fwd"][1][k] == getattr(chosen, k) for k in ("rows", "cols")):
+        chosen = replace(chosen, fwd_occ=best["fwd"][1]["fwd_occ"])
+    return chosen
+
+
 def print_ranking(records: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -276,7 +398,9 @@ def print_ranking(records: list[dict]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kernel", nargs="?", default="all", choices=["all", "attention", "layernorm"])
+    ap.add_argument(
+        "kernel", nargs="?", default="all", choices=["all", "attention", "layernorm", "residual_layernorm", "bias_gelu"]
+    )
     ap.add_argument("--json", help="write the records and the chosen configs to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -291,6 +415,14 @@ def main(argv=None) -> int:
     if args.kernel in ("all", "layernorm"):
         for shape in LN_TUNE_SHAPES:
             chosen[f"layernorm {shape_label('layernorm', shape)}"] = asdict(tune_layernorm(rec, shape))
+    if args.kernel in ("all", "residual_layernorm"):
+        for shape in RESIDUAL_TUNE_SHAPES:
+            chosen[f"residual_layernorm {shape_label('layernorm', shape)}"] = asdict(
+                tune_residual_layernorm(rec, shape)
+            )
+    if args.kernel in ("all", "bias_gelu"):
+        for shape in GELU_TUNE_SHAPES:
+            chosen[f"bias_gelu {shape_label('layernorm', shape)}"] = asdict(tune_bias_gelu(rec, shape))
     print_ranking(rec.records)
     print("\nchosen (for the architecture's table):")
     for key, config in chosen.items():

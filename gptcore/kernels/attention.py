@@ -43,9 +43,10 @@ from functools import cache
 import cuda.tile as ct
 import torch
 
-from gptcore.kernels.dropout import MIX_A, MIX_B, dropout_rng, dropout_threshold
+from gptcore.kernels.dropout import dropout_rng, dropout_threshold
 from gptcore.kernels.runtime import ATTENTION_DTYPES, arch_of, attention_head_dim_unsupported, launches_directly
 from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, launch
+from gptcore.kernels.tile_random import call_keys, col_hashes, keep, row_hashes
 from gptcore.model import MASK_FLOOR
 
 ZERO = ct.PaddingMode.ZERO
@@ -152,23 +153,11 @@ def _scores(q, k_t, j, rows, masked, TILE_M, TILE_N):
     return s
 
 
-def _mix32(x):
-    """The 32-bit mixer of gptcore.kernels.dropout.mix32 (lowbias32) on a uint32 tile."""
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    return x ^ (x >> 16)
-
-
 def _dropout(RNG, bh, t, drop_threshold, keep_scale):
-    """What every kernel's dropout needs, as one tuple: the call's two 32-bit keys, read from the device
-    (int64 (2,)) so that a replayed CUDA graph reads the replay's new draw where a kernel argument would stay
-    frozen at capture; the count of head bh's first row (bh * T); the threshold; the kept probabilities'
-    scale 1 / (1 - p)."""
-    keys = ct.load(RNG, (0,), (2,))
-    k0 = ct.astype(ct.bitcast(ct.extract(keys, (0,), shape=(1,)).item(), ct.uint64), ct.uint32)
-    k1 = ct.astype(ct.bitcast(ct.extract(keys, (1,), shape=(1,)).item(), ct.uint64), ct.uint32)
+    """What every kernel's dropout needs, as one tuple: the call's two 32-bit keys (read from the device:
+    gptcore.kernels.tile_random); the count of head bh's first row (bh * T); the threshold; the kept
+    probabilities' scale 1 / (1 - p)."""
+    k0, k1 = call_keys(RNG)
     return k0, k1, bh * t, ct.astype(drop_threshold, ct.uint32), keep_scale
 
 
@@ -178,17 +167,11 @@ def _keep_tile(drop, q_first, k_first, TQ, TK, KEYS_ON_ROWS):
     row and one per key, mixed per probability (gptcore.kernels.dropout, which computes the same in
     PyTorch); a draw at or above the threshold p * 2^32 keeps."""
     k0, k1, row0, threshold, _ = drop
-    queries = row0 + q_first + ct.arange(TQ, dtype=ct.int32)
-    keys = k_first + ct.arange(TK, dtype=ct.int32)
-    row_hash = _mix32(_mix32(ct.astype(queries, ct.uint32) ^ k0) + k1)  # [TQ]: dropout.keyed_hash
-    col_hash = _mix32(_mix32(ct.astype(keys, ct.uint32) ^ k1) + k0)  # [TK]
+    row_hash = row_hashes(row0 + q_first, TQ, k0, k1)  # [TQ]
+    col_hash = col_hashes(k_first, TK, k0, k1)  # [TK]
     if KEYS_ON_ROWS:
-        x = row_hash[None, :] ^ col_hash[:, None]  # [TK, TQ]
-    else:
-        x = row_hash[:, None] ^ col_hash[None, :]  # [TQ, TK]
-    x = x * MIX_A
-    x = x ^ (x >> 16)
-    return x * MIX_B >= threshold
+        return keep(row_hash[None, :], col_hash[:, None], threshold)  # [TK, TQ]
+    return keep(row_hash[:, None], col_hash[None, :], threshold)  # [TQ, TK]
 
 
 def _fwd_step(q, K, V, b, h, j, rows, rows_first, m_i, l_i, acc, qk_scale_log2, masked, D, TILE_M, TILE_N, drop):
@@ -599,9 +582,9 @@ def attention_forward(q, k, v, *, scale: float, dropout_p: float = 0.0, rng=None
 
 
 def attention_backward(
-    q, k, v, o, stats, do, *, scale: float, dropout_p: float = 0.0, rng=None, tiles: AttnTiles | None = None
+    q, k, v, o, stats, do, *, scale: float, dropout_p: float = 0.0, rng=None, tiles: AttnTiles | None = None, out=None
 ):
-    """Launch the two backward kernels. Returns (dq, dk, dv)."""
+    """Launch the two backward kernels. Returns (dq, dk, dv): new tensors, or `out`'s three views written."""
     q, k, v, o, do = (_as_tiled(x) for x in (q, k, v, o, do))
     if k.shape[2] != q.shape[2]:
         raise NotImplementedError(
@@ -610,7 +593,10 @@ def attention_backward(
         )
     dev = q.get_device()
     tiles = tiles or _table_tiles(dev, q.shape[3])
-    dq, dk, dv, delta = bwd_outputs(q)
+    if out is None:
+        dq, dk, dv, delta = bwd_outputs(q)
+    else:
+        (dq, dk, dv), delta = out, torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     common = dict(scale=scale, dropout_p=dropout_p, tiles=tiles)
     launch(bwd_dq_spec(q, k, v, o, do, stats, delta, dq, rng, **common), dev)
     launch(bwd_dkdv_spec(q, k, v, do, stats, delta, dk, dv, rng, **common), dev)
@@ -746,3 +732,119 @@ def causal_attention(
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, rng, scale, dropout_p)
     return attention_forward(q, k, v, scale=scale, dropout_p=dropout_p, rng=rng)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention on the packed c_attn output (B, T, 3C): q, k and v are strided views of it, and the backward writes
+# dq, dk and dv into one (B, T, 3C) gradient, the layout c_attn's backward reads, so autograd never
+# concatenates three gradients (a copy of the whole activation per layer).
+# --------------------------------------------------------------------------------------------------
+def split_heads(qkv: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, T, D) as views of qkv (B, T, 3C), as the model's split, view and transpose make them."""
+    b, t, c3 = qkv.shape
+    c = c3 // 3
+    return tuple(x.view(b, t, n_head, c // n_head).transpose(1, 2) for x in qkv.split(c, dim=2))
+
+
+def merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """o (B, H, T, D), laid out (B, T, H, D), as (B, T, H * D): a view."""
+    b, h, t, d = o.shape
+    return o.transpose(1, 2).reshape(b, t, h * d)
+
+
+def _packed_backward(qkv, o, stats, do, rng, n_head, scale, dropout_p):
+    """dqkv (B, T, 3C) from do (B, H, T, D), the gradient of o."""
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    q, k, v = split_heads(qkv, n_head)
+    attention_backward(q, k, v, o, stats, do, scale=scale, dropout_p=dropout_p, rng=rng, out=split_heads(dqkv, n_head))
+    return dqkv
+
+
+@torch.library.custom_op("gptcore::attention_qkv_fwd", mutates_args=(), device_types="cuda")
+def attention_qkv_fwd_op(
+    qkv: torch.Tensor, rng: torch.Tensor | None, n_head: int, scale: float, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, H, T, D) laid out (B, T, H, D), and the forward's stats."""
+    return attention_forward(*split_heads(qkv, n_head), scale=scale, dropout_p=dropout_p, rng=rng)
+
+
+@attention_qkv_fwd_op.register_fake
+def _(qkv, rng, n_head, scale, dropout_p):
+    return fwd_outputs(split_heads(qkv, n_head)[0])
+
+
+@torch.library.custom_op("gptcore::attention_qkv_bwd", mutates_args=(), device_types="cuda")
+def attention_qkv_bwd_op(
+    qkv: torch.Tensor,
+    o: torch.Tensor,
+    stats: torch.Tensor,
+    do: torch.Tensor,
+    rng: torch.Tensor | None,
+    n_head: int,
+    scale: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    """The gradient of qkv (B, T, 3C) from do (B, H, T, D), the gradient of o."""
+    return _packed_backward(qkv, o, stats, do, rng, n_head, scale, dropout_p)
+
+
+@attention_qkv_bwd_op.register_fake
+def _(qkv, o, stats, do, rng, n_head, scale, dropout_p):
+    return torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, rng, n_head, scale, dropout_p = inputs
+    o, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(qkv, o, stats, rng)
+    ctx.n_head, ctx.scale, ctx.dropout_p = n_head, scale, dropout_p
+
+
+def _packed_backward_op(ctx, do, _dstats):
+    qkv, o, stats, rng = ctx.saved_tensors
+    return attention_qkv_bwd_op(qkv, o, stats, do, rng, ctx.n_head, ctx.scale, ctx.dropout_p), None, None, None, None
+
+
+attention_qkv_fwd_op.register_autograd(_packed_backward_op, setup_context=_packed_setup_context)
+
+
+class _EagerPackedAttention(torch.autograd.Function):
+    """The eager path of the packed attention: the launch helpers without the custom operators' dispatch."""
+
+    @staticmethod
+    def forward(ctx, qkv, rng, n_head, scale, dropout_p):
+        o, stats = attention_forward(*split_heads(qkv, n_head), scale=scale, dropout_p=dropout_p, rng=rng)
+        ctx.save_for_backward(qkv, o, stats, rng)
+        ctx.n_head, ctx.scale, ctx.dropout_p = n_head, scale, dropout_p
+        return merge_heads(o)
+
+    @staticmethod
+    def backward(ctx, dy):
+        qkv, o, stats, rng = ctx.saved_tensors
+        b, h, t, d = o.shape
+        do = dy.reshape(b, t, h, d).transpose(1, 2)
+        return _packed_backward(qkv, o, stats, do, rng, ctx.n_head, ctx.scale, ctx.dropout_p), None, None, None, None
+
+
+def causal_attention_qkv(
+    qkv: torch.Tensor, n_head: int, dropout_p: float = 0.0, rng: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal self-attention of the packed c_attn output qkv (B, T, 3C) with n_head heads, merged back to
+    (B, T, C): `causal_attention` on its split heads, with the gradient of qkv written packed."""
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * n_head):
+        raise ValueError(
+            f"causal_attention_qkv expects (B, T, 3C) with C a multiple of {n_head}, got {tuple(qkv.shape)}"
+        )
+    q, k, v = split_heads(qkv, n_head)
+    _check(q, k, v)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"causal_attention_qkv dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and rng is None:
+        rng = dropout_rng(qkv.device)
+    scale, dropout_p = 1.0 / math.sqrt(q.shape[-1]), float(dropout_p)
+    if not launches_directly(qkv):
+        return merge_heads(attention_qkv_fwd_op(qkv, rng, n_head, scale, dropout_p)[0])
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return _EagerPackedAttention.apply(qkv, rng, n_head, scale, dropout_p)
+    return merge_heads(attention_forward(q, k, v, scale=scale, dropout_p=dropout_p, rng=rng)[0])

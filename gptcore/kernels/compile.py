@@ -36,6 +36,15 @@ LN_DTYPES = ("float32", "bfloat16", "float16")  # fp32 under autocast (residual 
 # The widths of the tiny default model (128), shakespeare_char (384), GPT-2 small (768), and one that is
 # not a power of two (100: padded to 128 and masked). Only the padded width changes the kernel.
 LN_WIDTHS = (100, 128, 384, 768)
+# The fused forward's kernels (gptcore/fused_forward.py) at the presets' widths: shakespeare_char 384, GPT-2 768.
+# Residual LayerNorm variants: (name, residual x, branch dtype or None for the matmuls' dtype, branch bias,
+# residual gradient): a block's, the embeddings' (dropout of the fp32 sum, no residual yet) and the final one's
+# (x_out feeds nothing, so its backward gets no residual gradient).
+FUSED_WIDTHS = (384, 768)
+ADL_FWD_VARIANTS = (("block", True, None, True), ("embedding", False, "float32", False))
+ADL_BWD_VARIANTS = (("block", True, None, True), ("embedding", False, "float32", True), ("final", True, None, False))
+CE_VOCABS = (65, 50304)  # the character vocabulary, and GPT-2's BPE rows
+FUSED_FP16 = 384  # float16 (train.dtype float16) is checked at this width, dropout on
 ALIGNED = "16B"  # the label word of the aligned signatures
 EXAMPLE_SMS = 132  # the SM count the example launches assume (an H100 / H200): it sizes grids only
 
@@ -52,12 +61,22 @@ class CompileJob:
     long: bool = False  # attention forward: a sequence long enough for the long-sequence block order
     affine: bool = True  # LayerNorm: with weight and bias (False: neither)
     aligned: bool = False  # shapes and strides multiples of 16 bytes, as training-shaped tensors are (see _array)
+    variant: str = ""  # residual LayerNorm: "block", "embedding" or "final" (see ADL_FWD_VARIANTS)
 
     @property
     def label(self) -> str:
-        """The signature in words: `bfloat16 D=64 dropout 16B`, `float32 N=384 weight+bias`."""
+        """The signature in words: `bfloat16 D=64 dropout 16B`, `float32 N=384 weight+bias`, `bfloat16 N=384 block
+        dropout`, `bfloat16 V=65`."""
         if self.kernel.startswith("attention."):
             words = [f"D={self.size}"] + ["dropout"] * self.dropout + ["long"] * self.long
+        elif self.kernel.startswith("residual_layernorm."):
+            words = [f"N={self.size}", self.variant] + ["dropout"] * self.dropout
+        elif self.kernel.startswith("bias_gelu."):
+            words = [f"F={self.size}"]
+        elif self.kernel.startswith("cross_entropy."):
+            words = [f"V={self.size}"]
+        elif self.kernel == "column_sums":
+            words = ["N=any"]
         else:
             size = f"N={self.size or 'any'}"
             words = [size, "weight+bias"] if self.affine else [size, "no weight, no bias"]
@@ -116,6 +135,32 @@ def jobs(archs, full: bool = False) -> list[CompileJob]:
         # weight and bias None (bias=False models, and F.layer_norm without affine)
         for kernel in ("layernorm.fwd", "layernorm.bwd"):
             out.append(CompileJob(kernel, arch, "bfloat16", 384, affine=False))
+        out += fused_jobs(arch)
+    return out
+
+
+def fused_jobs(arch: str) -> list[CompileJob]:
+    """The fused forward's kernels: residual LayerNorm (each variant, with dropout and without: eval), bias +
+    GELU on the MLP's 4x width, cross-entropy over each vocabulary, the column sums; bf16, and float16 at one
+    width."""
+    out = []
+    for dt in ("bfloat16", "float16"):
+        widths = FUSED_WIDTHS if dt == "bfloat16" else (FUSED_FP16,)
+        for n in widths:
+            for kernel, variants in (("fwd", ADL_FWD_VARIANTS), ("bwd", ADL_BWD_VARIANTS)):
+                for variant in variants:
+                    for dropout in (True, False) if dt == "bfloat16" else (True,):
+                        for aligned in aligned_variants(n):
+                            out.append(
+                                CompileJob(f"residual_layernorm.{kernel}", arch, dt, n, dropout, aligned=aligned,
+                                           variant=variant[0])
+                            )  # fmt: skip
+            for kernel in ("bias_gelu.fwd", "bias_gelu.bwd"):
+                out += [CompileJob(kernel, arch, dt, 4 * n, aligned=a) for a in aligned_variants(4 * n)]
+        for v in CE_VOCABS if dt == "bfloat16" else CE_VOCABS[:1]:
+            for kernel in ("cross_entropy.fwd", "cross_entropy.bwd"):
+                out += [CompileJob(kernel, arch, dt, v, aligned=a) for a in aligned_variants(v)]
+    out.append(CompileJob("column_sums", arch, "float32", 0))
     return out
 
 
@@ -132,6 +177,8 @@ def example_spec(job: CompileJob):
     from gptcore.kernels import layernorm as L
 
     dtype = getattr(torch, job.dtype)
+    if job.kernel.split(".")[0] in ("residual_layernorm", "bias_gelu", "cross_entropy", "column_sums"):
+        return fused_example_spec(job, dtype)
     if job.kernel.startswith("attention."):
         tiles = A.tiles_for(job.arch, job.size)
         b, h, d = 1, 2, job.size
@@ -158,6 +205,51 @@ def example_spec(job: CompileJob):
     if job.kernel == "layernorm.bwd":
         return L.bwd_spec(x2, weight, y, stats, dx, parts, has_bias=bias is not None, tiles=tiles)
     return L.colsum_spec(parts, weight, bias)
+
+
+def fused_example_spec(job: CompileJob, dtype):
+    """The fused forward's kernels' example launches: 64 rows of the model's tensors (fp32 residual stream and
+    parameters, activations in the job's dtype)."""
+    import torch
+
+    from gptcore.kernels import bias_gelu, column_sums, cross_entropy
+    from gptcore.kernels import residual_layernorm as R
+
+    rows = 64
+    if job.kernel == "column_sums":
+        parts = torch.empty(R.PARTIAL_SUMS, 2 * EXAMPLE_SMS, 384)
+        return column_sums.colsum_spec(parts, torch.empty(R.PARTIAL_SUMS, 384))
+    if job.kernel.startswith("bias_gelu."):
+        tiles = bias_gelu.tiles_for(job.arch)
+        u, bias = torch.empty(rows, job.size, dtype=dtype), torch.empty(job.size)
+        if job.kernel == "bias_gelu.fwd":
+            return bias_gelu.fwd_spec(u, bias, torch.empty_like(u), tiles=tiles)
+        parts = torch.empty(1, bias_gelu.bwd_groups(rows, job.size, tiles, EXAMPLE_SMS), job.size)
+        return bias_gelu.bwd_spec(u, bias, u, torch.empty_like(u), parts, tiles=tiles)
+    if job.kernel.startswith("cross_entropy."):
+        tiles = cross_entropy.tiles_for(job.arch)
+        logits, targets = torch.empty(rows, job.size, dtype=dtype), torch.empty(rows, dtype=torch.int64)
+        loss, lse = cross_entropy.fwd_outputs(logits)
+        if job.kernel == "cross_entropy.fwd":
+            return cross_entropy.fwd_spec(logits, targets, loss, lse, ignore_index=-1, tiles=tiles)
+        return cross_entropy.bwd_spec(logits, targets, lse, torch.empty(1), logits, ignore_index=-1, tiles=tiles)
+    n, p = job.size, 0.2 if job.dropout else 0.0
+    tiles = R.tiles_for(job.arch, n)
+    variants = ADL_FWD_VARIANTS if job.kernel == "residual_layernorm.fwd" else ADL_BWD_VARIANTS
+    _, has_x, branch_dtype, third = next(v for v in variants if v[0] == job.variant)
+    branch = torch.empty(rows, n, dtype=getattr(torch, branch_dtype) if branch_dtype else dtype)
+    x, params = torch.empty(rows, n), torch.empty(n)
+    rng = torch.empty(2, dtype=torch.int64) if job.dropout else None
+    x_out, y, stats = R.fwd_outputs(branch, torch.float32, dtype)
+    if job.kernel == "residual_layernorm.fwd":  # third: a branch bias
+        return R.fwd_spec(
+            x if has_x else None, branch, params if third else None, params, params, rng, x_out, y, stats,
+            eps=1e-5, p=p, tiles=tiles, sm_count=EXAMPLE_SMS,
+        )  # fmt: skip
+    parts = torch.empty(R.PARTIAL_SUMS, R.bwd_blocks(rows, tiles, EXAMPLE_SMS), n)
+    dx_out = torch.empty_like(x_out) if third else None  # third: the residual's gradient
+    dx = torch.empty_like(x_out) if has_x else None
+    return R.bwd_spec(x_out, params, stats, rng, y, dx_out, dx, branch, parts, p=p, tiles=tiles)
 
 
 def _array(tensor, aligned: bool):

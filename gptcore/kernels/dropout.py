@@ -14,7 +14,9 @@ threshold round(p * 2^32) keeps, so the drop probability is p to 2^-33. Rows are
 
 The keys come from the default CUDA generator, so a run is reproducible from its RNG state
 (torch.manual_seed, a checkpoint) and every replay of a captured CUDA graph draws new ones.
-`dropout_keep_mask` computes the same mask in PyTorch, for tests and verification.
+`dropout_keep_mask` computes the same mask in PyTorch, for tests and verification. The fused residual kernels
+(gptcore/kernels/residual_layernorm.py) drop the features of a (tokens, features) activation with the same
+hash, a row per token and a column per feature: `rows_keep_mask` is their copy.
 """
 
 from __future__ import annotations
@@ -61,14 +63,24 @@ def draw(row_hash: torch.Tensor, col_hash: torch.Tensor) -> torch.Tensor:
     return (x * MIX_B) & M32
 
 
+def _keep(rng: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, p: float) -> torch.Tensor:
+    """Whether each (row count, column) pair is kept: rows and cols broadcastable int64 tensors."""
+    k0, k1 = (int(v) & M32 for v in rng.to("cpu", torch.int64))
+    row_hash, col_hash = keyed_hash(rows & M32, k0, k1), keyed_hash(cols, k1, k0)
+    return (draw(row_hash, col_hash) >= dropout_threshold(p) & M32).to(rng.device)
+
+
 def dropout_keep_mask(rng: torch.Tensor, b: int, h: int, tq: int, tk: int, p: float) -> torch.Tensor:
     """The keep mask (B, H, Tq, Tk) the kernels apply for keys `rng` and probability p (dropout runs with
     Tq == Tk), computed in PyTorch with the kernels' hash: what tests and verification compare against."""
     if tq != tk:
         raise ValueError(f"attention dropout needs Tq == Tk, got Tq={tq} Tk={tk}")
-    k0, k1 = (int(v) & M32 for v in rng.to("cpu", torch.int64))
     rows = torch.arange(b * h * tq, dtype=torch.int64).view(b, h, tq, 1)  # head * T + query: one count per row
-    cols = torch.arange(tk, dtype=torch.int64).view(1, 1, 1, tk)
-    row_hash, col_hash = keyed_hash(rows & M32, k0, k1), keyed_hash(cols, k1, k0)
-    threshold = dropout_threshold(p) & M32
-    return (draw(row_hash, col_hash) >= threshold).to(rng.device)
+    return _keep(rng, rows, torch.arange(tk, dtype=torch.int64).view(1, 1, 1, tk), p)
+
+
+def rows_keep_mask(rng: torch.Tensor, m: int, n: int, p: float) -> torch.Tensor:
+    """The keep mask (M, N) of dropout on the rows of an activation (M tokens, N features), as the fused
+    residual kernels draw it: the same hash, row r of the call counted as r and column c as c."""
+    rows = torch.arange(m, dtype=torch.int64).view(m, 1)
+    return _keep(rng, rows, torch.arange(n, dtype=torch.int64).view(1, n), p)

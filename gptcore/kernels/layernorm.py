@@ -124,14 +124,14 @@ def fwd_chunks(n: int, chunk: int) -> tuple[int, int, bool]:
 # padded to a power of two, so its weight and bias column sums stay one reduction per tile.
 # Padded columns load as 0 and are masked where they would count (the variance); stores drop them.
 # --------------------------------------------------------------------------------------------------
-def _load(A, index, shape, LATENCY):
+def load_f32(A, index, shape, LATENCY):
     """A tile as fp32; the latency hint (a compile-time constant) only when set."""
     if LATENCY > 0:
         return ct.load(A, index, shape, padding_mode=ZERO, latency=LATENCY).astype(ct.float32)
     return ct.load(A, index, shape, padding_mode=ZERO).astype(ct.float32)
 
 
-def _affine(y, W, B, chunk, C, HAS_W, HAS_B):
+def affine(y, W, B, chunk, C, HAS_W, HAS_B):
     """y * w + b over one column chunk ([rows, C]); chunk is the tile index of the chunk in the row."""
     if HAS_W:
         y = y * ct.load(W, (chunk,), (C,), padding_mode=ZERO).astype(ct.float32)[None, :]
@@ -163,23 +163,29 @@ def ln_fwd_kernel_body(
         xs = ()
         total = ct.zeros((TILE_ROWS, 1), dtype=ct.float32)
         for k in ct.static_iter(range(K)):
-            xk = _load(X, (r, k), (TILE_ROWS, C), LATENCY)  # [TILE_ROWS, C]
+            xk = load_f32(X, (r, k), (TILE_ROWS, C), LATENCY)  # [TILE_ROWS, C]
             xs += (xk,)
             total = total + ct.sum(xk, axis=1, keepdims=True)
-        mean = total / n  # [TILE_ROWS, 1]; zero padding leaves the sum alone
-        var = ct.zeros((TILE_ROWS, 1), dtype=ct.float32)
-        centred = ()
-        for k in ct.static_iter(range(K)):
-            xc = xs[k] - mean
-            if PAD_LAST and k == K - 1:  # padded columns would add mean^2 to the variance
-                xc = ct.where(k * C + ct.arange(C, dtype=ct.int32)[None, :] < n, xc, 0.0)
-            centred += (xc,)
-            var = var + ct.sum(xc * xc, axis=1, keepdims=True)
-        rstd = ct.rsqrt(var / n + eps)  # [TILE_ROWS, 1], biased variance as in torch
-        for k in ct.static_iter(range(K)):
-            ct.store(Y, (r, k), _affine(centred[k] * rstd, W, B, k, C, HAS_W, HAS_B).astype(Y.dtype))
-        ct.store(STATS, (0, r), mean.reshape((1, TILE_ROWS)))
-        ct.store(STATS, (1, r), rstd.reshape((1, TILE_ROWS)))
+        normalize_and_store(xs, total, n, eps, r, W, B, Y, STATS, C, K, PAD_LAST, TILE_ROWS, HAS_W, HAS_B)
+
+
+def normalize_and_store(xs, total, n, eps, r, W, B, Y, STATS, C, K, PAD_LAST, TILE_ROWS, HAS_W, HAS_B):
+    """The rest of a LayerNorm forward for row tile r, from its K fp32 chunks `xs` ([TILE_ROWS, C] each) and
+    their row sums `total`: stores y = (x - mean) * rstd * w + b into Y and the mean and rstd into STATS."""
+    mean = total / n  # [TILE_ROWS, 1]; zero padding leaves the sum alone
+    var = ct.zeros((TILE_ROWS, 1), dtype=ct.float32)
+    centred = ()
+    for k in ct.static_iter(range(K)):
+        xc = xs[k] - mean
+        if PAD_LAST and k == K - 1:  # padded columns would add mean^2 to the variance
+            xc = ct.where(k * C + ct.arange(C, dtype=ct.int32)[None, :] < n, xc, 0.0)
+        centred += (xc,)
+        var = var + ct.sum(xc * xc, axis=1, keepdims=True)
+    rstd = ct.rsqrt(var / n + eps)  # [TILE_ROWS, 1], biased variance as in torch
+    for k in ct.static_iter(range(K)):
+        ct.store(Y, (r, k), affine(centred[k] * rstd, W, B, k, C, HAS_W, HAS_B).astype(Y.dtype))
+    ct.store(STATS, (0, r), mean.reshape((1, TILE_ROWS)))
+    ct.store(STATS, (1, r), rstd.reshape((1, TILE_ROWS)))
 
 
 def ln_bwd_kernel_body(
@@ -215,8 +221,8 @@ def ln_bwd_kernel_body(
     for t in range(g, n_tiles, ct.num_blocks(0)):
         mean = ct.load(STATS, (0, t), (1, TILE_ROWS), padding_mode=ZERO).reshape((TILE_ROWS, 1))
         rstd = ct.load(STATS, (1, t), (1, TILE_ROWS), padding_mode=ZERO).reshape((TILE_ROWS, 1))
-        xhat = (_load(X, (t, 0), (TILE_ROWS, N_PAD), LATENCY) - mean) * rstd  # [TILE_ROWS, N_PAD]
-        dy = _load(DY, (t, 0), (TILE_ROWS, N_PAD), LATENCY)
+        xhat = (load_f32(X, (t, 0), (TILE_ROWS, N_PAD), LATENCY) - mean) * rstd  # [TILE_ROWS, N_PAD]
+        dy = load_f32(DY, (t, 0), (TILE_ROWS, N_PAD), LATENCY)
         wdy = dy * w if HAS_W else dy
         c1 = ct.sum(xhat * wdy, axis=1, keepdims=True) / n  # [TILE_ROWS, 1]
         c2 = ct.sum(wdy, axis=1, keepdims=True) / n
@@ -350,7 +356,8 @@ def _table_tiles(device_index: int, n: int) -> LNTiles:
     return tiles_for(arch_of(device_index), n)
 
 
-def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+def as_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x as (M, n) rows for a kernel: a view when its layout allows (unit last stride, 16-byte aligned rows)."""
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
         x2 = x2.contiguous()
@@ -413,7 +420,7 @@ def layer_norm_backward(
 def layer_norm_fwd_op(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, stats = layer_norm_forward(_rows(x, x.shape[-1]), weight, bias, eps=eps)
+    y, stats = layer_norm_forward(as_rows(x, x.shape[-1]), weight, bias, eps=eps)
     return y.view(x.shape), stats
 
 
@@ -430,7 +437,7 @@ def layer_norm_bwd_op(
     """dx, and dweight / dbias in their parameters' dtypes (empty where the parameter is None)."""
     n = x.shape[-1]
     bias_dtype = None if bias is None else bias.dtype
-    dx, dw, db = layer_norm_backward(_rows(x, n), weight, stats, _rows(dy, n), bias_dtype=bias_dtype)
+    dx, dw, db = layer_norm_backward(as_rows(x, n), weight, stats, as_rows(dy, n), bias_dtype=bias_dtype)
     return dx.view(dy.shape), x.new_empty(0) if dw is None else dw, x.new_empty(0) if db is None else db
 
 
@@ -486,7 +493,7 @@ class _EagerLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        y, stats = layer_norm_forward(_rows(x, x.shape[-1]), weight, bias, eps=eps)
+        y, stats = layer_norm_forward(as_rows(x, x.shape[-1]), weight, bias, eps=eps)
         ctx.save_for_backward(x, weight, stats)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(x.shape)
@@ -498,7 +505,7 @@ class _EagerLayerNorm(torch.autograd.Function):
         _, want_w, want_b, _ = ctx.needs_input_grad
         bias_dtype = ctx.bias_dtype if want_b else None
         dx, dw, db = layer_norm_backward(
-            _rows(x, n), weight, stats, _rows(dy, n), bias_dtype=bias_dtype, weight_grad=want_w
+            as_rows(x, n), weight, stats, as_rows(dy, n), bias_dtype=bias_dtype, weight_grad=want_w
         )
         return dx.view(dy.shape), dw, db, None
 
@@ -515,5 +522,5 @@ def layer_norm(
         return layer_norm_fwd_op(x, weight, bias, eps)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _EagerLayerNorm.apply(x, weight, bias, eps)
-    y, _ = layer_norm_forward(_rows(x, x.shape[-1]), weight, bias, eps=eps)
+    y, _ = layer_norm_forward(as_rows(x, x.shape[-1]), weight, bias, eps=eps)
     return y.view(x.shape)

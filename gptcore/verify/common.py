@@ -19,20 +19,53 @@ from gptcore.model import GPT, CausalSelfAttention, LayerNorm, causal_attention_
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
 
 
+# ---- the PyTorch references of the fused ops -------------------------------------------------------------
+
+
+def residual_layer_norm_reference(x, branch, branch_bias, weight, bias, *, p=0.0, eps=1e-5, out_dtype=None, rng=None):
+    """x_out = x + dropout(branch + branch_bias) and y = LayerNorm(x_out) in PyTorch, with the kernels' own mask."""
+    from gptcore.kernels.dropout import rows_keep_mask
+
+    n = branch.shape[-1]
+    v = branch if branch_bias is None else branch + branch_bias
+    if p > 0:
+        v = v * rows_keep_mask(rng, v.numel() // n, n, p).view(v.shape).to(v.device) / (1.0 - p)
+    x_out = v if x is None else x + v
+    return x_out, F.layer_norm(x_out, (n,), weight, bias, eps).to(out_dtype or branch.dtype)
+
+
+def bias_gelu_reference(u, bias):
+    """Exact GELU of u + bias in PyTorch, in u's dtype."""
+    return F.gelu(u if bias is None else u + bias).to(u.dtype)
+
+
+def cross_entropy_reference(logits, targets, ignore_index=-1):
+    """F.cross_entropy over the rows of logits (upcast to fp32 unless float64), the mean over counted targets."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index)
+
+
 # ---- the candidate -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Candidate:
     """The ops under test: `layer_norm(x, weight, bias, eps)` and causal `attention(q, k, v, dropout_p, rng)` on
-    (B, H, T, D) tensors. Everything else (embeddings, matmuls, GELU) is PyTorch's in both models, so any
-    difference the levels find comes from these two ops."""
+    (B, H, T, D) tensors, and the fused forward's ops: `residual_layer_norm(x, branch, branch_bias, weight, bias,
+    p=, eps=, out_dtype=, rng=)` (x + dropout(branch + branch_bias), then LayerNorm), `bias_gelu(u, bias)` and
+    `cross_entropy(logits, targets)`; the last three default to their PyTorch references (a test double replaces
+    only what it tests). Embeddings and matmuls are PyTorch's in both models, so any difference the levels find
+    comes from these ops."""
 
     name: str
     layer_norm: Callable
     attention: Callable
     model_cls: type[GPT] | None = None  # the model built on these ops; None: one is made from them
     unavailable: str | None = None  # why the candidate cannot run here; its levels are skipped with it
+    residual_layer_norm: Callable = residual_layer_norm_reference
+    bias_gelu: Callable = bias_gelu_reference
+    cross_entropy: Callable = cross_entropy_reference
 
     def model_class(self) -> type[GPT]:
         if self.model_cls is not None:
@@ -60,8 +93,22 @@ def cutile_candidate(device: torch.device) -> Candidate:
     from gptcore import kernels
     from gptcore.cutile_model import CuTileGPT
 
+    reason = kernels.cutile_unavailable(device)
+    if reason is not None:
+        return Candidate("cutile", kernels.layer_norm, kernels.causal_attention, CuTileGPT, reason)
+    from gptcore.kernels.bias_gelu import bias_gelu
+    from gptcore.kernels.cross_entropy import cross_entropy
+    from gptcore.kernels.residual_layernorm import add_dropout_layer_norm
+
     return Candidate(
-        "cutile", kernels.layer_norm, kernels.causal_attention, CuTileGPT, kernels.cutile_unavailable(device)
+        "cutile",
+        kernels.layer_norm,
+        kernels.causal_attention,
+        CuTileGPT,
+        None,
+        residual_layer_norm=add_dropout_layer_norm,
+        bias_gelu=bias_gelu,
+        cross_entropy=cross_entropy,
     )
 
 

@@ -87,7 +87,35 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
                     jobs.append(CompileJob(kernel, arch, dtype, size, long=True, aligned=aligned))
                 if dropout and kernel.startswith("attention.") and dtype == model_dtype:
                     jobs.append(CompileJob(kernel, arch, dtype, size, dropout=True, aligned=aligned))
+        jobs += fused_model_jobs(config, model_dtype, arch, dropout)
     return jobs
+
+
+def fused_model_jobs(config: GPTConfig, model_dtype: str, arch: str, dropout: bool) -> list:
+    """The fused forward's kernels (gptcore/fused_forward.py) as this model runs them in model_dtype: each residual
+    LayerNorm variant (with dropout too when `dropout`), bias + GELU at 4 x n_embd, cross-entropy over the
+    vocabulary, the column sums."""
+    from gptcore.kernels.compile import ADL_BWD_VARIANTS, ADL_FWD_VARIANTS, CompileJob, aligned_variants
+
+    if model_dtype not in ("bfloat16", "float16"):
+        return []  # the fused forward runs its matmuls in half precision only
+    n, jobs = config.n_embd, []
+    for kernel, variants in (
+        ("residual_layernorm.fwd", ADL_FWD_VARIANTS),
+        ("residual_layernorm.bwd", ADL_BWD_VARIANTS),
+    ):
+        for variant in variants:
+            for p in (False, True) if dropout else (False,):
+                jobs += [
+                    CompileJob(kernel, arch, model_dtype, n, p, aligned=a, variant=variant[0])
+                    for a in aligned_variants(n)
+                ]
+    for kernel, size in (("bias_gelu.fwd", 4 * n), ("bias_gelu.bwd", 4 * n)):
+        jobs += [CompileJob(kernel, arch, model_dtype, size, aligned=a) for a in aligned_variants(size)]
+    for kernel in ("cross_entropy.fwd", "cross_entropy.bwd"):
+        size = config.vocab_size
+        jobs += [CompileJob(kernel, arch, model_dtype, size, aligned=a) for a in aligned_variants(size)]
+    return jobs + [CompileJob("column_sums", arch, "float32", 0)]
 
 
 def cache_key(labels: list[str]) -> str:

@@ -9,6 +9,9 @@ candidate's own. Cases, per dtype of `verify.dtypes`:
 - LayerNorm: the same lengths at each width with random weights (not 1) and biases (not 0); the
   checkpoint's own LayerNorm weights; inputs with a mean of 20 (variance cancellation). Also in float32:
   under autocast the model's LayerNorms see the fp32 residual stream.
+- the fused forward's kernels (`fused_cases`): residual add + dropout + LayerNorm (a block's at each width and
+  length with every dropout p, the embeddings' and the final one's), bias + GELU, cross-entropy over the model's
+  vocabulary and GPT-2's; with dropout the reference applies the kernels' own mask.
 The "torch" columns are PyTorch's own op (SDPA, F.layer_norm) in the same dtype against the same
 reference: what rounding alone costs. A figure passes when it is within the dtype's tolerance, or within
 TORCH_SLACK times PyTorch's own error on the same inputs: saturated softmax inputs (scores ~1e4) make the
@@ -67,26 +70,40 @@ def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(-2) == k.size(-2) and q.size(-2) > 1)
 
 
-def compare(ref_fn: Callable, cand_fn: Callable, inputs: dict, backward: bool) -> tuple[float, float, str]:
-    """Both functions take a dict of named tensors. The candidate gets the inputs as they are, the reference
-    float64 copies; with `backward`, both get the same upstream gradient.
-    Returns (fwd err, worst input-gradient err, its name)."""
-    leaves = {n: t.detach().clone().requires_grad_(backward) for n, t in inputs.items()}
-    ref_leaves = {n: t.detach().double().requires_grad_(backward) for n, t in inputs.items()}
+def compare(
+    ref_fn: Callable, cand_fn: Callable, inputs: dict, backward: bool, grad_names=None
+) -> tuple[float, float, str]:
+    """Both functions take a dict of named tensors and return a tensor or a tuple of them. The candidate gets
+    the inputs as they are, the reference float64 copies of the floating-point ones; with `backward`, both get
+    the same upstream gradient of every output, and the inputs in `grad_names` (default: every floating-point
+    one) are compared. Returns (worst fwd err over the outputs, worst input-gradient err, its name)."""
+    names = [n for n, t in inputs.items() if t.is_floating_point()] if grad_names is None else list(grad_names)
+    leaves = {n: t.detach().clone().requires_grad_(backward and n in names) for n, t in inputs.items()}
+    ref_leaves = {
+        n: (t.detach().double() if t.is_floating_point() else t.detach()).requires_grad_(backward and n in names)
+        for n, t in inputs.items()
+    }
     with torch.set_grad_enabled(backward):
-        out, ref = cand_fn(leaves), ref_fn(ref_leaves)
-    fwd = scaled_max(ref, out)
+        outs, refs = _as_tuple(cand_fn(leaves)), _as_tuple(ref_fn(ref_leaves))
+    fwd = max(scaled_max(r, o) for r, o in zip(refs, outs))
     if not backward:
         return fwd, float("nan"), ""
-    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(out.numel())).to(out.device, out.dtype)
-    out.backward(dy)
-    ref.backward(dy.double())
+    dys = [
+        torch.randn(o.shape, generator=torch.Generator().manual_seed(o.numel() + i)).to(o.device, o.dtype)
+        for i, o in enumerate(outs)
+    ]
+    torch.autograd.backward(outs, dys)
+    torch.autograd.backward(refs, [dy.double() for dy in dys])
     errs = {
         f"d{n}": scaled_max(ref_leaves[n].grad, leaves[n].grad) if leaves[n].grad is not None else math.nan
-        for n in inputs
+        for n in names
     }
     worst = max(errs, key=lambda n: math.inf if math.isnan(errs[n]) else errs[n])
     return fwd, errs[worst], worst
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
 
 
 def attention_cases(
@@ -217,12 +234,28 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
                 )
             )
 
+    for dname in vp.dtypes:
+        dtype, tol = DTYPES[dname], getattr(vp.tolerances, dname)
+        for kernel, size, t, case, p in fused_cases(config, seq_lens, widths, vp.dropouts):
+            rng = torch.randint(0, 2**62, (2,), generator=gen).to(device) if p > 0 else None
+            inputs, cand_fn, ref_fn, grads = fused_case(cand, kernel, size, t, case, p, rng, dtype, randn, gen)
+            row = {"kernel": kernel, "dtype": dname, "shape": f"{SIZE_NAMES[kernel]}={size}", "T": t, "case": case}
+            # the reference is plain PyTorch: on the inputs as they are (not upcast) it is the "torch" baseline
+            result.rows.append(
+                measure(
+                    row,
+                    lambda: compare(ref_fn, cand_fn, inputs, backward=True, grad_names=grads),
+                    lambda: compare(ref_fn, ref_fn, inputs, backward=True, grad_names=grads),
+                    tol,
+                )
+            )
+
     result.tolerance = {
         f"{d}.{k}": getattr(getattr(vp.tolerances, d), k)
         for d in ["float32"] + list(vp.dtypes)
         for k in ("kernel_fwd", "kernel_grad")
     }
-    for kernel in ("attention", "layer_norm"):
+    for kernel in ("attention", "layer_norm", *FUSED_KERNELS):
         rows = [r for r in result.rows if r["kernel"] == kernel]
         failed = [r for r in rows if r["status"] != PASS]
         result.figures.update(
@@ -245,6 +278,87 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
                 f"{first['shape']} T={first['T']} {first['case']}: {first['status']}"
             )
     return result
+
+
+# ---- the fused forward's kernels ----------------------------------------------------------------------------
+
+FUSED_KERNELS = ("residual_layer_norm", "bias_gelu", "cross_entropy")
+SIZE_NAMES = {"residual_layer_norm": "N", "bias_gelu": "F", "cross_entropy": "V"}
+GPT2_VOCAB = 50304  # GPT-2's padded BPE rows: the cross-entropy's chunked vocabulary loop
+
+
+def fused_cases(config: GPTConfig, seq_lens: list[int], widths: list[int], dropouts: list[float]):
+    """(kernel, size, T, case, dropout p) of the fused forward's kernels, run in each dtype: the residual LayerNorm
+    of a block at each width and length, without and with each dropout p; the embeddings' (dropout of an fp32
+    sum, no residual) and the final one's (no residual gradient) at the model's width; bias + GELU at each 4 x
+    width; cross-entropy over the model's vocabulary and GPT-2's (lengths up to 257), some targets ignored."""
+    ps = [0.0] + sorted(set(dropouts) - {0.0})
+    cases = []
+    for n in widths:
+        cases += [
+            ("residual_layer_norm", n, t, "block" + (f", dropout {p:g}" if p else ""), p) for t in seq_lens for p in ps
+        ]
+        cases += [("bias_gelu", 4 * n, t, "random bias", 0.0) for t in seq_lens]
+    p = ps[-1]
+    for variant in ("embedding", "final"):
+        cases += [
+            ("residual_layer_norm", config.n_embd, t, variant + (f", dropout {p:g}" if p else ""), p) for t in seq_lens
+        ]
+    for vocab in dict.fromkeys([config.vocab_size, GPT2_VOCAB]):
+        lengths = seq_lens if vocab == config.vocab_size else [t for t in seq_lens if t <= 257]
+        cases += [("cross_entropy", vocab, t, "targets, some ignored", 0.0) for t in lengths]
+    return cases
+
+
+def fused_case(cand: Candidate, kernel: str, size: int, t: int, case: str, p: float, rng, dtype, randn, gen):
+    """(inputs, candidate fn, reference fn, names of the inputs whose gradients are compared) of one case. The
+    residual stream, biases and LayerNorm parameters are fp32 (as the model trains); activations in `dtype`."""
+    if kernel == "residual_layer_norm":
+        variant = case.split(",")[0]
+        inputs = {
+            "branch": randn(BATCH, t, size).to(torch.float32 if variant == "embedding" else dtype),
+            "weight": randn(size, scale=0.5, mean=1.0),
+            "bias": randn(size, scale=0.5),
+        }
+        if variant != "embedding":
+            inputs.update(x=randn(BATCH, t, size, scale=2.0), branch_bias=randn(size, scale=0.5))
+
+        def run(fn, tensors, out_dtype):
+            x_out, y = fn(
+                tensors.get("x"), tensors["branch"], tensors.get("branch_bias"), tensors["weight"], tensors["bias"],
+                p=p, eps=EPS, out_dtype=out_dtype, rng=rng,
+            )  # fmt: skip
+            return y if variant == "final" else (x_out, y)  # the final x_out feeds nothing
+
+        return (
+            inputs,
+            lambda x: run(cand.residual_layer_norm, x, dtype),
+            lambda x: run(_reference(kernel), x, None),
+            None,
+        )
+    if kernel == "bias_gelu":
+        inputs = {"u": randn(BATCH * t, size, scale=2.0).to(dtype), "bias": randn(size, scale=0.5)}
+        return (
+            inputs,
+            lambda x: cand.bias_gelu(x["u"], x["bias"]),
+            lambda x: _reference(kernel)(x["u"], x["bias"]),
+            None,
+        )
+    targets = torch.randint(size, (BATCH, t), generator=gen)
+    targets[:, 2::5] = -1  # ignore_index rows (none at T = 1: an all-ignored batch has a NaN mean, as in torch)
+    inputs = {"logits": randn(BATCH, t, size, scale=3.0).to(dtype), "targets": targets.to(randn(1).device)}
+    return (
+        inputs,
+        lambda x: cand.cross_entropy(x["logits"], x["targets"]),
+        lambda x: _reference(kernel)(x["logits"], x["targets"]),
+        ["logits"],
+    )
+
+
+def _reference(kernel: str):
+    from gptcore.verify import common
+
+    return getattr(common, f"{kernel}_reference")
 
 
 def measure(row: dict, compare_fn, baseline_fn, tol) -> dict:

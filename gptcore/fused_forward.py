@@ -1,0 +1,126 @@
+"""The cuTile model's fused forward: the reference GPT's function in a few fused kernels per sublayer.
+
+Per block, in the matmuls' half dtype (bf16 under autocast) with the residual stream in the weights' dtype (fp32
+in training), exactly the reference's dataflow (gptcore/model.py) regrouped:
+
+    qkv = h @ W_attn^T + b_attn                 cuBLAS, the bias in its epilogue, W from the half copies
+    y   = attention(qkv)                        cuTile flash attention on the packed qkv (dropout inside)
+    x, h = x + dropout(y @ W_proj^T + b_proj), LayerNorm_2(x)        one cuTile kernel after a bias-free matmul
+    g   = GELU(h @ W_fc^T + b_fc)               bias-free matmul, then bias + exact GELU in one cuTile kernel
+    x, h = x + dropout(g @ W_mproj^T + b_mproj), LayerNorm_1 of the next block (ln_f after the last)
+
+then the tied LM head and a cuTile cross-entropy. The embeddings' sum goes through the first fused LayerNorm as
+its branch (x_out = dropout(tok + pos)). Backward, each fused kernel produces its inputs' gradients and its
+biases' and LayerNorm parameters' column sums itself, and the matmuls compute the fp32 weight gradients
+straight from half inputs (no cast kernels). The half copies of the weights are gptcore/half_weights.py's.
+
+The module path (gptcore/cutile_model.py's LayerNorm and attention classes) stays for decoding with a KV cache
+and for fp32 runs; CuTileGPT.forward chooses (`fused_dtype`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gptcore import half_weights
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def fused_dtype(model, device_type: str) -> torch.dtype | None:
+    """The half dtype the fused forward runs its matmuls in: autocast's when it is on for this device and half,
+    else the weights' own when they are half; None (the module path) otherwise."""
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return dtype if dtype in HALF_DTYPES else None
+    dtype = model.lm_head.weight.dtype
+    return dtype if dtype in HALF_DTYPES else None
+
+
+def _weight_grad(dy2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dy^T @ x in the weight's dtype: an fp32 weight's gradient comes out of cuBLAS in fp32 (its accumulator's
+    precision) from the half operands, with no cast kernel after it."""
+    if dtype == torch.float32 and dy2.is_cuda and dy2.dtype in HALF_DTYPES:
+        return torch.mm(dy2.t(), x2, out_dtype=torch.float32)
+    return (dy2.t() @ x2).to(dtype)
+
+
+class HalfLinear(torch.autograd.Function):
+    """x @ weight^T + bias computed from half copies of weight and bias, with the gradients going to weight and
+    bias themselves (in their dtype). The copies are inputs without gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_half, bias_half):
+        ctx.save_for_backward(x, weight_half)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, weight_half, bias_half)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight_half = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy2 @ weight_half).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = _weight_grad(dy2, x.reshape(-1, x.shape[-1]), ctx.weight_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return dx, dw, db, None, None
+
+
+def linear(x: torch.Tensor, module: torch.nn.Linear, dtype: torch.dtype, with_bias: bool = True) -> torch.Tensor:
+    """module(x) in `dtype` from the weights' half copies (or the weights themselves when already in dtype); the
+    bias only `with_bias`. Without copies (under torch.compile before `half_weights.prepare`), cast in the graph."""
+    weight, bias = module.weight, module.bias if with_bias else None
+    if weight.dtype == dtype:
+        return F.linear(x, weight, bias)
+    weight_half = getattr(module, half_weights.WEIGHT, None)
+    if weight_half is None or weight_half.dtype != dtype:
+        return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+    bias_half = None if bias is None else getattr(module, half_weights.BIAS)
+    return HalfLinear.apply(x, weight, bias, weight_half, bias_half)
+
+
+def fused_forward(model, idx: torch.Tensor, targets: torch.Tensor | None, dtype: torch.dtype):
+    """The reference GPT.forward (no KV cache) on the fused kernels, its matmuls in `dtype`: (logits, loss) with
+    targets, else (the last position's logits, None)."""
+    from gptcore.kernels.attention import causal_attention_qkv
+    from gptcore.kernels.bias_gelu import bias_gelu
+    from gptcore.kernels.cross_entropy import cross_entropy
+    from gptcore.kernels.residual_layernorm import add_dropout_layer_norm
+
+    config = model.config
+    t = idx.size(1)
+    if t > config.block_size:
+        raise ValueError(f"sequence of length {t} is longer than block_size {config.block_size}")
+    p = config.dropout if model.training else 0.0
+    if model.lm_head.weight.dtype != dtype:
+        half_weights.current(model, dtype)  # made or refreshed eagerly; under compile, used if there
+    tr = model.transformer
+    blocks = list(tr.h)
+    norms = [block.ln_1 for block in blocks] + [tr.ln_f]  # the LayerNorm before each block, and the final one
+
+    def add_norm(x, branch, branch_bias, i):
+        ln = norms[i]
+        return add_dropout_layer_norm(x, branch, branch_bias, ln.weight, ln.bias, p=p, eps=ln.eps, out_dtype=dtype)
+
+    with torch.autocast(idx.device.type, enabled=False):  # the dtypes are explicit from here on
+        emb = F.embedding(idx, tr.wte.weight) + tr.wpe.weight[:t]
+        x, h = add_norm(None, emb, None, 0)
+        for i, block in enumerate(blocks):
+            attn, mlp = block.attn, block.mlp
+            y = causal_attention_qkv(linear(h, attn.c_attn, dtype), config.n_head, p)
+            ln = block.ln_2
+            x, h = add_dropout_layer_norm(
+                x, linear(y, attn.c_proj, dtype, False), attn.c_proj.bias, ln.weight, ln.bias, p=p, eps=ln.eps,
+                out_dtype=dtype,
+            )  # fmt: skip
+            g = bias_gelu(linear(h, mlp.c_fc, dtype, False), mlp.c_fc.bias)
+            x, h = add_norm(x, linear(g, mlp.c_proj, dtype, False), mlp.c_proj.bias, i + 1)
+        if targets is None:
+            return linear(h[:, -1:, :], model.lm_head, dtype), None
+        logits = linear(h, model.lm_head, dtype)
+        return logits, cross_entropy(logits, targets, ignore_index=-1)

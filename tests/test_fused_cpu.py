@@ -1,0 +1,249 @@
+"""The fused forward of the cuTile model (gptcore/fused_forward.py) and its new operators, on a CPU: each op's
+schema, fake function and registered backward (torch.library.opcheck), the model's loss and every gradient
+against the reference GPT under the same autocast, the half weight copies the optimizer keeps current, and
+torch.compile with no graph break. The cuTile kernels need a GPU: their CPU stand-ins (tests/cpu_kernels.py)
+compute each op's function, so what is tested here is everything around the kernels, as the model runs it.
+The kernels themselves are checked against float64 on a GPU (tests/test_fused_gpu.py, verify's L1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from cpu_kernels import allow_cpu, register
+from helpers import rel_err, tiny_gpt
+
+from gptcore import half_weights
+from gptcore.kernels import attention as A
+from gptcore.kernels import bias_gelu as G
+from gptcore.kernels import cross_entropy as CE
+from gptcore.kernels import residual_layernorm as R
+from gptcore.kernels.dropout import dropout_keep_mask, rows_keep_mask
+from gptcore.model import GPT
+from gptcore.verify.common import bias_gelu_reference, cross_entropy_reference, residual_layer_norm_reference
+
+SIZES = dict(block_size=32, vocab_size=45, n_layer=2, n_head=2, n_embd=64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels():
+    register()
+
+
+@pytest.fixture(autouse=True)
+def cpu_allowed(monkeypatch):
+    allow_cpu(monkeypatch)
+
+
+# ---- the operators ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("has_x, p", [(True, 0.0), (True, 0.2), (False, 0.2)])
+def test_add_dropout_layer_norm_ops_pass_opcheck(has_x, p):
+    branch = torch.randn(3, 7, 32, dtype=torch.bfloat16 if has_x else torch.float32, requires_grad=True)
+    x = torch.randn(3, 7, 32, requires_grad=True) if has_x else None
+    bb, w, b = (torch.randn(32, requires_grad=True) for _ in range(3))
+    rng = torch.tensor([123, 456]) if p else None
+    args = (x, branch, bb if has_x else None, w, b, rng, p, 1e-5, torch.bfloat16)
+    torch.library.opcheck(R.adl_fwd_op, args)
+    x_out, y, stats = R.adl_fwd_op(*[t.detach() if isinstance(t, torch.Tensor) else t for t in args])
+    bwd = (x_out, w.detach(), stats, rng, torch.randn_like(y), torch.randn_like(x_out), p, has_x, branch.dtype)
+    torch.library.opcheck(R.adl_bwd_op, bwd)
+
+
+def test_bias_gelu_and_cross_entropy_ops_pass_opcheck():
+    u = torch.randn(5, 48, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(48, requires_grad=True)
+    torch.library.opcheck(G.bias_gelu_fwd_op, (u, bias))
+    torch.library.opcheck(G.bias_gelu_bwd_op, (u.detach(), bias.detach(), torch.randn_like(u)))
+    logits = torch.randn(9, 45, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.tensor([0, 44, -1, 3, 3, 7, -1, 12, 1])
+    torch.library.opcheck(CE.cross_entropy_fwd_op, (logits, targets, -1))
+    loss, lse, count = CE.cross_entropy_fwd_op(logits.detach(), targets, -1)
+    torch.library.opcheck(CE.cross_entropy_bwd_op, (logits.detach(), targets, lse, count, torch.tensor(0.5), -1))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_packed_attention_ops_pass_opcheck(p):
+    qkv = torch.randn(2, 20, 3 * 32, dtype=torch.float32, requires_grad=True)
+    rng = torch.tensor([12345, 67890]) if p else None
+    torch.library.opcheck(A.attention_qkv_fwd_op, (qkv, rng, 2, 0.25, p))
+    o, stats = A.attention_qkv_fwd_op(qkv.detach(), rng, 2, 0.25, p)
+    torch.library.opcheck(A.attention_qkv_bwd_op, (qkv.detach(), o, stats, torch.randn_like(o), rng, 2, 0.25, p))
+
+
+def test_packed_attention_is_attention_on_the_split_heads_with_a_packed_gradient():
+    qkv = torch.randn(2, 20, 3 * 32, requires_grad=True)
+    rng = torch.tensor([5, 6])
+    y = A.causal_attention_qkv(qkv, 2, dropout_p=0.1, rng=rng)
+    q, k, v = (t.detach().requires_grad_(True) for t in A.split_heads(qkv, 2))
+    ref = A.causal_attention(q, k, v, dropout_p=0.1, rng=rng)
+    torch.testing.assert_close(y, A.merge_heads(ref))
+    dy = torch.randn_like(y)
+    (dqkv,) = torch.autograd.grad(y, qkv, dy)
+    grads = torch.autograd.grad(ref, (q, k, v), dy.view(2, 20, 2, 16).transpose(1, 2))
+    torch.testing.assert_close(dqkv, torch.cat([g.transpose(1, 2).reshape(2, 20, 32) for g in grads], dim=2))
+
+
+def test_the_fused_ops_gradients_are_their_references_gradients():
+    """Through the registered backward: the residual LayerNorm (with dropout), bias + GELU and cross-entropy
+    against their PyTorch references (the same masks), in fp32."""
+    rng = torch.tensor([77, 88])
+    leaves = [torch.randn(4, 6, 32, requires_grad=True) for _ in range(2)] + [
+        torch.randn(32, requires_grad=True) for _ in range(3)
+    ]
+    x_out, y = R.add_dropout_layer_norm(*leaves, p=0.2, rng=rng)
+    refs = [t.detach().requires_grad_(True) for t in leaves]
+    ref_x, ref_y = residual_layer_norm_reference(*refs, p=0.2, rng=rng)
+    torch.testing.assert_close((x_out, y), (ref_x, ref_y))
+    upstream = (torch.randn_like(x_out), torch.randn_like(y))
+    got = torch.autograd.grad((x_out, y), leaves, upstream)
+    for g, r in zip(got, torch.autograd.grad((ref_x, ref_y), refs, upstream)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+    u, bias = torch.randn(8, 48, requires_grad=True), torch.randn(48, requires_grad=True)
+    dg = torch.randn(8, 48)
+    got = torch.autograd.grad(G.bias_gelu(u, bias), (u, bias), dg)
+    refs = [u.detach().requires_grad_(True), bias.detach().requires_grad_(True)]
+    for g, r in zip(got, torch.autograd.grad(bias_gelu_reference(*refs), refs, dg)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+    logits = torch.randn(3, 5, 45, requires_grad=True)
+    targets = torch.randint(45, (3, 5))
+    targets[0, 2] = -1
+    loss = CE.cross_entropy(logits, targets)
+    ref_logits = logits.detach().requires_grad_(True)
+    ref = cross_entropy_reference(ref_logits, targets)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(ref, ref_logits)[0])
+
+
+def test_the_kernels_erfc_is_erfc_to_fp32_precision():
+    """Numerical Recipes' erfcc, the bias + GELU kernels' erfc: its coefficients as written give a fractional
+    error under 1.2e-7 (a mistyped digit would not)."""
+    z = torch.linspace(0, 9, 20001, dtype=torch.float64)
+    rel = ((G.erfc_nonneg_reference(z) - torch.erfc(z)) / torch.erfc(z)).abs().max().item()
+    assert rel < 1.2e-7
+
+
+def test_the_rows_mask_is_the_attention_hash_with_rows_as_tokens():
+    rng = torch.tensor([0x1234_5678_9ABC, 0x0FED_CBA9_8765])
+    keep = rows_keep_mask(rng, 512, 384, 0.2)
+    assert torch.equal(keep[:256, :256], dropout_keep_mask(rng, 1, 1, 256, 256, 0.2)[0, 0])
+    rate = keep.float().mean().item()
+    assert abs(rate - 0.8) / math.sqrt(0.8 * 0.2 / keep.numel()) < 4
+
+
+# ---- the fused model ----------------------------------------------------------------------------------------
+
+
+def models(dropout=0.0):
+    cutile = tiny_gpt("cutile", 0, **SIZES, dropout=dropout)
+    reference = GPT(cutile.config)
+    reference.load_state_dict(cutile.state_dict())
+    return cutile, reference
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(SIZES["vocab_size"], (3, SIZES["block_size"]), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+def loss_and_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, y)
+    loss.backward()
+    return logits, loss, {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}
+
+
+def test_the_fused_model_computes_the_reference_loss_and_every_gradient():
+    """Eval mode (no dropout), bf16 autocast: the fused path's logits, loss and each parameter's gradient are the
+    reference GPT's, to bf16 accuracy; the tied embedding gets both its gradients."""
+    cutile, reference = models()
+    cutile.eval(), reference.eval()
+    x, y = batch()
+    logits, loss, grads = loss_and_grads(cutile, x, y)
+    ref_logits, ref_loss, ref_grads = loss_and_grads(reference, x, y)
+    assert half_weights.dtype_of(cutile) == torch.bfloat16  # the fused path ran, on the half copies
+    assert logits.dtype == torch.bfloat16 and logits.shape == ref_logits.shape
+    assert abs(loss.item() - ref_loss.item()) < 2e-2 * ref_loss.item()
+    assert rel_err(logits.float(), ref_logits.float()) < 2e-2
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert grads[name] is not None and grads[name].dtype == torch.float32, name
+        assert rel_err(grads[name], g) < 5e-2, (name, rel_err(grads[name], g))
+
+
+def test_the_fused_model_generates_from_the_last_position():
+    cutile, reference = models()
+    cutile.eval(), reference.eval()
+    x, _ = batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = cutile(x)
+        ref_logits, _ = reference(x)
+    assert loss is None and logits.shape == (3, 1, SIZES["vocab_size"])
+    assert rel_err(logits.float(), ref_logits.float()) < 2e-2
+
+
+def test_fp32_runs_take_the_module_path():
+    cutile, _ = models()
+    x, y = batch()
+    cutile(x, y)
+    assert half_weights.dtype_of(cutile) is None  # no half copies: the fused path never ran
+
+
+def test_dropout_in_training_draws_from_the_generator_and_reaches_every_parameter():
+    cutile, _ = models(dropout=0.2)
+    x, y = batch()
+    torch.manual_seed(5)
+    _, train_loss, grads = loss_and_grads(cutile, x, y)
+    torch.manual_seed(5)
+    _, again, _ = loss_and_grads(cutile, x, y)
+    _, other, _ = loss_and_grads(cutile, x, y)  # the generator moved on: other masks
+    cutile.eval()
+    _, eval_loss, _ = loss_and_grads(cutile, x, y)
+    assert train_loss.item() == again.item() != other.item()
+    assert train_loss.item() != eval_loss.item()
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+
+
+def test_the_optimizer_keeps_the_half_copies_current_and_the_checkpoint_holds_fp32_weights():
+    cutile, _ = models()
+    optimizer = cutile.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    cutile.prepare_half_weights(torch.bfloat16)
+    x, y = batch()
+    loss_and_grads(cutile, x, y)
+    optimizer.step()
+    for linear, _ in half_weights.half_linears(cutile):
+        assert torch.equal(linear.weight_half, linear.weight.detach().to(torch.bfloat16))
+    assert not half_weights.stale(cutile)
+    state = cutile.state_dict()
+    assert not [k for k in state if "half" in k] and all(v.dtype == torch.float32 for v in state.values())
+    # weights changed behind the optimizer's back: the next eager forward refreshes the copies first
+    with torch.no_grad():
+        cutile.lm_head.weight.mul_(2)
+    assert half_weights.stale(cutile)
+    loss_and_grads(cutile, x, y)
+    assert torch.equal(cutile.lm_head.weight_half, cutile.lm_head.weight.detach().to(torch.bfloat16))
+
+
+def test_the_fused_model_compiles_with_no_graph_break_and_the_eager_gradients():
+    cutile, _ = models(dropout=0.0)
+    cutile.eval()
+    cutile.prepare_half_weights(torch.bfloat16)
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(cutile)(x, y)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    targets = {str(node.target) for graph in explained.graphs for node in graph.graph.nodes}
+    for op in ("add_dropout_layer_norm_fwd", "bias_gelu_fwd", "cross_entropy_fwd", "attention_qkv_fwd"):
+        assert [t for t in targets if op in t], (op, targets)
+    compiled = torch.compile(cutile, fullgraph=True, backend="aot_eager")
+    _, eager_loss, eager_grads = loss_and_grads(cutile, x, y)
+    _, compiled_loss, compiled_grads = loss_and_grads(compiled, x, y)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], g, rtol=1e-3, atol=1e-5)
