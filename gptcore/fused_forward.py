@@ -20,6 +20,8 @@ and for fp32 runs; CuTileGPT.forward chooses (`fused_dtype`).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -107,7 +109,10 @@ def fused_forward(model, idx: torch.Tensor, targets: torch.Tensor | None, dtype:
         ln = norms[i]
         return add_dropout_layer_norm(x, branch, branch_bias, ln.weight, ln.bias, p=p, eps=ln.eps, out_dtype=dtype)
 
-    with torch.autocast(idx.device.type, enabled=False):  # the dtypes are explicit from here on
+    # the dtypes are explicit from here on: autocast, when on, is switched off (a no-op context otherwise, so
+    # an exported half model's graph stays flat)
+    autocast_off = torch.is_autocast_enabled(idx.device.type)
+    with torch.autocast(idx.device.type, enabled=False) if autocast_off else contextlib.nullcontext():
         emb = F.embedding(idx, tr.wte.weight) + tr.wpe.weight[:t]
         x, h = add_norm(None, emb, None, 0)
         for i, block in enumerate(blocks):

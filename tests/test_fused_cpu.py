@@ -247,3 +247,17 @@ def test_the_fused_model_compiles_with_no_graph_break_and_the_eager_gradients():
     torch.testing.assert_close(compiled_loss, eager_loss)
     for name, g in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], g, rtol=1e-3, atol=1e-5)
+
+
+def test_a_half_model_exports_its_fused_forward_as_the_custom_ops():
+    """As load_for_inference casts it (bf16 weights, no autocast): torch.export keeps the fused ops, flat in the
+    graph, and the exported program computes what the model does."""
+    cutile, _ = models()
+    cutile = cutile.to(torch.bfloat16).eval()
+    x, _ = batch()
+    exported = torch.export.export(cutile, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes}
+    for op in ("add_dropout_layer_norm_fwd", "attention_qkv_fwd", "bias_gelu_fwd"):
+        assert any("gptcore" in t and op in t for t in targets), (op, targets)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x)[0], cutile(x)[0])

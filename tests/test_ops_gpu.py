@@ -103,7 +103,9 @@ def test_inference_model_exports():
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x)[0], model(x)[0], rtol=0, atol=0)  # the same kernels
-    assert any("gptcore" in str(node.target) for node in exported.graph.nodes)  # the custom ops, not a trace
+    targets = {str(node.target) for node in exported.graph.nodes}  # the custom ops, not a trace
+    for op in ("add_dropout_layer_norm_fwd", "attention_qkv_fwd", "bias_gelu_fwd"):  # the fused forward's
+        assert any("gptcore" in t and op in t for t in targets), (op, targets)
 
 
 # ---- attention dropout ----------------------------------------------------------------------------------

@@ -119,3 +119,15 @@ def test_bench_profile_on_cpu(tmp_path):
     assert metrics["torch_kernel_ms"] > 0 and "cutile_kernel_ms" not in metrics
     bad = run([sys.executable, "stages/bench.py", "--profile", "--cases", "train"], proj, check=False, env=env)
     assert bad.returncode == 2 and "--profile is --cases profile" in bad.stderr
+
+
+def test_a_user_annotation_is_not_counted_as_a_kernel():
+    """Ranges like Optimizer.step#AdamW.step lie on the timeline beside the kernels they hold: counting them would
+    count that time twice."""
+
+    def step():
+        with torch.profiler.record_function("aten::looks_like_an_op"):
+            (torch.ones(64, 64) @ torch.ones(64, 64)).sum()
+
+    kernels = profile.kernel_times(step, torch.device("cpu"), steps=1)
+    assert "aten::mm" in kernels and "aten::looks_like_an_op" not in kernels

@@ -152,16 +152,21 @@ def test_fused_kernel_sweeps_launch_every_candidate_as_configured(launches):
     assert chosen.bwd_rows == best["bwd_rows"]
 
     launches.clear()
-    rec = FakeRecorder(lambda case, config: config["rows"] + config["cols"] / 1000)  # fewest rows: (16, 256)
+
+    def gelu_ms(case, config):  # forward: fewest rows (16, 256) wins; backward: fewest columns (64, 64)
+        part = case.rsplit(".", 1)[1]
+        return config[f"{part}_rows"] + config[f"{part}_cols"] / 1000 if part == "fwd" else config["bwd_cols"]
+
+    rec = FakeRecorder(gelu_ms)
     chosen = tune.tune_bias_gelu(rec, shape=(64, 1536), dtype=torch.bfloat16, arch="sm_90")
     assert len(rec.records) == 2 * len(tune.GELU)
     for c in tune.GELU:
-        for name in ("gelu_fwd_kernel_body", "gelu_bwd_kernel_body"):
+        for name, part in (("gelu_fwd_kernel_body", "fwd"), ("gelu_bwd_kernel_body", "bwd")):
             assert any(
-                n == name and consts["TILE_ROWS"] == c["rows"] and consts["TILE_COLS"] == c["cols"]
+                n == name and consts["TILE_ROWS"] == c[f"{part}_rows"] and consts["TILE_COLS"] == c[f"{part}_cols"]
                 for n, consts, _ in launches
             ), (name, c)
-    assert (chosen.rows, chosen.cols) == (16, 256) and chosen.bwd_blocks_per_sm == 8
+    assert (chosen.fwd_rows, chosen.fwd_cols, chosen.bwd_rows, chosen.bwd_cols) == (16, 256, 64, 64)
 
 
 def test_a_spec_that_misnames_an_argument_is_refused():

@@ -94,6 +94,8 @@ def kernel_times(step: Callable[[], object], device: torch.device, steps: int = 
         synchronize(device)
     kernels = {}
     for event in prof.key_averages():
+        if getattr(event, "is_user_annotation", False):
+            continue  # a range on the GPU timeline (Optimizer.step#AdamW.step), not a kernel: its kernels count
         if device.type == "cuda":
             if event.device_type != DeviceType.CUDA:
                 continue

@@ -154,7 +154,7 @@ RESIDUAL_BWD = [
     )
 ]
 GELU = [
-    dict(rows=rows, cols=cols, fwd_occ=occ, bwd_occ=occ, bwd_blocks_per_sm=per_sm)
+    dict(fwd_rows=rows, fwd_cols=cols, fwd_occ=occ, bwd_rows=rows, bwd_cols=cols, bwd_occ=occ, bwd_blocks_per_sm=per_sm)
     for rows, cols, occ, per_sm in (
         (64, 128, 2, 4),
         (32, 128, 4, 4),
@@ -373,15 +373,13 @@ def tune_residual_layernorm(rec: Recorder, shape=(16384, 384), dtype=torch.bfloa
 
 
 def tune_bias_gelu(rec: Recorder, shape=(16384, 1536), dtype=torch.bfloat16, arch: str | None = None):
-    """Records of every candidate of bias + GELU, forward and backward timed apart, and the fastest config:
-    the forward's tile and occupancy from the fastest forward, the backward's grid from the fastest backward
-    (both share the tile shape, so the backward's winner sets it when the two disagree)."""
+    """Records of every candidate of bias + GELU, forward and backward timed apart, and the fastest config: the
+    forward's tile and occupancy from the fastest forward, the backward's from the fastest backward."""
     candidates = [("fwd", c) for c in GELU] + [("bwd", c) for c in GELU]
     chosen, best = sweep(rec, "bias_gelu", shape, dtype, candidates, arch)
-    if "bwd" in best:
-        chosen = replace(chosen, **best["bwd"][1])
-    if "fwd" in best and all(best["fwd"][1][k] == getattr(chosen, k) for k in ("rows", "cols")):
-        chosen = replace(chosen, fwd_occ=best["fwd"][1]["fwd_occ"])
+    for part in ("fwd", "bwd"):
+        if part in best:
+            chosen = replace(chosen, **{k: v for k, v in best[part][1].items() if k.startswith(part)})
     return chosen
 
 

@@ -48,17 +48,21 @@ ERFC_COEFFS = (
 
 @dataclass(frozen=True)
 class GeluTiles:
-    rows: int  # rows of a tile (forward and backward)
-    cols: int  # columns of a tile
+    fwd_rows: int  # rows of a forward tile
+    fwd_cols: int  # columns of a forward tile
     fwd_occ: int
+    bwd_rows: int
+    bwd_cols: int
     bwd_occ: int
     bwd_blocks_per_sm: int  # the backward's persistent grid, over column tiles x row groups
 
 
-# Untuned starting points (each tile is 8K elements); `python -m gptcore.bench.tune` sweeps them on a GPU.
+# sm_90: the fastest of the sweeps on an H100 at both presets' MLP widths (results/h100/tune-fused.json).
 GELU_TILES = {
-    "sm_90": GeluTiles(rows=64, cols=128, fwd_occ=2, bwd_occ=2, bwd_blocks_per_sm=4),
-    "default": GeluTiles(rows=64, cols=128, fwd_occ=2, bwd_occ=2, bwd_blocks_per_sm=4),
+    "sm_90": GeluTiles(fwd_rows=16, fwd_cols=256, fwd_occ=4, bwd_rows=64, bwd_cols=64, bwd_occ=4, bwd_blocks_per_sm=4),
+    "default": GeluTiles(
+        fwd_rows=64, fwd_cols=128, fwd_occ=2, bwd_rows=64, bwd_cols=128, bwd_occ=2, bwd_blocks_per_sm=4
+    ),
 }
 
 
@@ -132,22 +136,22 @@ def cdiv(a: int, b: int) -> int:
 
 def fwd_spec(u, bias, g, *, tiles: GeluTiles) -> LaunchSpec:
     m, f = u.shape
-    args = dict(U=u, BB=u if bias is None else bias, G=g, TILE_ROWS=tiles.rows, TILE_COLS=tiles.cols)
+    args = dict(U=u, BB=u if bias is None else bias, G=g, TILE_ROWS=tiles.fwd_rows, TILE_COLS=tiles.fwd_cols)
     args["HAS_BB"] = bias is not None
-    grid = (cdiv(m, tiles.rows), cdiv(f, tiles.cols), 1)
+    grid = (cdiv(m, tiles.fwd_rows), cdiv(f, tiles.fwd_cols), 1)
     return LaunchSpec(gelu_fwd_kernel_body, fwd_kernel(tiles.fwd_occ), grid, args)
 
 
 def bwd_groups(m: int, f: int, tiles: GeluTiles, sm_count: int) -> int:
     """Row groups G of the backward's grid: about bwd_blocks_per_sm blocks per SM over the column tiles."""
-    return max(1, min(cdiv(m, tiles.rows), sm_count * tiles.bwd_blocks_per_sm // cdiv(f, tiles.cols)))
+    return max(1, min(cdiv(m, tiles.bwd_rows), sm_count * tiles.bwd_blocks_per_sm // cdiv(f, tiles.bwd_cols)))
 
 
 def bwd_spec(u, bias, dg, du, parts, *, tiles: GeluTiles) -> LaunchSpec:
     """parts (1, G, F) fp32, G = bwd_groups."""
     args = dict(U=u, BB=u if bias is None else bias, DG=dg, DU=du, PARTS=parts)
-    args.update(TILE_ROWS=tiles.rows, TILE_COLS=tiles.cols, HAS_BB=bias is not None)
-    grid = (cdiv(u.shape[1], tiles.cols), parts.shape[1], 1)
+    args.update(TILE_ROWS=tiles.bwd_rows, TILE_COLS=tiles.bwd_cols, HAS_BB=bias is not None)
+    grid = (cdiv(u.shape[1], tiles.bwd_cols), parts.shape[1], 1)
     return LaunchSpec(gelu_bwd_kernel_body, bwd_kernel(tiles.bwd_occ), grid, args)
 
 

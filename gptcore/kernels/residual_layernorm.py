@@ -51,13 +51,12 @@ class ADLTiles:
     bwd_latency: int
 
 
-# Keyed by the padded width like the LayerNorm tables: "small" up to 512, "large" up to 1024. The forward starts
-# from the plain LayerNorm's tuned forward (results/h100/tune-layernorm.json); the backward keeps three column
-# sums and four row tiles live, so it takes fewer rows than the plain LayerNorm's backward.
+# Keyed by the padded width like the LayerNorm tables: "small" up to 512, "large" up to 1024. sm_90: the fastest
+# of the sweeps on an H100 at the presets' training shapes, dropout on (results/h100/tune-fused.json).
 ADL_TILES = {
     "sm_90": {
-        "small": ADLTiles(16, 4, 4, 3, 128, bwd_rows=16, bwd_occ=2, bwd_blocks_per_sm=2, bwd_latency=4),
-        "large": ADLTiles(8, 4, 4, 4, 256, bwd_rows=8, bwd_occ=2, bwd_blocks_per_sm=2, bwd_latency=4),
+        "small": ADLTiles(4, 4, 8, 3, 128, bwd_rows=8, bwd_occ=2, bwd_blocks_per_sm=2, bwd_latency=0),
+        "large": ADLTiles(8, 4, 4, 4, 256, bwd_rows=4, bwd_occ=2, bwd_blocks_per_sm=4, bwd_latency=2),
     },
     "default": {  # untuned: compile-checked by the gate only
         "small": ADLTiles(8, 2, 0, 0, 128, bwd_rows=8, bwd_occ=2, bwd_blocks_per_sm=4, bwd_latency=0),
