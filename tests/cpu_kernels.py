@@ -124,8 +124,8 @@ def register() -> None:
         dbranch = dres * _keep(rng, dres.shape, p) / (1 - p) if p > 0 else dres
         sums = torch.stack([(dy.float() * xhat).reshape(-1, n).sum(0), dy.float().reshape(-1, n).sum(0)])
         sums = torch.cat([sums, dbranch.reshape(-1, n).sum(0)[None]])
-        dx = dres.to(x_out.dtype).contiguous() if has_x else x_out.new_empty(0)
-        return dx, dbranch.to(branch_dtype).contiguous(), sums
+        dx = dres.to(x_out.dtype).clone() if has_x else x_out.new_empty(0)
+        return dx, dbranch.to(branch_dtype).clone(), sums
 
     @G.bias_gelu_fwd_op.register_kernel("cpu")
     def _(u, bias):

@@ -261,3 +261,51 @@ def test_a_half_model_exports_its_fused_forward_as_the_custom_ops():
         assert any("gptcore" in t and op in t for t in targets), (op, targets)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x)[0], cutile(x)[0])
+
+
+def test_the_eager_paths_give_the_operators_results(monkeypatch):
+    """The eager autograd.Functions (what a plain CUDA run takes: the launch helpers without the operators'
+    dispatch), their helpers routed to the CPU kernels: the values and gradients of the operators' path."""
+
+    def adl_forward_rows(x, branch, bb, w, b, rng, *, p, eps, out_dtype):
+        return R.adl_fwd_op(x, branch, bb, w, b, rng, p, eps, out_dtype)
+
+    def adl_backward_rows(x_out, w, stats, rng, dy, dx_out, *, p, has_x, branch_dtype):
+        dx, dbranch, sums = R.adl_bwd_op(x_out, w, stats, rng, dy, dx_out, p, has_x, branch_dtype)
+        return (dx if has_x else None), dbranch, sums
+
+    def ce_forward_rows(logits, targets, ignore_index):
+        lse = torch.logsumexp(logits.float(), dim=-1)
+        picked = logits.float().gather(1, targets.clamp(min=0)[:, None])[:, 0]
+        return torch.where(targets != ignore_index, lse - picked, 0.0), lse
+
+    def ce_backward_rows(logits, targets, lse, scale, ignore_index):
+        onehot = torch.nn.functional.one_hot(targets.clamp(min=0), logits.shape[-1])
+        d = (torch.exp(logits.float() - lse[:, None]) - onehot) * scale
+        return torch.where((targets != ignore_index)[:, None], d, 0.0).to(logits.dtype)
+
+    monkeypatch.setattr(R, "forward_rows", adl_forward_rows)
+    monkeypatch.setattr(R, "backward_rows", adl_backward_rows)
+    monkeypatch.setattr(G, "forward_rows", G.bias_gelu_fwd_op)
+    monkeypatch.setattr(G, "backward_rows", G.bias_gelu_bwd_op)
+    monkeypatch.setattr(CE, "forward_rows", ce_forward_rows)
+    monkeypatch.setattr(CE, "backward_rows", ce_backward_rows)
+
+    def run(direct: bool):
+        for module in (R, G, CE):
+            monkeypatch.setattr(module, "launches_directly", lambda *tensors, direct=direct: direct)
+        torch.manual_seed(3)
+        x, branch = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 5, 32, requires_grad=True)
+        bb, w, b, gelu_bias = (torch.randn(n, requires_grad=True) for n in (32, 32, 32, 64))
+        x_out, y = R.add_dropout_layer_norm(x, branch, bb, w, b, p=0.2, rng=torch.tensor([3, 4]))
+        _, y_final = R.add_dropout_layer_norm(x_out, branch, bb, w, b)  # its x_out feeds nothing: no gradient
+        g = G.bias_gelu(y_final.repeat(1, 1, 2), gelu_bias)
+        targets = torch.tensor([[1, 2, -1, 3, 0], [4, 5, 6, -1, 7]])
+        loss = CE.cross_entropy(g[..., :40], targets) + y.square().mean()
+        return loss, torch.autograd.grad(loss, (x, branch, bb, w, b, gelu_bias))
+
+    loss, grads = run(direct=True)
+    ref_loss, ref_grads = run(direct=False)
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)

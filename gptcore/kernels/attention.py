@@ -45,7 +45,7 @@ import torch
 
 from gptcore.kernels.dropout import dropout_rng, dropout_threshold
 from gptcore.kernels.runtime import ATTENTION_DTYPES, arch_of, attention_head_dim_unsupported, launches_directly
-from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, launch
+from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, cdiv, launch
 from gptcore.kernels.tile_random import call_keys, col_hashes, keep, row_hashes
 from gptcore.model import MASK_FLOOR
 
@@ -429,10 +429,6 @@ def bwd_dkdv_kernel(occupancy: int):
 # the stats array stands in for the keys, which the constant DROPOUT flag keeps unread.
 # --------------------------------------------------------------------------------------------------
 MAX_GRID_Y = 65535
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _order(sched: int, bh: int) -> int:

@@ -25,7 +25,7 @@ import torch
 from gptcore.kernels.column_sums import column_sums
 from gptcore.kernels.layernorm import as_rows, load_f32
 from gptcore.kernels.runtime import arch_of, launches_directly, sm_count
-from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, launch
+from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, cdiv, launch
 
 ZERO = ct.PaddingMode.ZERO
 SQRT1_2 = 1 / math.sqrt(2)
@@ -130,10 +130,6 @@ def bwd_kernel(occupancy: int):
 # --------------------------------------------------------------------------------------------------
 # Launch specs and helpers on (M, F) rows; an absent bias gets U in its place, unread (HAS_BB False).
 # --------------------------------------------------------------------------------------------------
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def fwd_spec(u, bias, g, *, tiles: GeluTiles) -> LaunchSpec:
     m, f = u.shape
     args = dict(U=u, BB=u if bias is None else bias, G=g, TILE_ROWS=tiles.fwd_rows, TILE_COLS=tiles.fwd_cols)

@@ -13,7 +13,7 @@ from functools import cache
 import cuda.tile as ct
 import torch
 
-from gptcore.kernels.spec import ConstInt, LaunchSpec, launch
+from gptcore.kernels.spec import ConstInt, LaunchSpec, cdiv, launch
 
 ZERO = ct.PaddingMode.ZERO
 
@@ -38,7 +38,7 @@ def colsum_kernel():
 def colsum_spec(parts: torch.Tensor, sums: torch.Tensor) -> LaunchSpec:
     """parts (R, G, N) fp32 -> sums (R, N) fp32."""
     args = dict(PARTS=parts, SUMS=sums, TILE_G=TILE_G, TILE_N=TILE_N)
-    grid = (-(-parts.shape[2] // TILE_N), parts.shape[0], 1)
+    grid = (cdiv(parts.shape[2], TILE_N), parts.shape[0], 1)
     return LaunchSpec(colsum_kernel_body, colsum_kernel(), grid, args)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from gptcore.kernels.layernorm import as_rows, load_f32, next_pow2
 from gptcore.kernels.runtime import arch_of, launches_directly
-from gptcore.kernels.spec import ConstInt, LaunchSpec, launch
+from gptcore.kernels.spec import ConstInt, LaunchSpec, cdiv, launch
 
 ZERO = ct.PaddingMode.ZERO
 FLOOR = -1.0e30  # padded vocabulary columns: exp(FLOOR - max) is exactly 0 in fp32
@@ -109,10 +109,6 @@ def bwd_kernel():
 # --------------------------------------------------------------------------------------------------
 # Launch specs and helpers on (M, V) logits
 # --------------------------------------------------------------------------------------------------
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def fwd_spec(logits, targets, loss, lse, *, ignore_index: int, tiles: CETiles) -> LaunchSpec:
     args = dict(LOGITS=logits, TARGETS=targets, LOSS=loss, LSE=lse, ignore_index=ignore_index)
     args.update(TILE_ROWS=tiles.rows, TILE_V=chunk_width(logits.shape[1], tiles))

@@ -18,7 +18,7 @@ import cuda.tile as ct
 import torch
 
 from gptcore.kernels.runtime import LAYER_NORM_DTYPES, arch_of, launches_directly, sm_count
-from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, launch
+from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, cdiv, launch
 
 ZERO = ct.PaddingMode.ZERO
 
@@ -279,10 +279,6 @@ def bwd_kernel(occupancy: int, warps: int | None = None):
 # Launch specs: each kernel's grid and arguments, by name, from the tensors and the tiles. A missing weight
 # or bias gets a dummy array in its place, which the constant HAS_W / HAS_B flag keeps unread.
 # --------------------------------------------------------------------------------------------------
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def fwd_spec(x2, weight, bias, y, stats, *, eps: float, tiles: LNTiles, sm_count: int) -> LaunchSpec:
     """x2, y (M, N); weight, bias (N,) or None; stats (2, M) fp32."""
     m, n = x2.shape

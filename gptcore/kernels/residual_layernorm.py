@@ -29,7 +29,7 @@ from gptcore.kernels.column_sums import column_sums
 from gptcore.kernels.dropout import dropout_rng, dropout_threshold
 from gptcore.kernels.layernorm import as_rows, fwd_chunks, load_f32, next_pow2, normalize_and_store
 from gptcore.kernels.runtime import LAYER_NORM_DTYPES, arch_of, launches_directly, sm_count
-from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, launch
+from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, cdiv, launch
 from gptcore.kernels.tile_random import call_keys, col_hashes, keep, row_hashes
 
 ZERO = ct.PaddingMode.ZERO
@@ -216,10 +216,6 @@ def bwd_kernel(occupancy: int):
 # --------------------------------------------------------------------------------------------------
 # Launch specs. An absent tensor gets the statistics array in its place, which its constant flag keeps unread.
 # --------------------------------------------------------------------------------------------------
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _dropout_args(p: float) -> dict:
     return dict(keep_scale=1.0 / (1.0 - p), drop_threshold=dropout_threshold(p), DROPOUT=p > 0)
 
@@ -332,6 +328,26 @@ def _rows_or_none(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return None if t is None else as_rows(t, n)
 
 
+def _forward(x, branch, branch_bias, weight, bias, rng, p, eps, out_dtype):
+    """The forward on tensors of any leading shape: x_out and y shaped like branch, and the stats."""
+    n = branch.shape[-1]
+    x_out, y, stats = forward_rows(
+        _rows_or_none(x, n), as_rows(branch, n), branch_bias, weight, bias, rng, p=p, eps=eps, out_dtype=out_dtype
+    )
+    return x_out.view(branch.shape), y.view(branch.shape), stats
+
+
+def _backward(x_out, weight, stats, rng, dy, dx_out, p, has_x, branch_dtype):
+    """The backward on tensors of any leading shape: dx (None without a residual input) and dbranch shaped like
+    x_out, and the (3, N) column sums."""
+    n = x_out.shape[-1]
+    dx, dbranch, sums = backward_rows(
+        as_rows(x_out, n), weight, stats, rng, as_rows(dy, n), _rows_or_none(dx_out, n), p=p, has_x=has_x,
+        branch_dtype=branch_dtype,
+    )  # fmt: skip
+    return None if dx is None else dx.view(x_out.shape), dbranch.view(x_out.shape), sums
+
+
 @torch.library.custom_op("gptcore::add_dropout_layer_norm_fwd", mutates_args=(), device_types="cuda")
 def adl_fwd_op(
     x: torch.Tensor | None,
@@ -344,11 +360,7 @@ def adl_fwd_op(
     eps: float,
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = branch.shape[-1]
-    x_out, y, stats = forward_rows(
-        _rows_or_none(x, n), as_rows(branch, n), branch_bias, weight, bias, rng, p=p, eps=eps, out_dtype=out_dtype
-    )
-    return x_out.view(branch.shape), y.view(branch.shape), stats
+    return _forward(x, branch, branch_bias, weight, bias, rng, p, eps, out_dtype)
 
 
 @adl_fwd_op.register_fake
@@ -370,20 +382,8 @@ def adl_bwd_op(
     branch_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (empty without a residual input), dbranch, and the (3, N) fp32 column sums."""
-    n = x_out.shape[-1]
-    dx, dbranch, sums = backward_rows(
-        as_rows(x_out, n),
-        weight,
-        stats,
-        rng,
-        as_rows(dy, n),
-        _rows_or_none(dx_out, n),
-        p=p,
-        has_x=has_x,
-        branch_dtype=branch_dtype,
-    )
-    dx = x_out.new_empty(0) if dx is None else dx.view(x_out.shape)
-    return dx, dbranch.view(x_out.shape), sums
+    dx, dbranch, sums = _backward(x_out, weight, stats, rng, dy, dx_out, p, has_x, branch_dtype)
+    return x_out.new_empty(0) if dx is None else dx, dbranch, sums
 
 
 @adl_bwd_op.register_fake
@@ -412,7 +412,7 @@ def _setup_context(ctx, inputs, output):
     ctx.p, ctx.has_x, ctx.branch_dtype = p, x is not None, branch.dtype
 
 
-def _backward(ctx, dx_out, dy, _dstats):
+def _op_backward(ctx, dx_out, dy, _dstats):
     x_out, weight, stats, rng, branch_bias, bias = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x_out)
@@ -421,7 +421,7 @@ def _backward(ctx, dx_out, dy, _dstats):
     return (*_input_grads(sums, dx, dbranch, branch_bias, weight, bias), None, None, None, None)
 
 
-adl_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+adl_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _EagerADL(torch.autograd.Function):
@@ -431,33 +431,17 @@ class _EagerADL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, branch, branch_bias, weight, bias, rng, p, eps, out_dtype):
         ctx.set_materialize_grads(False)
-        n = branch.shape[-1]
-        x_out, y, stats = forward_rows(
-            _rows_or_none(x, n), as_rows(branch, n), branch_bias, weight, bias, rng, p=p, eps=eps, out_dtype=out_dtype
-        )
+        x_out, y, stats = _forward(x, branch, branch_bias, weight, bias, rng, p, eps, out_dtype)
         ctx.save_for_backward(x_out, weight, stats, rng, branch_bias, bias)
-        ctx.p, ctx.has_x, ctx.branch_dtype, ctx.shape = p, x is not None, branch.dtype, branch.shape
-        return x_out.view(branch.shape), y.view(branch.shape)
+        ctx.p, ctx.has_x, ctx.branch_dtype = p, x is not None, branch.dtype
+        return x_out, y
 
     @staticmethod
     def backward(ctx, dx_out, dy):
         x_out, weight, stats, rng, branch_bias, bias = ctx.saved_tensors
-        n = x_out.shape[-1]
-        dy2 = torch.zeros_like(x_out) if dy is None else as_rows(dy, n)
-        dx, dbranch, sums = backward_rows(
-            x_out,
-            weight,
-            stats,
-            rng,
-            dy2,
-            _rows_or_none(dx_out, n),
-            p=ctx.p,
-            has_x=ctx.has_x,
-            branch_dtype=ctx.branch_dtype,
-        )
-        dx = None if dx is None else dx.view(ctx.shape)
-        grads = _input_grads(sums, dx, dbranch.view(ctx.shape), branch_bias, weight, bias)
-        return (*grads, None, None, None, None)
+        dy = torch.zeros_like(x_out) if dy is None else dy
+        dx, dbranch, sums = _backward(x_out, weight, stats, rng, dy, dx_out, ctx.p, ctx.has_x, ctx.branch_dtype)
+        return (*_input_grads(sums, dx, dbranch, branch_bias, weight, bias), None, None, None, None)
 
 
 def _check(x, branch, branch_bias, weight, bias, p):
@@ -512,8 +496,4 @@ def add_dropout_layer_norm(
     tensors = (x, branch, branch_bias, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _EagerADL.apply(x, branch, branch_bias, weight, bias, rng, p, eps, out_dtype)
-    n = branch.shape[-1]
-    x_out, y, _ = forward_rows(
-        _rows_or_none(x, n), as_rows(branch, n), branch_bias, weight, bias, rng, p=p, eps=eps, out_dtype=out_dtype
-    )
-    return x_out.view(branch.shape), y.view(branch.shape)
+    return _forward(x, branch, branch_bias, weight, bias, rng, p, eps, out_dtype)[:2]

@@ -23,6 +23,11 @@ ConstInt = ct.Constant[int]
 ConstBool = ct.Constant[bool]
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host: grid sizes."""
+    return -(-a // b)
+
+
 @functools.cache
 def parameters(body: Callable) -> tuple[tuple[str, bool], ...]:
     """The kernel function's parameters in order, each with whether it is a compile-time constant."""
