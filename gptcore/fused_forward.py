@@ -103,10 +103,9 @@ def fused_forward(model, idx: torch.Tensor, targets: torch.Tensor | None, dtype:
         half_weights.current(model, dtype)  # made or refreshed eagerly; under compile, used if there
     tr = model.transformer
     blocks = list(tr.h)
-    norms = [block.ln_1 for block in blocks] + [tr.ln_f]  # the LayerNorm before each block, and the final one
+    norms = [block.ln_1 for block in blocks[1:]] + [tr.ln_f]  # the LayerNorm after each block: the next one's
 
-    def add_norm(x, branch, branch_bias, i):
-        ln = norms[i]
+    def add_norm(x, branch, branch_bias, ln):
         return add_dropout_layer_norm(x, branch, branch_bias, ln.weight, ln.bias, p=p, eps=ln.eps, out_dtype=dtype)
 
     # the dtypes are explicit from here on: autocast, when on, is switched off (a no-op context otherwise, so
@@ -114,17 +113,13 @@ def fused_forward(model, idx: torch.Tensor, targets: torch.Tensor | None, dtype:
     autocast_off = torch.is_autocast_enabled(idx.device.type)
     with torch.autocast(idx.device.type, enabled=False) if autocast_off else contextlib.nullcontext():
         emb = F.embedding(idx, tr.wte.weight) + tr.wpe.weight[:t]
-        x, h = add_norm(None, emb, None, 0)
-        for i, block in enumerate(blocks):
+        x, h = add_norm(None, emb, None, blocks[0].ln_1)
+        for block, next_norm in zip(blocks, norms):
             attn, mlp = block.attn, block.mlp
             y = causal_attention_qkv(linear(h, attn.c_attn, dtype), config.n_head, p)
-            ln = block.ln_2
-            x, h = add_dropout_layer_norm(
-                x, linear(y, attn.c_proj, dtype, False), attn.c_proj.bias, ln.weight, ln.bias, p=p, eps=ln.eps,
-                out_dtype=dtype,
-            )  # fmt: skip
+            x, h = add_norm(x, linear(y, attn.c_proj, dtype, False), attn.c_proj.bias, block.ln_2)
             g = bias_gelu(linear(h, mlp.c_fc, dtype, False), mlp.c_fc.bias)
-            x, h = add_norm(x, linear(g, mlp.c_proj, dtype, False), mlp.c_proj.bias, i + 1)
+            x, h = add_norm(x, linear(g, mlp.c_proj, dtype, False), mlp.c_proj.bias, next_norm)
         if targets is None:
             return linear(h[:, -1:, :], model.lm_head, dtype), None
         logits = linear(h, model.lm_head, dtype)

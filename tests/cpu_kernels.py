@@ -9,6 +9,7 @@ autograd, so the backward ops are written out, not taken from autograd. `registe
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from gptcore.kernels import layernorm as L
 from gptcore.kernels import residual_layernorm as R
 from gptcore.kernels.dropout import dropout_keep_mask, rows_keep_mask
 from gptcore.model import causal_attention_reference, causal_scores
-from gptcore.verify.common import bias_gelu_reference
+from gptcore.verify.common import bias_gelu_reference, residual_layer_norm_reference
 
 
 def attention_forward(q, k, v, rng, scale, dropout_p):
@@ -64,8 +65,8 @@ def layer_norm_dx(x, weight, stats, dy):
 
 
 def _keep(rng, shape, p):
-    n = shape[-1]
-    return rows_keep_mask(rng, int(torch.tensor(shape).prod()) // n, n, p).view(shape)
+    """The fused kernels' mask on an activation of `shape`, its rows counted over every leading dimension."""
+    return rows_keep_mask(rng, math.prod(shape[:-1]), shape[-1], p).view(shape)
 
 
 @functools.cache
@@ -106,13 +107,12 @@ def register() -> None:
 
     @R.adl_fwd_op.register_kernel("cpu")
     def _(x, branch, branch_bias, weight, bias, rng, p, eps, out_dtype):
-        v = branch.float() if branch_bias is None else branch.float() + branch_bias.float()
-        if p > 0:
-            v = v * _keep(rng, v.shape, p) / (1 - p)
-        residual_dtype = branch.dtype if x is None else x.dtype
-        x_out = (v if x is None else x.float() + v).to(residual_dtype)
-        w, b = (None if t is None else t.float() for t in (weight, bias))
-        y = F.layer_norm(x_out.float(), (x_out.shape[-1],), w, b, eps).to(out_dtype)
+        def fp32(t):
+            return None if t is None else t.float()
+
+        inputs = (fp32(t) for t in (x, branch, branch_bias, weight, bias))
+        x_out, y = residual_layer_norm_reference(*inputs, p=p, eps=eps, out_dtype=out_dtype, rng=rng)
+        x_out = x_out.to(branch.dtype if x is None else x.dtype)
         return x_out.clone(memory_format=torch.contiguous_format), y.contiguous(), layer_norm_stats(x_out, eps)
 
     @R.adl_bwd_op.register_kernel("cpu")

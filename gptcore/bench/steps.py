@@ -29,7 +29,8 @@ from gptcore.bench.timing import OK, Recorder, Timer
 from gptcore.cutile_model import BACKENDS
 from gptcore.devices import dtype_name
 from gptcore.model import GPT, GPTConfig
-from gptcore.params import PRESETS_DIR
+from gptcore.params import Params, ParamsError, with_preset
+from gptcore.train import model_config
 
 MODES = {  # mode -> (use_compile, graph)
     "eager": (False, False),
@@ -40,14 +41,15 @@ MODES = {  # mode -> (use_compile, graph)
 CSV_FIELDS = ["gpu", "date", "torch", "cuda_tile", "commit", "model", "backend", "what", "ms", "share", "kernels"]
 
 
+CHAR_VOCAB = 65  # nanoGPT's shakespeare_char vocabulary: the char presets' rows unless --vocab says otherwise
+
+
 def preset_config(name: str, vocab: int | None) -> tuple[GPTConfig, int]:
     """The preset's model dims (its vocabulary replaced by `vocab` when given) and training batch."""
-    import yaml
-
-    preset = yaml.safe_load((PRESETS_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
-    dims = {k: preset["model"][k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
-    vocab = vocab or (preset.get("data", {}).get("vocab_size") if preset["data"]["tokenizer"] == "bpe" else 65)
-    return GPTConfig(vocab_size=vocab, **dims), preset["train"]["batch_size"]
+    params = with_preset(Params(), name, ["data", "model", "train"])
+    if vocab is None:
+        vocab = params.data.vocab_size if params.data.tokenizer == "bpe" else CHAR_VOCAB
+    return model_config(params, vocab), params.train.batch_size
 
 
 def random_checkpoint(config: GPTConfig, seed: int = 0) -> dict:
@@ -118,11 +120,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the records and profiles (every kernel) here")
     ap.add_argument("--csv", help="append the rows for results/ here")
     args = ap.parse_args(argv)
+    try:
+        config, preset_batch = preset_config(args.preset, args.vocab)
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: the training-step comparison needs a CUDA GPU", file=sys.stderr)
         return 2
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
-    config, preset_batch = preset_config(args.preset, args.vocab)
     batch = args.batch or preset_batch
     checkpoint = random_checkpoint(config)
     model = f"{args.preset} dims: {describe(config, batch, dtype)}"

@@ -177,9 +177,21 @@ def backward_rows(u2, bias, dg2, tiles: GeluTiles | None = None) -> tuple[torch.
 # --------------------------------------------------------------------------------------------------
 # The custom operators and the eager path
 # --------------------------------------------------------------------------------------------------
+def _forward(u, bias):
+    """The forward on u of any leading shape."""
+    return forward_rows(as_rows(u, u.shape[-1]), bias).view(u.shape)
+
+
+def _backward(u, bias, dg):
+    """du shaped like u, and the bias gradient (F,) fp32."""
+    f = u.shape[-1]
+    du, dbias = backward_rows(as_rows(u, f), bias, as_rows(dg, f))
+    return du.view(u.shape), dbias
+
+
 @torch.library.custom_op("gptcore::bias_gelu_fwd", mutates_args=(), device_types="cuda")
 def bias_gelu_fwd_op(u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return forward_rows(as_rows(u, u.shape[-1]), bias).view(u.shape)
+    return _forward(u, bias)
 
 
 @bias_gelu_fwd_op.register_fake
@@ -190,9 +202,7 @@ def _(u, bias):
 @torch.library.custom_op("gptcore::bias_gelu_bwd", mutates_args=(), device_types="cuda")
 def bias_gelu_bwd_op(u: torch.Tensor, bias: torch.Tensor | None, dg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """du, and the bias gradient (F,) fp32."""
-    f = u.shape[-1]
-    du, dbias = backward_rows(as_rows(u, f), bias, as_rows(dg, f))
-    return du.view(u.shape), dbias
+    return _backward(u, bias, dg)
 
 
 @bias_gelu_bwd_op.register_fake
@@ -205,13 +215,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(u, bias)
 
 
-def _backward(ctx, dg):
+def _op_backward(ctx, dg):
     u, bias = ctx.saved_tensors
     du, dbias = bias_gelu_bwd_op(u, bias, dg)
     return du, None if bias is None else dbias.to(bias.dtype)
 
 
-bias_gelu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+bias_gelu_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _EagerBiasGelu(torch.autograd.Function):
@@ -220,14 +230,13 @@ class _EagerBiasGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, bias):
         ctx.save_for_backward(u, bias)
-        return forward_rows(as_rows(u, u.shape[-1]), bias).view(u.shape)
+        return _forward(u, bias)
 
     @staticmethod
     def backward(ctx, dg):
         u, bias = ctx.saved_tensors
-        f = u.shape[-1]
-        du, dbias = backward_rows(as_rows(u, f), bias, as_rows(dg, f))
-        return du.view(u.shape), None if bias is None else dbias.to(bias.dtype)
+        du, dbias = _backward(u, bias, dg)
+        return du, None if bias is None else dbias.to(bias.dtype)
 
 
 def _check(u, bias):
@@ -249,7 +258,7 @@ def bias_gelu(u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return bias_gelu_fwd_op(u, bias)
     if torch.is_grad_enabled() and (u.requires_grad or (bias is not None and bias.requires_grad)):
         return _EagerBiasGelu.apply(u, bias)
-    return forward_rows(as_rows(u, u.shape[-1]), bias).view(u.shape)
+    return _forward(u, bias)
 
 
 def erfc_nonneg_reference(z: torch.Tensor) -> torch.Tensor:

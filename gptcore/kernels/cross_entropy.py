@@ -147,10 +147,16 @@ def backward_rows(logits2, targets1, lse, scale, ignore_index: int, tiles: CETil
     return dlogits
 
 
-def _mean(row_loss: torch.Tensor, targets1: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean loss over the counted targets (NaN when none counts, as F.cross_entropy) and their count (fp32)."""
+def _forward(logits2, targets1, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mean loss over the counted targets (NaN when none counts, as F.cross_entropy), the rows' log-sum-exp
+    and the count of counted targets (fp32)."""
+    row_loss, lse = forward_rows(logits2, targets1, ignore_index)
     count = (targets1 != ignore_index).sum().to(torch.float32)
-    return row_loss.sum() / count, count
+    return row_loss.sum() / count, lse, count
+
+
+def _backward(logits2, targets1, lse, count, grad, ignore_index: int) -> torch.Tensor:
+    return backward_rows(logits2, targets1, lse, (grad.float() / count).reshape(1), ignore_index)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,9 +167,7 @@ def cross_entropy_fwd_op(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The mean loss (a 0-dim fp32 tensor), the rows' log-sum-exp (M,) and the count of counted targets."""
-    row_loss, lse = forward_rows(logits, targets, ignore_index)
-    loss, count = _mean(row_loss, targets, ignore_index)
-    return loss, lse, count
+    return _forward(logits, targets, ignore_index)
 
 
 @cross_entropy_fwd_op.register_fake
@@ -177,7 +181,7 @@ def cross_entropy_bwd_op(
     logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, count: torch.Tensor, grad: torch.Tensor,
     ignore_index: int,
 ) -> torch.Tensor:  # fmt: skip
-    return backward_rows(logits, targets, lse, (grad.float() / count).reshape(1), ignore_index)
+    return _backward(logits, targets, lse, count, grad, ignore_index)
 
 
 @cross_entropy_bwd_op.register_fake
@@ -193,12 +197,12 @@ def _setup_context(ctx, inputs, output):
     ctx.ignore_index = ignore_index
 
 
-def _backward(ctx, grad, _dlse, _dcount):
+def _op_backward(ctx, grad, _dlse, _dcount):
     logits, targets, lse, count = ctx.saved_tensors
     return cross_entropy_bwd_op(logits, targets, lse, count, grad, ctx.ignore_index), None, None
 
 
-cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+cross_entropy_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _EagerCrossEntropy(torch.autograd.Function):
@@ -206,8 +210,7 @@ class _EagerCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
-        row_loss, lse = forward_rows(logits, targets, ignore_index)
-        loss, count = _mean(row_loss, targets, ignore_index)
+        loss, lse, count = _forward(logits, targets, ignore_index)
         ctx.save_for_backward(logits, targets, lse, count)
         ctx.ignore_index = ignore_index
         return loss
@@ -215,8 +218,7 @@ class _EagerCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         logits, targets, lse, count = ctx.saved_tensors
-        scale = (grad.float() / count).reshape(1)
-        return backward_rows(logits, targets, lse, scale, ctx.ignore_index), None, None
+        return _backward(logits, targets, lse, count, grad, ctx.ignore_index), None, None
 
 
 def _check(logits, targets):
@@ -245,4 +247,4 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         return cross_entropy_fwd_op(logits2, targets1, ignore_index)[0]
     if torch.is_grad_enabled() and logits.requires_grad:
         return _EagerCrossEntropy.apply(logits2, targets1, ignore_index)
-    return _mean(forward_rows(logits2, targets1, ignore_index)[0], targets1, ignore_index)[0]
+    return _forward(logits2, targets1, ignore_index)[0]
