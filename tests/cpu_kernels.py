@@ -18,6 +18,7 @@ from gptcore.kernels import attention as A
 from gptcore.kernels import bias_gelu as G
 from gptcore.kernels import cross_entropy as CE
 from gptcore.kernels import layernorm as L
+from gptcore.kernels import linear_cross_entropy as LCE
 from gptcore.kernels import residual_layernorm as R
 from gptcore.kernels.dropout import dropout_keep_mask, rows_keep_mask
 from gptcore.model import causal_attention_reference, causal_scores
@@ -67,6 +68,18 @@ def layer_norm_dx(x, weight, stats, dy):
 def _keep(rng, shape, p):
     """The fused kernels' mask on an activation of `shape`, its rows counted over every leading dimension."""
     return rows_keep_mask(rng, math.prod(shape[:-1]), shape[-1], p).view(shape)
+
+
+def loss_and_grad_rows(logits, targets, loss, ignore_index):
+    """The LM head's loss-and-gradient kernel on one chunk: the rows' losses into `loss`, the logits overwritten
+    by softmax - onehot(target) (0 on ignored rows)."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)
+    valid = targets != ignore_index
+    picked = lf.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    loss.copy_(torch.where(valid, lse - picked, 0.0))
+    onehot = F.one_hot(targets.clamp(min=0), logits.shape[-1]).float()
+    logits.copy_(torch.where(valid[:, None], torch.exp(lf - lse[:, None]) - onehot, 0.0))
 
 
 @functools.cache
@@ -153,6 +166,11 @@ def register() -> None:
         d = (torch.exp(logits.float() - lse[:, None]) - onehot) * (grad.float() / count)
         return torch.where(valid[:, None], d, 0.0).to(logits.dtype).contiguous()
 
+    @LCE.linear_cross_entropy_fwd_op.register_kernel("cpu")
+    def _(h, weight, weight_half, targets, ignore_index, rows):
+        # the op's own host code (chunks, matmuls, fp32 gradients) around the stand-in of its kernel
+        return LCE._forward(h, weight_half, targets, ignore_index, rows, grad_rows=loss_and_grad_rows)
+
 
 def allow_cpu(monkeypatch) -> None:
     """The wrappers refuse CPU tensors (the kernels need a GPU); with `register()`'s kernels they may take them."""
@@ -161,3 +179,4 @@ def allow_cpu(monkeypatch) -> None:
     monkeypatch.setattr(R, "_check", lambda *args: None)
     monkeypatch.setattr(G, "_check", lambda u, bias: None)
     monkeypatch.setattr(CE, "_check", lambda logits, targets: None)
+    monkeypatch.setattr(LCE, "_check", lambda *args: None)

@@ -11,13 +11,15 @@ import math
 
 import pytest
 import torch
-from cpu_kernels import allow_cpu, register
+import torch.nn.functional as F
+from cpu_kernels import allow_cpu, loss_and_grad_rows, register
 from helpers import rel_err, tiny_gpt
 
 from gptcore import half_weights
 from gptcore.kernels import attention as A
 from gptcore.kernels import bias_gelu as G
 from gptcore.kernels import cross_entropy as CE
+from gptcore.kernels import linear_cross_entropy as LCE
 from gptcore.kernels import residual_layernorm as R
 from gptcore.kernels.dropout import dropout_keep_mask, rows_keep_mask
 from gptcore.model import GPT
@@ -309,3 +311,108 @@ def test_the_eager_paths_give_the_operators_results(monkeypatch):
     torch.testing.assert_close(loss, ref_loss)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+# ---- the fused LM head + cross-entropy (large vocabularies) ---------------------------------------------------
+
+
+def head_inputs(m=11, c=32, vocab=50, seed=0):
+    """bf16 hidden states, an fp32 head weight (as the model trains) and targets, some ignored."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(m, c, generator=g).to(torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(vocab, c, generator=g) * 0.5).requires_grad_(True)
+    targets = torch.randint(vocab, (m,), generator=g)
+    targets[2::5] = -1
+    return h, weight, targets
+
+
+def test_linear_cross_entropy_op_passes_opcheck():
+    h, weight, targets = head_inputs()
+    args = (h, weight, weight.detach().to(torch.bfloat16), targets, -1, 4)
+    torch.library.opcheck(LCE.linear_cross_entropy_fwd_op, args)
+
+
+@pytest.mark.parametrize("rows", [4, 11, 64])
+def test_linear_cross_entropy_is_the_reference_head_and_loss_in_any_chunks(rows):
+    """Chunks of 4 rows (the last one ragged), exactly one chunk, a chunk larger than the rows: the loss and the
+    gradients of h and of the fp32 weight are the reference formula's (F.linear in bf16, then F.cross_entropy in
+    fp32) under a scaled incoming gradient, and ignored rows get none."""
+    h, weight, targets = head_inputs()
+    loss = LCE.linear_cross_entropy(h, weight, targets, rows=rows)
+    (loss * 0.25).backward()
+    ref_h, ref_w = h.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    ref = cross_entropy_reference(F.linear(ref_h, ref_w.to(torch.bfloat16)), targets)
+    (ref * 0.25).backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 1e-3 * ref.item()
+    assert h.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    assert rel_err(h.grad, ref_h.grad) < 1e-2 and rel_err(weight.grad, ref_w.grad) < 1e-2
+    assert torch.all(h.grad[targets == -1] == 0)
+
+
+def test_linear_cross_entropy_chunks_by_the_logits_budget():
+    assert LCE.chunk_rows(12288, 50304, 2) == 1280  # GPT-2 small's batch in ten chunks, whole tiles of 128 rows
+    assert LCE.chunk_rows(16384, 65, 2) == 16384  # a character vocabulary: one
+    assert LCE.chunk_rows(1000, 2**20, 2) == 64  # under 128 rows: as many as fit
+    assert LCE.chunk_rows(5, 2**40, 2) == 1
+
+
+def test_the_eager_head_gives_the_operators_results(monkeypatch):
+    """The eager autograd.Function (a plain CUDA run's path) with the kernel's CPU stand-in: the operator's values
+    and gradients."""
+    monkeypatch.setattr(LCE, "loss_and_grad_rows", loss_and_grad_rows)
+
+    def run(direct: bool):
+        monkeypatch.setattr(LCE, "launches_directly", lambda *tensors: direct)
+        h, weight, targets = head_inputs()
+        loss = LCE.linear_cross_entropy(h, weight, targets, rows=4)
+        return loss, torch.autograd.grad(loss * 3, (h, weight))
+
+    loss, grads = run(direct=True)
+    ref_loss, ref_grads = run(direct=False)
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.fixture
+def fused_head(monkeypatch):
+    """SIZES' vocabulary counted as large, and chunks of 40 rows: a batch of 3 x 32 rows runs in 3, the last
+    ragged."""
+    monkeypatch.setattr(LCE, "FUSED_MIN_VOCAB", SIZES["vocab_size"])
+    monkeypatch.setattr(LCE, "LOGITS_CHUNK_BYTES", 40 * SIZES["vocab_size"] * 2)
+
+
+def test_a_large_vocabulary_fuses_the_head_in_training_and_keeps_the_logits_without_gradients(fused_head):
+    cutile, reference = models()
+    cutile.eval(), reference.eval()
+    x, y = batch()
+    logits, loss, grads = loss_and_grads(cutile, x, y)
+    _, ref_loss, ref_grads = loss_and_grads(reference, x, y)
+    assert logits is None  # never made
+    assert abs(loss.item() - ref_loss.item()) < 2e-2 * ref_loss.item()
+    for name, g in ref_grads.items():
+        assert grads[name] is not None and grads[name].dtype == torch.float32, name
+        assert rel_err(grads[name], g) < 5e-2, (name, rel_err(grads[name], g))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, eval_loss = cutile(x, y)
+    assert logits.shape == (*x.shape, SIZES["vocab_size"])
+    assert abs(eval_loss.item() - loss.item()) < 1e-3 * loss.item()
+
+
+def test_the_fused_head_compiles_with_no_graph_break_and_the_eager_gradients(fused_head):
+    cutile, _ = models()
+    cutile.eval()
+    cutile.prepare_half_weights(torch.bfloat16)
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(cutile)(x, y)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    targets = {str(node.target) for graph in explained.graphs for node in graph.graph.nodes}
+    assert [t for t in targets if "linear_cross_entropy_fwd" in t], targets
+    assert not [t for t in targets if "gptcore.cross_entropy_fwd" in t], targets
+    compiled = torch.compile(cutile, fullgraph=True, backend="aot_eager")
+    _, eager_loss, eager_grads = loss_and_grads(cutile, x, y)
+    _, compiled_loss, compiled_grads = loss_and_grads(compiled, x, y)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], g, rtol=1e-3, atol=1e-5)

@@ -211,3 +211,65 @@ def test_the_fused_forward_replays_in_a_graph_with_new_dropout_masks():
         graph.replay()
         seen.add(out.item())
     assert len(seen) == 3  # each replay draws new keys, so new masks
+
+
+# ---- the fused LM head + cross-entropy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", [65, 50304])
+@pytest.mark.parametrize("t", [13, 257])
+@pytest.mark.parametrize("rows", [200, None])
+def test_linear_cross_entropy_and_its_gradients_match_float64(vocab, t, rows):
+    """In chunks of 200 rows (several, the last one ragged) and in the default chunks: the loss and the gradients of
+    the bf16 hidden states and of the fp32 weight against float64 on the same inputs, ignored rows without any."""
+    from gptcore.kernels.linear_cross_entropy import linear_cross_entropy
+    from gptcore.verify.common import linear_cross_entropy_reference
+
+    h = randn(2, t, 768, dtype=BF16).requires_grad_(True)
+    weight = randn(vocab, 768, scale=0.5, seed=1).requires_grad_(True)
+    targets = torch.randint(vocab, (2, t), device="cuda")
+    targets[:, 2::5] = -1
+    loss = linear_cross_entropy(h, weight, targets, rows=rows)
+    ref_h, ref_w = h.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    ref = linear_cross_entropy_reference(ref_h, ref_w, targets)
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 2e-3 * ref.item()
+    (dh, dw), (ref_dh, ref_dw) = grads_of(loss * 3, (h, weight), None), grads_of(ref * 3, (ref_h, ref_w), None)
+    assert dh.dtype == BF16 and dw.dtype == torch.float32
+    assert rel_err(dh, ref_dh) < 2e-2 and rel_err(dw, ref_dw) < 2e-2, (rel_err(dh, ref_dh), rel_err(dw, ref_dw))
+    assert torch.all(dh.view(-1, 768)[targets.view(-1) == -1] == 0)
+
+
+def test_linear_cross_entropy_op_passes_opcheck():
+    from gptcore.kernels import linear_cross_entropy as LCE
+
+    h, weight = randn(300, 768, dtype=BF16).requires_grad_(True), randn(4096, 768, seed=1).requires_grad_(True)
+    targets = torch.randint(4096, (300,), device="cuda")
+    torch.library.opcheck(LCE.linear_cross_entropy_fwd_op, (h, weight, weight.detach().to(BF16), targets, -1, 128))
+
+
+def test_a_large_vocabulary_model_trains_as_one_graph_on_the_fused_head(monkeypatch):
+    """GPT-2's vocabulary in chunks of 256 rows: the fused model's loss and gradients are the reference's, and a
+    graphed step (forward, the head's chunks, backward, AdamW) lowers the loss."""
+    from gptcore.kernels import linear_cross_entropy as LCE
+    from gptcore.train_step import make_train_step
+
+    monkeypatch.setattr(LCE, "LOGITS_CHUNK_BYTES", 256 * 50304 * 2)
+    sizes = {**SIZES, "vocab_size": 50304}
+    cutile = tiny_gpt("cutile", 0, **sizes).cuda().eval()
+    reference = GPT(cutile.config).cuda().eval()
+    reference.load_state_dict(cutile.state_dict())
+    x = torch.randint(50304, (6, 128), device="cuda")
+    y = torch.roll(x, -1, dims=1)
+    loss, grads = loss_and_grads(cutile, x, y)
+    ref_loss, ref_grads = loss_and_grads(reference, x, y)
+    assert abs(loss.item() - ref_loss.item()) < 5e-3 * ref_loss.item()
+    for name, g in ref_grads.items():
+        assert rel_err(grads[name], g) < 3e-2, (name, rel_err(grads[name], g))
+    model = cutile.train()
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cuda", capturable=True)
+    step = make_train_step(
+        model, optimizer, mode="graph", dtype=BF16, micro_steps=2, batch_size=3, block_size=128, grad_clip=1.0
+    )
+    xs = x.view(2, 3, 128)
+    losses = [step.step(xs, torch.roll(xs, -1, dims=2), 1e-3).item() for _ in range(8)]
+    assert step.captured and losses[-1] < losses[0]

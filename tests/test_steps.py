@@ -1,17 +1,18 @@
-"""The training-step comparison's inputs on a CPU (gptcore.bench.steps): a preset's model dims and batch, the
-vocabulary override, a clear refusal of an unknown preset, and the results/ rows it writes from records."""
+"""The training-step comparison's inputs on a CPU (gptcore.bench.steps): a preset's model dims, batch and
+micro-batches per step, the vocabulary override, a clear refusal of an unknown preset, and the results/ rows it
+writes from records."""
 
 from __future__ import annotations
 
 from gptcore.bench import steps
 
 
-def test_a_presets_dims_and_batch_with_the_vocabulary_it_implies_or_is_given():
-    config, batch = steps.preset_config("shakespeare_char", None)
+def test_a_presets_dims_and_batches_with_the_vocabulary_it_implies_or_is_given():
+    config, batch, accum = steps.preset_config("shakespeare_char", None)
     assert (config.n_layer, config.n_embd, config.block_size, config.dropout, batch) == (6, 384, 256, 0.2, 64)
-    assert config.vocab_size == steps.CHAR_VOCAB
-    config, batch = steps.preset_config("gpt2_small", None)
-    assert (config.n_layer, config.n_embd, config.vocab_size, batch) == (12, 768, 50304, 12)
+    assert config.vocab_size == steps.CHAR_VOCAB and accum == 1
+    config, batch, accum = steps.preset_config("gpt2_small", None)
+    assert (config.n_layer, config.n_embd, config.vocab_size, batch, accum) == (12, 768, 50304, 12, 4)
     assert steps.preset_config("gpt2_small", 65)[0].vocab_size == 65
 
 

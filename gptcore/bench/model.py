@@ -58,12 +58,14 @@ def train_step(
     batch: int,
     use_compile: bool | str = False,
     graph: bool = False,
+    micro_steps: int = 1,
 ) -> Callable[[], object]:
     """One training step as the train stage runs it (gptcore.train_step.make_train_step): forward and
     loss under autocast, backward, gradient clipping at 1.0, fused AdamW on CUDA; eagerly, compiled, or
     captured as one CUDA graph (past its eager warm-up steps and the capture, so that only replays are
-    timed). `use_compile`: True, or torch.compile's mode ("reduce-overhead"). Random tokens: the data does
-    not change the time. Raises Skip when it cannot run here."""
+    timed). `use_compile`: True, or torch.compile's mode ("reduce-overhead"); `micro_steps`: micro-batches of
+    `batch` rows per step (gradient accumulation). Random tokens: the data does not change the time. Raises Skip
+    when it cannot run here."""
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
     lr = 1e-4
     if graph:
@@ -71,8 +73,8 @@ def train_step(
     model = train_model(checkpoint, backend, device)
     optimizer = model.configure_optimizers(0.1, lr, (0.9, 0.99), device.type, capturable=graph)
     g = torch.Generator(device=device).manual_seed(0)
-    xs = torch.randint(config.vocab_size, (1, batch, config.block_size), device=device, generator=g)
-    ys = torch.randint(config.vocab_size, (1, batch, config.block_size), device=device, generator=g)
+    xs = torch.randint(config.vocab_size, (micro_steps, batch, config.block_size), device=device, generator=g)
+    ys = torch.randint(config.vocab_size, (micro_steps, batch, config.block_size), device=device, generator=g)
     mode = "graph" if graph else "compile" if use_compile else "eager"
     try:
         step = make_train_step(
@@ -80,7 +82,7 @@ def train_step(
             optimizer,
             mode=mode,
             dtype=dtype,
-            micro_steps=1,
+            micro_steps=micro_steps,
             batch_size=batch,
             block_size=config.block_size,
             grad_clip=1.0,

@@ -2,11 +2,13 @@
 and where one eager step's kernel time goes: the comparison the fused step is measured by, in one run.
 
     python -m gptcore.bench.steps --preset shakespeare_char --profile --json steps.json --csv steps.csv
-    python -m gptcore.bench.steps --preset gpt2_small --vocab 65 --batch 12 --modes graph reduce-overhead
+    python -m gptcore.bench.steps --preset gpt2_small --modes graph reduce-overhead
+    python -m gptcore.bench.steps --preset gpt2_small --vocab 65 --accum 1 --modes graph
 
 Modes: eager, compile (torch.compile's default), reduce-overhead (torch.compile with its CUDA graphs) and graph
 (`train.cuda_graph`: the whole step captured as one CUDA graph); each row is the step the train stage runs
-(gptcore.bench.model.train_step: forward and loss under autocast, backward, clipping, AdamW), timed by the
+(gptcore.bench.model.train_step: forward and loss under autocast for each of the preset's micro-batches, backward,
+clipping, AdamW), timed by the
 bench's one timer. The data does not change the time, so no corpus or checkpoint is needed: the weights are
 the model's initialisation. `--profile`: each backend's eager step by kernel category
 (gptcore.bench.profile). `--csv` appends one row per measured step and per profile category, with the GPU,
@@ -44,12 +46,13 @@ CSV_FIELDS = ["gpu", "date", "torch", "cuda_tile", "commit", "model", "backend",
 CHAR_VOCAB = 65  # nanoGPT's shakespeare_char vocabulary: the char presets' rows unless --vocab says otherwise
 
 
-def preset_config(name: str, vocab: int | None) -> tuple[GPTConfig, int]:
-    """The preset's model dims (its vocabulary replaced by `vocab` when given) and training batch."""
+def preset_config(name: str, vocab: int | None) -> tuple[GPTConfig, int, int]:
+    """The preset's model dims (its vocabulary replaced by `vocab` when given), micro-batch and micro-batches per
+    step."""
     params = with_preset(Params(), name, ["data", "model", "train"])
     if vocab is None:
         vocab = params.data.vocab_size if params.data.tokenizer == "bpe" else CHAR_VOCAB
-    return model_config(params, vocab), params.train.batch_size
+    return model_config(params, vocab), params.train.batch_size, params.train.gradient_accumulation_steps
 
 
 def random_checkpoint(config: GPTConfig, seed: int = 0) -> dict:
@@ -58,27 +61,28 @@ def random_checkpoint(config: GPTConfig, seed: int = 0) -> dict:
     return {"model_args": config.to_dict(), "model": GPT(config).state_dict()}
 
 
-def describe(config: GPTConfig, batch: int, dtype: torch.dtype) -> str:
+def describe(config: GPTConfig, batch: int, dtype: torch.dtype, accum: int = 1) -> str:
     c = config
+    micro = f"{accum} x " if accum > 1 else ""
     return (
-        f"B{batch} T{c.block_size} {c.n_layer}x{c.n_embd} H{c.n_head} V{c.vocab_size} dropout {c.dropout:g} "
+        f"{micro}B{batch} T{c.block_size} {c.n_layer}x{c.n_embd} H{c.n_head} V{c.vocab_size} dropout {c.dropout:g} "
         f"{dtype_name(dtype)}"
     )
 
 
-def step_rows(rec: Recorder, checkpoint: dict, batch: int, dtype, backends, modes) -> None:
+def step_rows(rec: Recorder, checkpoint: dict, batch: int, dtype, backends, modes, accum: int = 1) -> None:
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
-    tokens = batch * config.block_size
+    tokens = accum * batch * config.block_size
     for backend in backends:
         for mode in modes:
             use_compile, graph = MODES[mode]
             rec.measure(
                 "train_step",
                 f"{backend} {mode}",
-                f"B{batch}xT{config.block_size}",
+                f"{accum}xB{batch}xT{config.block_size}" if accum > 1 else f"B{batch}xT{config.block_size}",
                 dtype_name(dtype),
                 lambda b=backend, c=use_compile, g=graph: model_bench.train_step(
-                    checkpoint, b, rec.device, dtype, batch, c, g
+                    checkpoint, b, rec.device, dtype, batch, c, g, micro_steps=accum
                 ),
                 lambda ms: {"tokens_per_sec": tokens / ms * 1000},
                 backend=backend,
@@ -112,6 +116,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="shakespeare_char", help="the model dims and batch: a preset's name")
     ap.add_argument("--vocab", type=int, help="replace the preset's vocabulary size (GPT-2 dims with 65 chars)")
     ap.add_argument("--batch", type=int, help="micro-batch size (default: the preset's train.batch_size)")
+    ap.add_argument(
+        "--accum", type=int, help="micro-batches per step (default: the preset's train.gradient_accumulation_steps)"
+    )
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -121,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", help="append the rows for results/ here")
     args = ap.parse_args(argv)
     try:
-        config, preset_batch = preset_config(args.preset, args.vocab)
+        config, preset_batch, preset_accum = preset_config(args.preset, args.vocab)
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -129,12 +136,12 @@ def main(argv=None) -> int:
         print("error: the training-step comparison needs a CUDA GPU", file=sys.stderr)
         return 2
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
-    batch = args.batch or preset_batch
+    batch, accum = args.batch or preset_batch, args.accum or preset_accum
     checkpoint = random_checkpoint(config)
-    model = f"{args.preset} dims: {describe(config, batch, dtype)}"
+    model = f"{args.preset} dims: {describe(config, batch, dtype, accum)}"
     rec = Recorder(device, Timer(device, warmup=3, repeats=args.repeats, min_repeat_ms=20.0))
     print(f"train step on {rec.env['device']} (torch {rec.env['torch']}, cuda-tile {rec.env['cuda_tile']}): {model}")
-    step_rows(rec, checkpoint, batch, dtype, args.backends, args.modes)
+    step_rows(rec, checkpoint, batch, dtype, args.backends, args.modes, accum)
     profiles = {}
     if args.profile:
         profiles = model_bench.step_profiles(checkpoint, batch, dtype, args.backends, device, rec.env["device"])

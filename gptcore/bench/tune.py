@@ -1,10 +1,12 @@
 """Tile sweeps: time every candidate configuration of a kernel (CUDA-graph replay, GPU time only) and hand
 back the fastest as an explicit config (an AttnTiles or LNTiles), without touching the kernels' tables.
 
-    python -m gptcore.bench.tune [attention|layernorm|residual_layernorm|bias_gelu|all] [--json PATH]
+    python -m gptcore.bench.tune [attention|layernorm|residual_layernorm|bias_gelu|linear_cross_entropy|all]
+                                 [--json PATH]
 
 prints the ranking of each kernel and the chosen configs, ready to go into the architecture's table in
-gptcore/kernels/attention.py, layernorm.py, residual_layernorm.py or bias_gelu.py (with the records, as data,
+gptcore/kernels/attention.py, layernorm.py, residual_layernorm.py, bias_gelu.py or linear_cross_entropy.py (with
+the records, as data,
 in results/). Every candidate runs
 through the kernels' launch helpers, and so through their launch specs, with its config by keyword.
 
@@ -27,6 +29,7 @@ import torch
 from gptcore.bench.timing import OK, Recorder, Timer, synchronize
 from gptcore.devices import DTYPES, dtype_name
 from gptcore.kernels import attention, bias_gelu, layernorm
+from gptcore.kernels import linear_cross_entropy as head
 from gptcore.kernels import residual_layernorm as residual
 from gptcore.kernels.attention import HEAD_MAJOR, LONGEST_FIRST
 from gptcore.kernels.runtime import current_arch
@@ -37,6 +40,8 @@ LN_TUNE_SHAPES = ((16384, 384), (16384, 768))  # (rows, width): the "small" and 
 # and GPT-2 small (B12 T1024, 768 wide, MLP 3072).
 RESIDUAL_TUNE_SHAPES = ((16384, 384), (12288, 768))
 GELU_TUNE_SHAPES = ((16384, 1536), (12288, 3072))
+# The fused LM head's loss-and-gradient kernel on one chunk of GPT-2 small's training batch (rows x vocabulary).
+HEAD_TUNE_SHAPES = ((1280, 50304),)
 RESIDUAL_DROPOUT = 0.2  # the residual LayerNorm is timed as training runs it, with the presets' dropout
 
 # Candidates, each a set of fields replaced in the architecture's current config.
@@ -166,6 +171,20 @@ GELU = [
         (32, 128, 4, 8),
     )
 ]
+HEAD = [
+    dict(rows=rows, max_chunk=chunk)
+    for rows, chunk in (
+        (32, 256),
+        (16, 512),
+        (16, 256),
+        (8, 1024),
+        (8, 512),
+        (4, 1024),
+        (4, 2048),
+        (64, 128),
+        (2, 4096),
+    )  # fmt: skip
+]
 
 
 def label(changes: dict) -> str:
@@ -256,6 +275,20 @@ def layernorm_inputs(shape, dtype, device, seed=0) -> dict:
     return dict(x=x, w=w, b=b, y=y, stats=stats)
 
 
+def head_inputs(shape, dtype, device, seed=0) -> dict:
+    """One chunk of logits in `dtype` (scaled as a trained head's) and its targets. The kernel overwrites the
+    logits with their gradient, which the next call then reads: the same work on other values."""
+    m, vocab = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = (torch.randn(m, vocab, device=device, generator=gen) * 3).to(dtype)
+    targets = torch.randint(vocab, (m,), device=device, generator=gen)
+    return dict(logits=logits, targets=targets, loss=torch.empty(m, device=device))
+
+
+def head_call(part: str, tiles, x: dict):
+    return lambda: head.loss_and_grad_rows(x["logits"], x["targets"], x["loss"], -1, tiles=tiles)
+
+
 def layernorm_call(part: str, tiles, x: dict):
     if part == "fwd":
         return lambda: layernorm.layer_norm_forward(x["x"], x["w"], x["b"], eps=1e-5, tiles=tiles)
@@ -269,12 +302,14 @@ KERNELS = {  # kernel -> (its module, its inputs, one candidate's call)
     "layernorm": (layernorm, layernorm_inputs, layernorm_call),
     "residual_layernorm": (residual, residual_inputs, residual_call),
     "bias_gelu": (bias_gelu, gelu_inputs, gelu_call),
+    "linear_cross_entropy": (head, head_inputs, head_call),
 }
 TILES = {
     "attention": attention.AttnTiles,
     "layernorm": layernorm.LNTiles,
     "residual_layernorm": residual.ADLTiles,
     "bias_gelu": bias_gelu.GeluTiles,
+    "linear_cross_entropy": head.LCETiles,
 }
 
 
@@ -383,6 +418,12 @@ def tune_bias_gelu(rec: Recorder, shape=(16384, 1536), dtype=torch.bfloat16, arc
     return chosen
 
 
+def tune_linear_cross_entropy(rec: Recorder, shape=(1280, 50304), dtype=torch.bfloat16, arch: str | None = None):
+    """Records of every candidate of the fused LM head's loss-and-gradient kernel, and the fastest config."""
+    chosen, best = sweep(rec, "linear_cross_entropy", shape, dtype, [("grad", c) for c in HEAD], arch)
+    return replace(chosen, **best["grad"][1]) if "grad" in best else chosen
+
+
 def print_ranking(records: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -397,7 +438,10 @@ def print_ranking(records: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "kernel", nargs="?", default="all", choices=["all", "attention", "layernorm", "residual_layernorm", "bias_gelu"]
+        "kernel",
+        nargs="?",
+        default="all",
+        choices=["all", "attention", "layernorm", "residual_layernorm", "bias_gelu", "linear_cross_entropy"],
     )
     ap.add_argument("--json", help="write the records and the chosen configs to this file")
     args = ap.parse_args(argv)
@@ -421,6 +465,11 @@ def main(argv=None) -> int:
     if args.kernel in ("all", "bias_gelu"):
         for shape in GELU_TUNE_SHAPES:
             chosen[f"bias_gelu {shape_label('layernorm', shape)}"] = asdict(tune_bias_gelu(rec, shape))
+    if args.kernel in ("all", "linear_cross_entropy"):
+        for shape in HEAD_TUNE_SHAPES:
+            chosen[f"linear_cross_entropy {shape_label('layernorm', shape)}"] = asdict(
+                tune_linear_cross_entropy(rec, shape)
+            )
     print_ranking(rec.records)
     print("\nchosen (for the architecture's table):")
     for key, config in chosen.items():

@@ -44,8 +44,10 @@ FUSED_WIDTHS = (384, 768)
 ADL_FWD_VARIANTS = (("block", True, None, True), ("embedding", False, "float32", False))
 ADL_BWD_VARIANTS = (("block", True, None, True), ("embedding", False, "float32", True), ("final", True, None, False))
 CE_VOCABS = (65, 50304)  # the character vocabulary, and GPT-2's BPE rows
+LCE_VOCAB = 50304  # the fused LM head + cross-entropy runs on large vocabularies only: GPT-2's
 FUSED_FP16 = 384  # float16 (train.dtype float16) is checked at this width, dropout on
 ALIGNED = "16B"  # the label word of the aligned signatures
+FUSED_KERNEL_FILES = ("residual_layernorm", "bias_gelu", "cross_entropy", "linear_cross_entropy", "column_sums")
 EXAMPLE_SMS = 132  # the SM count the example launches assume (an H100 / H200): it sizes grids only
 
 
@@ -73,7 +75,7 @@ class CompileJob:
             words = [f"N={self.size}", self.variant] + ["dropout"] * self.dropout
         elif self.kernel.startswith("bias_gelu."):
             words = [f"F={self.size}"]
-        elif self.kernel.startswith("cross_entropy."):
+        elif self.kernel.startswith(("cross_entropy.", "linear_cross_entropy.")):
             words = [f"V={self.size}"]
         elif self.kernel == "column_sums":
             words = ["N=any"]
@@ -160,6 +162,9 @@ def fused_jobs(arch: str) -> list[CompileJob]:
         for v in CE_VOCABS if dt == "bfloat16" else CE_VOCABS[:1]:
             for kernel in ("cross_entropy.fwd", "cross_entropy.bwd"):
                 out += [CompileJob(kernel, arch, dt, v, aligned=a) for a in aligned_variants(v)]
+        # the fused LM head's loss-and-gradient kernel: GPT-2's vocabulary, in either half dtype
+        lce = "linear_cross_entropy.grad"
+        out += [CompileJob(lce, arch, dt, LCE_VOCAB, aligned=a) for a in aligned_variants(LCE_VOCAB)]
     out.append(CompileJob("column_sums", arch, "float32", 0))
     return out
 
@@ -177,7 +182,7 @@ def example_spec(job: CompileJob):
     from gptcore.kernels import layernorm as L
 
     dtype = getattr(torch, job.dtype)
-    if job.kernel.split(".")[0] in ("residual_layernorm", "bias_gelu", "cross_entropy", "column_sums"):
+    if job.kernel.split(".")[0] in FUSED_KERNEL_FILES:
         return fused_example_spec(job, dtype)
     if job.kernel.startswith("attention."):
         tiles = A.tiles_for(job.arch, job.size)
@@ -212,7 +217,7 @@ def fused_example_spec(job: CompileJob, dtype):
     parameters, activations in the job's dtype)."""
     import torch
 
-    from gptcore.kernels import bias_gelu, column_sums, cross_entropy
+    from gptcore.kernels import bias_gelu, column_sums, cross_entropy, linear_cross_entropy
     from gptcore.kernels import residual_layernorm as R
 
     rows = 64
@@ -226,6 +231,11 @@ def fused_example_spec(job: CompileJob, dtype):
             return bias_gelu.fwd_spec(u, bias, torch.empty_like(u), tiles=tiles)
         parts = torch.empty(1, bias_gelu.bwd_groups(rows, job.size, tiles, EXAMPLE_SMS), job.size)
         return bias_gelu.bwd_spec(u, bias, u, torch.empty_like(u), parts, tiles=tiles)
+    if job.kernel == "linear_cross_entropy.grad":
+        tiles = linear_cross_entropy.tiles_for(job.arch, job.size)
+        logits, targets = torch.empty(rows, job.size, dtype=dtype), torch.empty(rows, dtype=torch.int64)
+        loss = torch.empty(rows)
+        return linear_cross_entropy.grad_spec(logits, targets, loss, ignore_index=-1, tiles=tiles)
     if job.kernel.startswith("cross_entropy."):
         tiles = cross_entropy.tiles_for(job.arch)
         logits, targets = torch.empty(rows, job.size, dtype=dtype), torch.empty(rows, dtype=torch.int64)

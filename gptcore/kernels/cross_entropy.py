@@ -8,8 +8,8 @@ log-sum-exp and writes dlogits = (softmax - onehot(target)) * grad / count in th
 rows: no fp32 copy of the logits, no separate log-softmax, no stored probabilities. Targets must be in [0, V) or
 equal to ignore_index (as F.cross_entropy asks; a kernel cannot raise).
 
-The logits are materialised here (B*T x V): right for the character vocabulary; GPT-2's 50304-row head wants the
-fused linear + cross-entropy that never writes them (issue "GPT-2 small on cuTile end to end").
+The logits are materialised here (B*T x V): right for the character vocabulary. Large vocabularies in training
+take kernels/linear_cross_entropy.py, which never holds them whole and reuses this file's row helpers.
 """
 
 from __future__ import annotations
@@ -64,13 +64,11 @@ def _chunk(LOGITS, r, j, TILE_ROWS, TILE_V):
     return ct.where(cols < LOGITS.shape[1], logits, FLOOR), cols
 
 
-def ce_fwd_kernel_body(LOGITS, TARGETS, LOSS, LSE, ignore_index, TILE_ROWS: ConstInt, TILE_V: ConstInt):
-    """Grid (cdiv(M, TILE_ROWS),). LOGITS (M, V); TARGETS (M,) int64; LOSS, LSE (M,) fp32: lse - logit[target]
-    (0 on ignored rows) and the row's log-sum-exp."""
-    r = ct.bid(0)
+def _row_lse(LOGITS, r, t, TILE_ROWS, TILE_V):
+    """The row tile's log-sum-exp and its targets' logits, fp32 [TILE_ROWS, 1] each, in one pass over the
+    vocabulary (an online max and sum: the softmax is never held)."""
     m = ct.full((TILE_ROWS, 1), FLOOR, dtype=ct.float32)  # running max
     s = ct.zeros((TILE_ROWS, 1), dtype=ct.float32)  # running sum of exp(l - m)
-    t, valid = _targets(TARGETS, r, ignore_index, TILE_ROWS)
     hit = ct.zeros((TILE_ROWS, 1), dtype=ct.float32)  # the target's logit
     for j in range(ct.cdiv(LOGITS.shape[1], TILE_V)):
         logits, cols = _chunk(LOGITS, r, j, TILE_ROWS, TILE_V)
@@ -78,7 +76,15 @@ def ce_fwd_kernel_body(LOGITS, TARGETS, LOSS, LSE, ignore_index, TILE_ROWS: Cons
         s = s * ct.exp(m - m_new) + ct.sum(ct.exp(logits - m_new), axis=1, keepdims=True)
         m = m_new
         hit = hit + ct.sum(ct.where(cols == t, logits, 0.0), axis=1, keepdims=True)
-    lse = m + ct.log(s)
+    return m + ct.log(s), hit
+
+
+def ce_fwd_kernel_body(LOGITS, TARGETS, LOSS, LSE, ignore_index, TILE_ROWS: ConstInt, TILE_V: ConstInt):
+    """Grid (cdiv(M, TILE_ROWS),). LOGITS (M, V); TARGETS (M,) int64; LOSS, LSE (M,) fp32: lse - logit[target]
+    (0 on ignored rows) and the row's log-sum-exp."""
+    r = ct.bid(0)
+    t, valid = _targets(TARGETS, r, ignore_index, TILE_ROWS)
+    lse, hit = _row_lse(LOGITS, r, t, TILE_ROWS, TILE_V)
     ct.store(LOSS, (r,), ct.where(valid, lse - hit, 0.0).reshape((TILE_ROWS,)))
     ct.store(LSE, (r,), lse.reshape((TILE_ROWS,)))
 

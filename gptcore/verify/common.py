@@ -46,6 +46,12 @@ def cross_entropy_reference(logits, targets, ignore_index=-1):
     return F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index)
 
 
+def linear_cross_entropy_reference(h, weight, targets, ignore_index=-1, rows=None):
+    """The model's head and loss: F.linear in h's dtype (the weight cast to it, as autocast does), then
+    cross_entropy_reference; over every row at once (`rows`, the kernels' chunking, is not used)."""
+    return cross_entropy_reference(F.linear(h, weight.to(h.dtype)), targets, ignore_index)
+
+
 # ---- the candidate -----------------------------------------------------------------------------------------
 
 
@@ -54,9 +60,9 @@ class Candidate:
     """The ops under test: `layer_norm(x, weight, bias, eps)` and causal `attention(q, k, v, dropout_p, rng)` on
     (B, H, T, D) tensors, and the fused forward's ops: `residual_layer_norm(x, branch, branch_bias, weight, bias,
     p=, eps=, out_dtype=, rng=)` (x + dropout(branch + branch_bias), then LayerNorm), `bias_gelu(u, bias)` and
-    `cross_entropy(logits, targets)`; the last three default to their PyTorch references (a test double replaces
-    only what it tests). Embeddings and matmuls are PyTorch's in both models, so any difference the levels find
-    comes from these ops."""
+    `cross_entropy(logits, targets)`, and the fused LM head `linear_cross_entropy(h, weight, targets)`; the last
+    four default to their PyTorch references (a test double replaces only what it tests). Embeddings and matmuls
+    are PyTorch's in both models, so any difference the levels find comes from these ops."""
 
     name: str
     layer_norm: Callable
@@ -66,6 +72,7 @@ class Candidate:
     residual_layer_norm: Callable = residual_layer_norm_reference
     bias_gelu: Callable = bias_gelu_reference
     cross_entropy: Callable = cross_entropy_reference
+    linear_cross_entropy: Callable = linear_cross_entropy_reference
 
     def model_class(self) -> type[GPT]:
         if self.model_cls is not None:
@@ -98,6 +105,7 @@ def cutile_candidate(device: torch.device) -> Candidate:
         return Candidate("cutile", kernels.layer_norm, kernels.causal_attention, CuTileGPT, reason)
     from gptcore.kernels.bias_gelu import bias_gelu
     from gptcore.kernels.cross_entropy import cross_entropy
+    from gptcore.kernels.linear_cross_entropy import linear_cross_entropy
     from gptcore.kernels.residual_layernorm import add_dropout_layer_norm
 
     return Candidate(
@@ -109,6 +117,7 @@ def cutile_candidate(device: torch.device) -> Candidate:
         residual_layer_norm=add_dropout_layer_norm,
         bias_gelu=bias_gelu,
         cross_entropy=cross_entropy,
+        linear_cross_entropy=linear_cross_entropy,
     )
 
 

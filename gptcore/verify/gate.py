@@ -94,8 +94,9 @@ def model_jobs(config: GPTConfig, model_dtype: str, decode_dtype: str, archs: li
 def fused_model_jobs(config: GPTConfig, model_dtype: str, arch: str, dropout: bool) -> list:
     """The fused forward's kernels (gptcore/fused_forward.py) as this model runs them in model_dtype: each residual
     LayerNorm variant (with dropout too when `dropout`), bias + GELU at 4 x n_embd, cross-entropy over the
-    vocabulary, the column sums."""
+    vocabulary (and the fused LM head's kernel for a large one), the column sums."""
     from gptcore.kernels.compile import ADL_BWD_VARIANTS, ADL_FWD_VARIANTS, CompileJob, aligned_variants
+    from gptcore.kernels.linear_cross_entropy import FUSED_MIN_VOCAB
 
     if model_dtype not in ("bfloat16", "float16"):
         return []  # the fused forward runs its matmuls in half precision only
@@ -112,9 +113,13 @@ def fused_model_jobs(config: GPTConfig, model_dtype: str, arch: str, dropout: bo
                 ]
     for kernel, size in (("bias_gelu.fwd", 4 * n), ("bias_gelu.bwd", 4 * n)):
         jobs += [CompileJob(kernel, arch, model_dtype, size, aligned=a) for a in aligned_variants(size)]
+    size = config.vocab_size
     for kernel in ("cross_entropy.fwd", "cross_entropy.bwd"):
-        size = config.vocab_size
         jobs += [CompileJob(kernel, arch, model_dtype, size, aligned=a) for a in aligned_variants(size)]
+    if size >= FUSED_MIN_VOCAB:  # training fuses the LM head and its loss
+        jobs += [
+            CompileJob("linear_cross_entropy.grad", arch, model_dtype, size, aligned=a) for a in aligned_variants(size)
+        ]
     return jobs + [CompileJob("column_sums", arch, "float32", 0)]
 
 

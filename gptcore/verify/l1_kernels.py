@@ -11,7 +11,8 @@ candidate's own. Cases, per dtype of `verify.dtypes`:
   under autocast the model's LayerNorms see the fp32 residual stream.
 - the fused forward's kernels (`fused_cases`): residual add + dropout + LayerNorm (a block's at each width and
   length with every dropout p, the embeddings' and the final one's), bias + GELU, cross-entropy over the model's
-  vocabulary and GPT-2's; with dropout the reference applies the kernels' own mask.
+  vocabulary and GPT-2's, the fused LM head + cross-entropy (GPT-2's and the character vocabulary, several
+  chunks of rows); with dropout the reference applies the kernels' own mask.
 The "torch" columns are PyTorch's own op (SDPA, F.layer_norm) in the same dtype against the same
 reference: what rounding alone costs. A figure passes when it is within the dtype's tolerance, or within
 TORCH_SLACK times PyTorch's own error on the same inputs: saturated softmax inputs (scores ~1e4) make the
@@ -282,16 +283,20 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
 
 # ---- the fused forward's kernels ----------------------------------------------------------------------------
 
-FUSED_KERNELS = ("residual_layer_norm", "bias_gelu", "cross_entropy")
-SIZE_NAMES = {"residual_layer_norm": "N", "bias_gelu": "F", "cross_entropy": "V"}
+FUSED_KERNELS = ("residual_layer_norm", "bias_gelu", "cross_entropy", "linear_cross_entropy")
+SIZE_NAMES = {"residual_layer_norm": "N", "bias_gelu": "F", "cross_entropy": "V", "linear_cross_entropy": "V"}
 GPT2_VOCAB = 50304  # GPT-2's padded BPE rows: the cross-entropy's chunked vocabulary loop
+CHAR_VOCAB = 65  # the character presets' rows
+HEAD_CHUNK_ROWS = 200  # the fused LM head's cases in chunks of this many rows: several, the last one ragged
 
 
 def fused_cases(config: GPTConfig, seq_lens: list[int], widths: list[int], dropouts: list[float]):
     """(kernel, size, T, case, dropout p) of the fused forward's kernels, run in each dtype: the residual LayerNorm
     of a block at each width and length, without and with each dropout p; the embeddings' (dropout of an fp32
     sum, no residual) and the final one's (no residual gradient) at the model's width; bias + GELU at each 4 x
-    width; cross-entropy over the model's vocabulary and GPT-2's (lengths up to 257), some targets ignored."""
+    width; cross-entropy over the model's vocabulary and GPT-2's (lengths up to 257), some targets ignored; the fused
+    LM head + cross-entropy at the model's width over GPT-2's vocabulary, the character one and the model's, in
+    chunks of HEAD_CHUNK_ROWS rows (lengths up to 257)."""
     ps = [0.0] + sorted(set(dropouts) - {0.0})
     cases = []
     for n in widths:
@@ -307,6 +312,10 @@ def fused_cases(config: GPTConfig, seq_lens: list[int], widths: list[int], dropo
     for vocab in dict.fromkeys([config.vocab_size, GPT2_VOCAB]):
         lengths = seq_lens if vocab == config.vocab_size else [t for t in seq_lens if t <= 257]
         cases += [("cross_entropy", vocab, t, "targets, some ignored", 0.0) for t in lengths]
+    short = [t for t in seq_lens if t <= 257]
+    for vocab in dict.fromkeys([GPT2_VOCAB, CHAR_VOCAB, config.vocab_size]):
+        case = f"C={config.n_embd}, chunks of {HEAD_CHUNK_ROWS} rows, targets, some ignored"
+        cases += [("linear_cross_entropy", vocab, t, case, 0.0) for t in short]
     return cases
 
 
@@ -346,6 +355,16 @@ def fused_case(cand: Candidate, kernel: str, size: int, t: int, case: str, p: fl
         )
     targets = torch.randint(size, (BATCH, t), generator=gen)
     targets[:, 2::5] = -1  # ignore_index rows (none at T = 1: an all-ignored batch has a NaN mean, as in torch)
+    if kernel == "linear_cross_entropy":  # h in dtype, the head's weight fp32 (as the model trains it)
+        c = int(case.split(",")[0].removeprefix("C="))
+        inputs = {"h": randn(BATCH, t, c).to(dtype), "weight": randn(size, c, scale=0.5), "targets": targets}
+        inputs["targets"] = targets.to(inputs["h"].device)
+        return (
+            inputs,
+            lambda x: cand.linear_cross_entropy(x["h"], x["weight"], x["targets"], rows=HEAD_CHUNK_ROWS),
+            lambda x: _reference(kernel)(x["h"], x["weight"], x["targets"]),
+            ["h", "weight"],
+        )
     inputs = {"logits": randn(BATCH, t, size, scale=3.0).to(dtype), "targets": targets.to(randn(1).device)}
     return (
         inputs,
