@@ -53,6 +53,8 @@ class EagerTrainStep:
     def step(self, xs: torch.Tensor, ys: torch.Tensor, lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.mark_steps:
+            self._keep_grads()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.micro_steps):
             last = micro == self.micro_steps - 1
@@ -69,10 +71,19 @@ class EagerTrainStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.mark_steps)
         if self.distributed:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         return loss_sum
+
+    def _keep_grads(self) -> None:
+        """Gradients that exist before the first backward, zeroed (not freed) after each step. With a None
+        gradient, autograd keeps the backward's output tensor itself as .grad; under reduce-overhead that tensor
+        lives in the graphs' memory, which the next micro-step's replay overwrites (an error with gradient
+        accumulation). An existing gradient is added to in place instead."""
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
 
 TrainStep = EagerTrainStep | GraphedTrainStep

@@ -41,7 +41,7 @@ LN_TUNE_SHAPES = ((16384, 384), (16384, 768))  # (rows, width): the "small" and 
 RESIDUAL_TUNE_SHAPES = ((16384, 384), (12288, 768))
 GELU_TUNE_SHAPES = ((16384, 1536), (12288, 3072))
 # The fused LM head's loss-and-gradient kernel on one chunk of GPT-2 small's training batch (rows x vocabulary).
-HEAD_TUNE_SHAPES = ((1280, 50304),)
+HEAD_TUNE_SHAPES = ((2560, 50304),)
 RESIDUAL_DROPOUT = 0.2  # the residual LayerNorm is timed as training runs it, with the presets' dropout
 
 # Candidates, each a set of fields replaced in the architecture's current config.
@@ -172,17 +172,22 @@ GELU = [
     )
 ]
 HEAD = [
-    dict(rows=rows, max_chunk=chunk)
-    for rows, chunk in (
-        (32, 256),
-        (16, 512),
-        (16, 256),
-        (8, 1024),
-        (8, 512),
-        (4, 1024),
-        (4, 2048),
-        (64, 128),
-        (2, 4096),
+    dict(rows=rows, max_chunk=chunk, occ=occ)
+    for rows, chunk, occ in (
+        (32, 256, None),
+        (8, 1024, None),
+        (4, 2048, None),
+        (2, 4096, None),
+        (2, 4096, 2),
+        (2, 4096, 4),
+        (1, 4096, None),
+        (1, 4096, 4),
+        (1, 8192, None),
+        (1, 8192, 2),
+        (2, 8192, None),
+        (4, 4096, None),
+        (4, 4096, 2),
+        (1, 16384, None),
     )  # fmt: skip
 ]
 
@@ -418,7 +423,7 @@ def tune_bias_gelu(rec: Recorder, shape=(16384, 1536), dtype=torch.bfloat16, arc
     return chosen
 
 
-def tune_linear_cross_entropy(rec: Recorder, shape=(1280, 50304), dtype=torch.bfloat16, arch: str | None = None):
+def tune_linear_cross_entropy(rec: Recorder, shape=(2560, 50304), dtype=torch.bfloat16, arch: str | None = None):
     """Records of every candidate of the fused LM head's loss-and-gradient kernel, and the fastest config."""
     chosen, best = sweep(rec, "linear_cross_entropy", shape, dtype, [("grad", c) for c in HEAD], arch)
     return replace(chosen, **best["grad"][1]) if "grad" in best else chosen

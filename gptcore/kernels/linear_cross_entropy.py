@@ -29,9 +29,10 @@ from gptcore.kernels.layernorm import as_rows
 from gptcore.kernels.runtime import arch_of, launches_directly
 from gptcore.kernels.spec import ConstInt, LaunchSpec, cdiv, launch
 
-# A chunk's logits: GPT-2 small's training batch (B12 x T1024 x 50304 rows, 1.2 GB in bf16) in ten chunks, so
-# the peak holds one tenth of one copy where autograd would keep the logits and their gradient whole.
-LOGITS_CHUNK_BYTES = 128 * 2**20
+# A chunk's logits: GPT-2 small's training batch (B12 x T1024 x 50304 rows, 1.2 GB in bf16) in five chunks. Fewer,
+# larger chunks read and write the fp32 weight gradient fewer times (it is accumulated once per chunk); more, smaller
+# ones lower the peak.
+LOGITS_CHUNK_BYTES = 256 * 2**20
 # The model takes this path from this vocabulary on: below it the logits are no larger than the hidden states
 # and the plain head (logits, then the cross-entropy kernels) does the same matmuls with nothing to save.
 FUSED_MIN_VOCAB = 4096
@@ -42,9 +43,11 @@ LCE_DTYPES = (torch.bfloat16, torch.float16)
 class LCETiles:
     rows: int  # rows of logits per block of the loss-and-gradient kernel
     max_chunk: int  # the widest vocabulary chunk it loads (a power of two)
+    occ: int | None = None  # the kernel's occupancy hint (None: cuTile's default)
 
 
-LCE_TILES = {"sm_90": LCETiles(rows=32, max_chunk=256), "default": LCETiles(rows=32, max_chunk=256)}
+# sm_90: the sweep's fastest at GPT-2 small's chunk (results/h100/tune-lm-head.json): few rows, wide chunks.
+LCE_TILES = {"sm_90": LCETiles(rows=2, max_chunk=4096), "default": LCETiles(rows=32, max_chunk=256)}
 
 
 def tiles_for(arch: str, vocab: int | None = None) -> LCETiles:
@@ -79,14 +82,16 @@ def ce_grad_kernel_body(LOGITS, TARGETS, LOSS, ignore_index, TILE_ROWS: ConstInt
 
 
 @cache
-def grad_kernel():
-    return ct.kernel(ce_grad_kernel_body)
+def grad_kernel(occupancy: int | None = None):
+    if occupancy is None:
+        return ct.kernel(ce_grad_kernel_body)
+    return ct.kernel(ce_grad_kernel_body, occupancy=occupancy)
 
 
 def grad_spec(logits, targets, loss, *, ignore_index: int, tiles: LCETiles) -> LaunchSpec:
     args = dict(LOGITS=logits, TARGETS=targets, LOSS=loss, ignore_index=ignore_index)
     args.update(TILE_ROWS=tiles.rows, TILE_V=chunk_width(logits.shape[1], tiles))
-    return LaunchSpec(ce_grad_kernel_body, grad_kernel(), (cdiv(logits.shape[0], tiles.rows), 1, 1), args)
+    return LaunchSpec(ce_grad_kernel_body, grad_kernel(tiles.occ), (cdiv(logits.shape[0], tiles.rows), 1, 1), args)
 
 
 @cache
