@@ -59,7 +59,7 @@ run() {
 prepare() {
   [ -f "$runs/data/data/train.bin" ] && return
   mkdir -p "$runs/data" && cp "$repo/params.yaml" "$runs/data/params.yaml"
-  (cd "$runs/data" && python3 -m gptcore prepare) 2>&1 | tee "$logs/prepare.log"
+  (cd "$runs/data" && python3 -m gptcore prepare --preset "$preset") 2>&1 | tee "$logs/prepare.log"
 }
 
 for phase in "${phases[@]}"; do
@@ -92,9 +92,11 @@ for phase in "${phases[@]}"; do
       run "bench-$preset" bench --cases kernels train inference profile ;;
     parity|parity-torch|parity-cutile)
       prepare
-      [ "$phase" = parity-cutile ] || run "parity-$preset-torch" train --set train.cuda_graph=true
+      # shellcheck disable=SC2086  # PARITY_ARGS: more --set words (e.g. --set train.max_iters=600)
+      [ "$phase" = parity-cutile ] || run "parity-$preset-torch" train --set train.cuda_graph=true ${PARITY_ARGS:-}
+      # shellcheck disable=SC2086
       [ "$phase" = parity-torch ] || \
-        run "parity-$preset-cutile" train --set train.cuda_graph=true --set train.backend=cutile ;;
+        run "parity-$preset-cutile" train --set train.cuda_graph=true --set train.backend=cutile ${PARITY_ARGS:-} ;;
     verify)
       run "parity-$preset-torch" transplant
       run "parity-$preset-torch" verify ;;
