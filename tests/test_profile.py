@@ -35,6 +35,7 @@ NAMES = {
     "adl_bwd_kernel_body": "layernorm",
     "gelu_bwd_kernel_body": "gelu",
     "ce_fwd_kernel_body": "cross-entropy",
+    "ce_grad_kernel_body": "cross-entropy",  # the fused LM head's loss-and-gradient kernel
     "colsum_kernel_body": "reductions",
     "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<TensorListMetadata<2>, CopyFunctor<"
     "c10::BFloat16, float, c10::BFloat16, 1, 1, 1>>": "optimizer",  # the half weight copies, with the step

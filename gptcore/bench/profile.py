@@ -24,7 +24,7 @@ CATEGORIES: list[tuple[str, str]] = [
     ("optimizer", r"multi_tensor_apply|adam|_foreach"),  # AdamW and the gradient clipping's norms
     # our kernels, SDPA's, and SDPA's math path on a CPU; on a GPU the only softmax is the loss's
     ("attention", r"attn_(fwd|bwd)|flash|fmha|attention|safe_softmax|aten::_softmax|aten::softmax$"),
-    ("cross-entropy", r"softmax|nll_loss|cross_entropy|ce_(fwd|bwd)_kernel"),
+    ("cross-entropy", r"softmax|nll_loss|cross_entropy|ce_(fwd|bwd|grad)_kernel"),
     # the fused residual add + dropout + LayerNorm (adl_*) counts as LayerNorm: it is the LayerNorm pass
     ("layernorm", r"ln_(fwd|bwd|colsum)|layer_?norm|GammaBeta|adl_(fwd|bwd)_kernel"),
     ("matmul", r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitk|aten::(mm|addmm|bmm|matmul)$"),
