@@ -280,3 +280,27 @@ def test_the_bench_stage_flags_rows_measured_while_another_stage_ran(tmp_path):
     assert json.loads((proj / "metrics" / "bench.json").read_text())["disturbed_rows"] == len(measured)
     assert out.stdout.count("! disturbed") == len(measured)
     assert f"warning: {len(measured)} of {len(measured)} rows measured while {neighbour} ran: " in out.stderr
+
+
+def test_a_reduce_overhead_step_keeps_its_gradients_allocated_and_trains_as_eager():
+    """reduce-overhead's step (mark_steps) gives the same losses and weights as the plain eager step over micro-batches,
+    and its gradients stay allocated tensors, zeroed after each step: a None gradient would make autograd keep a
+    backward output from the graphs' memory as .grad, which the next micro-step's replay overwrites."""
+    config = GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=32)
+    x = torch.randint(40, (3, 2, 16), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for mark_steps in (False, True):
+        torch.manual_seed(0)
+        model = GPT(config)
+        optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu")
+        step = EagerTrainStep(
+            model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), dtype=torch.float32, micro_steps=3,
+            grad_clip=1.0, distributed=False, mark_steps=mark_steps,
+        )  # fmt: skip
+        losses = [step.step(x, torch.roll(x, -1, dims=2), 1e-2).item() for _ in range(2)]
+        runs.append((losses, model, [p.grad for p in model.parameters()]))
+    (plain_losses, plain_model, plain_grads), (losses, model, grads) = runs
+    assert losses == plain_losses and all(g is None for g in plain_grads)
+    assert all(g is not None and not g.any() for g in grads)
+    for p, q in zip(model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p, q)
