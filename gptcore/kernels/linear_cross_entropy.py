@@ -33,8 +33,9 @@ from gptcore.kernels.spec import ConstInt, LaunchSpec, cdiv, launch
 # larger chunks read and write the fp32 weight gradient fewer times (it is accumulated once per chunk); more, smaller
 # ones lower the peak.
 LOGITS_CHUNK_BYTES = 256 * 2**20
-# The model takes this path from this vocabulary on: below it the logits are no larger than the hidden states
-# and the plain head (logits, then the cross-entropy kernels) does the same matmuls with nothing to save.
+# The model takes this path from this vocabulary on. At GPT-2 small's step it costs the same time as the plain head
+# (logits, then the cross-entropy kernels) and holds ~1.9 GB less (results/h100/gpt2-small-step.csv, lm-head.csv);
+# a character vocabulary's logits are smaller than the hidden states, with nothing to save.
 FUSED_MIN_VOCAB = 4096
 LCE_DTYPES = (torch.bfloat16, torch.float16)
 
