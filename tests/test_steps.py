@@ -37,3 +37,12 @@ def test_the_results_rows_carry_the_machine_and_each_step_and_category():
         ("cutile", "profile total", 4.0),
     ]
     assert all(r["gpu"] == "NVIDIA H100" and r["commit"] == "abc" and set(r) <= set(steps.CSV_FIELDS) for r in rows)
+
+
+def test_results_rows_append_under_one_header(tmp_path):
+    from gptcore.bench.timing import append_csv
+
+    path = tmp_path / "rows.csv"
+    append_csv(path, ["gpu", "ms"], [{"gpu": "H100", "ms": 1.5, "extra": "left out"}])
+    append_csv(path, ["gpu", "ms"], [{"gpu": "H200", "ms": 1.25}])
+    assert path.read_text().splitlines() == ["gpu,ms", "H100,1.5", "H200,1.25"]

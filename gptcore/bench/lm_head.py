@@ -16,7 +16,6 @@ Rows (hidden states and the head's weight in bf16, leaves that take gradients; t
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gptcore.bench.timing import OK, Recorder, Skip, Timer
+from gptcore.bench.timing import OK, Recorder, Skip, Timer, append_csv
 from gptcore.kernels import cutile_unavailable
 
 IMPLEMENTATIONS = ("torch eager", "torch compile", "cutile logits", "cutile fused")
@@ -120,16 +119,13 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"records": rec.records}, indent=1, default=str), encoding="utf-8")
     if args.csv:
-        path = Path(args.csv)
-        new = not path.exists()
-        with path.open("a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            for r in rec.records:
-                if r["status"] == OK:
-                    env = {"gpu": r["device"], "ms": round(r["ms"], 4), "peak_mb": round(r["peak_mb"], 1)}
-                    writer.writerow({**r, **env, "loss": round(r["loss"], 6)})
+        rows = [
+            {**r, "gpu": r["device"], "ms": round(r["ms"], 4), "peak_mb": round(r["peak_mb"], 1)}
+            | {"loss": round(r["loss"], 6)}
+            for r in rec.records
+            if r["status"] == OK
+        ]
+        append_csv(args.csv, CSV_FIELDS, rows)
     return 0 if all(r["status"] == OK for r in rec.records) else 1
 
 

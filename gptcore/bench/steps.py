@@ -18,7 +18,6 @@ date, versions and commit, for results/.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from gptcore.bench import model as model_bench
 from gptcore.bench import profile
-from gptcore.bench.timing import OK, Recorder, Timer
+from gptcore.bench.timing import OK, Recorder, Timer, append_csv
 from gptcore.cutile_model import BACKENDS
 from gptcore.devices import dtype_name
 from gptcore.model import GPT, GPTConfig
@@ -152,13 +151,7 @@ def main(argv=None) -> int:
         out = {"model": model, "environment": rec.env, "records": rec.records, "profiles": profiles}
         Path(args.json).write_text(json.dumps(out, indent=1, default=str), encoding="utf-8")
     if args.csv:
-        path = Path(args.csv)
-        new = not path.exists()
-        with path.open("a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, CSV_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(csv_rows(model, rec.env, rec.records, profiles))
+        append_csv(args.csv, CSV_FIELDS, csv_rows(model, rec.env, rec.records, profiles))
     for r in failed:
         print(f"{r['implementation']}: {r['status']}: {r['reason']}", file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in failed) else 0

@@ -15,11 +15,13 @@ falls back to another implementation.
 
 from __future__ import annotations
 
+import csv
 import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -99,6 +101,18 @@ def host_ms(fn: Callable[[], object], device: torch.device, calls: int = 200, wa
     synchronize(device)
     ms = (time.perf_counter() - t0) * 1000 / calls
     return {"ms": ms, "ms_min": ms, "ms_max": ms, "repeats": 1, "calls_per_repeat": calls}
+
+
+def append_csv(path: str | Path, fields: list[str], rows: list[dict]) -> None:
+    """Append `rows` to the CSV at `path` (its header first when the file is new): the rows a bench writes for
+    results/. Keys outside `fields` are left out."""
+    path = Path(path)
+    new = not path.exists()
+    with path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 class Recorder:
