@@ -75,13 +75,19 @@ class HalfLinear(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+def _half_copy(module: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
+    """The module's half copy of its weight when there is one in `dtype` (half_weights.py), else None."""
+    weight_half = getattr(module, half_weights.WEIGHT, None)
+    return weight_half if weight_half is not None and weight_half.dtype == dtype else None
+
+
 def half_weight(module: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor:
     """module.weight in `dtype` without a gradient of its own: the weight itself, its half copy, or a cast."""
     weight = module.weight
     if weight.dtype == dtype:
         return weight
-    weight_half = getattr(module, half_weights.WEIGHT, None)
-    return weight_half if weight_half is not None and weight_half.dtype == dtype else weight.detach().to(dtype)
+    weight_half = _half_copy(module, dtype)
+    return weight.detach().to(dtype) if weight_half is None else weight_half
 
 
 def linear(x: torch.Tensor, module: torch.nn.Linear, dtype: torch.dtype, with_bias: bool = True) -> torch.Tensor:
@@ -90,8 +96,8 @@ def linear(x: torch.Tensor, module: torch.nn.Linear, dtype: torch.dtype, with_bi
     weight, bias = module.weight, module.bias if with_bias else None
     if weight.dtype == dtype:
         return F.linear(x, weight, bias)
-    weight_half = getattr(module, half_weights.WEIGHT, None)
-    if weight_half is None or weight_half.dtype != dtype:
+    weight_half = _half_copy(module, dtype)
+    if weight_half is None:
         return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
     bias_half = None if bias is None else getattr(module, half_weights.BIAS)
     return HalfLinear.apply(x, weight, bias, weight_half, bias_half)
