@@ -26,13 +26,14 @@ from gptcore.devices import resolve_device, resolve_dtype
 from gptcore.errors import DataError, UserError
 from gptcore.files import not_utf8
 from gptcore.params import OFF, SampleParams, updated
-from gptcore.sampling import Decoder, load_for_inference, stream_text
+from gptcore.sampling import Decoder, load_for_inference, resolve_backend, stream_text
 from gptcore.stages.sample import (
     SAMPLING_OPTIONS,
     SECTION,
     SECTIONS,
     SHARED_FLAGS,
     add_sampling_options,
+    decode_path,
     decoder_for,
     open_checkpoint,
 )
@@ -141,14 +142,16 @@ def main(argv=None) -> int:
         device = resolve_device(settings.device, "sample.device")
         dtype = resolve_dtype(settings.dtype, device)
         checkpoint, tokenizer = open_checkpoint(Path(settings.checkpoint), Path(args.data or params.data.out_dir))
-        model = load_for_inference(checkpoint, settings.backend, device, dtype)
+        backend = resolve_backend(settings.backend, device, dtype)
+        model = load_for_inference(checkpoint, backend, device, dtype)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     decoder = decoder_for(model, settings, generator)
     conversation = ""
-    print(f"gptcore chat: {settings.checkpoint} ({settings.backend} on {device}); type a speech, /help for commands")
+    path = decode_path(backend, device, dtype, decoder)
+    print(f"gptcore chat: {settings.checkpoint} ({path}); type a speech, /help for commands")
     for line in input_lines(sys.stdin, PROMPT if sys.stdin.isatty() else ""):  # piped: a clean transcript
         if isinstance(line, DataError):
             print(f"error: {line}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from gptcore import half_weights
+from gptcore.decode_forward import decode_step
 from gptcore.errors import ParamsError
 from gptcore.fused_forward import HALF_DTYPES, fused_dtype, fused_forward
 from gptcore.kernels import require_cutile
@@ -49,21 +50,28 @@ class CuTileSelfAttention(CausalSelfAttention):
 
 
 class CuTileGPT(GPT):
-    """The cuTile model. A forward without a KV cache whose matmuls run in half precision (under autocast, or
-    with half weights) takes the fused path (gptcore/fused_forward.py): a few fused kernels per sublayer, the
-    weights read from half copies that the optimizer keeps current (gptcore/half_weights.py); in training with a
-    large vocabulary it returns (None, loss), as the LM head and its loss are fused and the logits never made.
-    Decoding with a KV cache, and fp32 runs, take the module path: the reference's modules with cuTile LayerNorm
-    and attention."""
+    """The cuTile model. A forward whose matmuls run in half precision (under autocast, or with half weights)
+    takes the fused path (gptcore/fused_forward.py): a few fused kernels per sublayer, the weights read from half
+    copies that the optimizer keeps current (gptcore/half_weights.py); in training with a large vocabulary it
+    returns (None, loss), as the LM head and its loss are fused and the logits never made. With a KV cache, the
+    prompt into an empty cache takes the fused path too (filling the cache), and one token per row takes the decode
+    step (gptcore/decode_forward.py). fp32 runs, and a block of tokens continuing a cache, take the module path: the
+    reference's modules with cuTile LayerNorm and attention."""
 
     layer_norm_cls = CuTileLayerNorm
     attention_cls = CuTileSelfAttention
 
     def forward(self, idx, targets=None, kv_cache=None):
-        dtype = fused_dtype(self, idx.device.type) if kv_cache is None else None
+        dtype = fused_dtype(self, idx.device.type)
         if dtype is None:
             return super().forward(idx, targets, kv_cache)
-        return fused_forward(self, idx, targets, dtype)
+        if kv_cache is None:
+            return fused_forward(self, idx, targets, dtype)
+        if targets is None and kv_cache[0].length == 0:  # prefill: the prompt into an empty cache
+            return fused_forward(self, idx, None, dtype, kv_cache)
+        if targets is None and idx.size(1) == 1:  # a decode step
+            return decode_step(self, idx, kv_cache, dtype), None
+        return super().forward(idx, targets, kv_cache)
 
     def prepare_half_weights(self, dtype: torch.dtype) -> None:
         """Make the half copies of the weights for matmuls in `dtype` before the forward is compiled or captured

@@ -103,11 +103,12 @@ def linear(x: torch.Tensor, module: torch.nn.Linear, dtype: torch.dtype, with_bi
     return HalfLinear.apply(x, weight, bias, weight_half, bias_half)
 
 
-def fused_forward(model, idx: torch.Tensor, targets: torch.Tensor | None, dtype: torch.dtype):
-    """The reference GPT.forward (no KV cache) on the fused kernels, its matmuls in `dtype`: (logits, loss) with
-    targets, else (the last position's logits, None). With gradients and a vocabulary of FUSED_MIN_VOCAB or more,
-    (None, loss): the head and the loss are fused and the logits never made."""
-    from gptcore.kernels.attention import causal_attention_qkv
+def fused_forward(model, idx: torch.Tensor, targets: torch.Tensor | None, dtype: torch.dtype, kv_cache=None):
+    """The reference GPT.forward on the fused kernels, its matmuls in `dtype`: (logits, loss) with targets, else
+    (the last position's logits, None). With gradients and a vocabulary of FUSED_MIN_VOCAB or more, (None, loss):
+    the head and the loss are fused and the logits never made. With an empty `kv_cache` (prefill), the keys and
+    values of every position are copied into it."""
+    from gptcore.kernels.attention import causal_attention_qkv, split_heads
     from gptcore.kernels.bias_gelu import bias_gelu
     from gptcore.kernels.cross_entropy import cross_entropy
     from gptcore.kernels.linear_cross_entropy import FUSED_MIN_VOCAB, linear_cross_entropy
@@ -115,6 +116,8 @@ def fused_forward(model, idx: torch.Tensor, targets: torch.Tensor | None, dtype:
 
     config = model.config
     t = idx.size(1)
+    if kv_cache is not None and kv_cache[0].length != 0:
+        raise ValueError(f"the fused forward fills an empty KV cache; this one holds {kv_cache[0].length} positions")
     if t > config.block_size:
         raise ValueError(f"sequence of length {t} is longer than block_size {config.block_size}")
     p = config.dropout if model.training else 0.0
@@ -133,9 +136,13 @@ def fused_forward(model, idx: torch.Tensor, targets: torch.Tensor | None, dtype:
     with torch.autocast(idx.device.type, enabled=False) if autocast_off else contextlib.nullcontext():
         emb = F.embedding(idx, tr.wte.weight) + tr.wpe.weight[:t]
         x, h = add_norm(None, emb, None, blocks[0].ln_1)
-        for block, next_norm in zip(blocks, norms):
+        for i, (block, next_norm) in enumerate(zip(blocks, norms)):
             attn, mlp = block.attn, block.mlp
-            y = causal_attention_qkv(linear(h, attn.c_attn, dtype), config.n_head, p)
+            qkv = linear(h, attn.c_attn, dtype)
+            if kv_cache is not None:
+                _, k, v = split_heads(qkv, config.n_head)
+                kv_cache[i].append(k, v)
+            y = causal_attention_qkv(qkv, config.n_head, p)
             x, h = add_norm(x, linear(y, attn.c_proj, dtype, False), attn.c_proj.bias, block.ln_2)
             g = bias_gelu(linear(h, mlp.c_fc, dtype, False), mlp.c_fc.bias)
             x, h = add_norm(x, linear(g, mlp.c_proj, dtype, False), mlp.c_proj.bias, next_norm)

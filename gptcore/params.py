@@ -246,13 +246,16 @@ class BenchParams(Section):
     # The torch.compile train-step row. auto: on CUDA only (compiling takes minutes on a 2-core CPU).
     compile: Literal["auto"] | bool = "auto"
     decode_batch_sizes: list[int] = [1, 16]
-    prompt_tokens: int = Field(1, ge=1)  # decoding runs from this many tokens to the end of the block
+    prompt_tokens: int = Field(1, ge=1)  # decoding runs from this many tokens
+    decode_tokens: int | None = Field(None, ge=1)  # this many new tokens; null: to the end of the block
+    tokens_per_graph: int = Field(8, ge=1)  # decode steps per CUDA graph in the graph rows (as the sample stage)
     # Uncached regeneration costs a full forward per token: timed on this many tokens mid-run, per token.
     uncached_tokens: int = Field(32, ge=1)
     cuda_graph: bool = True  # the KV-cache decode step replayed as a CUDA graph (CUDA only)
     warmup: int = Field(2, ge=1)  # untimed calls first: compilation, autotuning, allocator
     repeats: int = Field(5, ge=1)  # timed repeats: the median and the spread over these are reported
     min_repeat_ms: float = Field(10.0, ge=0.0)  # a repeat loops a short call until it lasts this long
+    row_seconds: float | None = Field(2.0, gt=0.0)  # a row stops repeating once this is spent (null: no budget)
 
     @model_validator(mode="after")
     def positive_batches(self) -> BenchParams:
@@ -275,10 +278,11 @@ class SampleParams(Section):
     top_k: int | None = 200  # null (off): no top-k cut
     top_p: float | None = Field(None, gt=0.0, le=1.0)  # null (off): no nucleus cut
     seed: int = 1337
-    backend: Literal["torch", "cutile"] = "torch"
+    backend: Literal["auto", "torch", "cutile"] = "auto"  # auto: cutile where its kernels run, else torch
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the model is cast to it
-    cuda_graph: bool = True  # replay each decode step as a CUDA graph (CUDA only)
+    cuda_graph: bool = True  # replay the decode steps as CUDA graphs (CUDA only)
+    tokens_per_graph: int = Field(8, ge=1)  # decode steps per CUDA graph: a stream shows its tokens this many at a time
 
     @field_validator("prompt")
     @classmethod

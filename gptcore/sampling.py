@@ -17,9 +17,11 @@ computing. A step at a given window position always has the same shapes (the cac
 preallocated buffers; the step reads and writes fixed slices of them), so the first time a position is
 reached its step runs eagerly (which also compiles kernels and picks algorithms) and is then captured as
 a CUDA graph; later generations replay it: one launch per token. The step includes the sampling and the
-write of the new token into the window, so a replay needs nothing from the host. If capture fails (for
-example a kernel launcher that the CUDA runtime refuses to record), decoding goes on eagerly and
-`Decoder.graph_error` says why.
+write of the new token into the window, so a replay needs nothing from the host. With `tokens_per_graph` N > 1
+a graph holds N consecutive steps (positions n .. n + N - 1, with n a multiple of N so that prompts of any
+length share them): one replay per N tokens, and the host's time per token goes to ~0; a stream then shows
+its tokens N at a time. If capture fails (for example a kernel launcher that the CUDA runtime refuses to
+record), decoding goes on eagerly and `Decoder.graph_error` says why.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from gptcore.model import GPT
 __all__ = [
     "BackendUnavailable",
     "Decoder",
+    "decoding_mode",
+    "resolve_backend",
     "filtered_probs",
     "generate_many",
     "load_for_inference",
@@ -46,6 +50,21 @@ __all__ = [
 ]
 
 Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per row
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend a sample param names; "auto" is cutile where its kernels run (a CUDA GPU, a half dtype: its
+    decode step is the faster one there, results/ has the figures), else torch."""
+    if backend != "auto":
+        return backend
+    return "torch" if cutile_unavailable(device) or attention_dtype_unsupported(dtype) else "cutile"
+
+
+def decoding_mode(decoder: Decoder) -> str:
+    """How `decoder` runs its steps, in words: CUDA graphs of N tokens, or eagerly (and why, when graphs failed)."""
+    if decoder.use_graph:
+        return f"CUDA graphs of {decoder.tokens_per_graph} tokens" if decoder.cache is not None else "CUDA graphs"
+    return "eager" + (f" ({decoder.graph_error})" if decoder.graph_error and decoder.device.type == "cuda" else "")
 
 
 def load_for_inference(checkpoint: dict, backend: str, device: torch.device, dtype: torch.dtype) -> GPT:
@@ -69,7 +88,7 @@ def filtered_probs(
     """The sampling distribution of (B, V) logits at temperature > 0, after top-k and top-p filtering.
     Slices, not index lists, so nothing is copied from the host and a CUDA graph can capture it."""
     logits = logits.float() / temperature
-    if top_k is not None:
+    if top_k is not None and top_k < logits.size(-1):  # a cut at k >= V keeps every logit
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, -1:], -float("inf"))
     if top_p is not None and top_p < 1.0:
@@ -127,7 +146,11 @@ class Decoder:
         generator: Generators = None,
         cuda_graph: bool = False,
         kv_cache: bool = True,
+        tokens_per_graph: int = 1,
     ):
+        if not isinstance(tokens_per_graph, int) or tokens_per_graph < 1:
+            raise ValueError(f"tokens_per_graph must be a positive integer, got {tokens_per_graph!r}")
+        self.tokens_per_graph = tokens_per_graph
         self.model = model
         self.batch = batch
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
@@ -145,7 +168,7 @@ class Decoder:
         if cuda_graph and self.device.type != "cuda":
             self.use_graph = False
             self.graph_error = f"CUDA graphs need a CUDA device, the model is on {self.device}"
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}  # (start, n, steps): a graph
         self._pool = None
         self._stream = torch.cuda.Stream(self.device) if self.use_graph else None
 
@@ -167,33 +190,49 @@ class Decoder:
         else:  # the window is full: slide it by one, as the reference's crop does
             self.window.copy_(torch.cat((self.window[:, 1:], nxt), dim=1))
 
-    def _capture(self, start: int, n: int) -> None:
-        """Record the step (start, n) as a CUDA graph. Capturing runs nothing, so no state changes."""
+    def _steps(self, start: int, n: int, steps: int) -> None:
+        """The step (start, n), then steps - 1 single-token steps after it (n + steps <= block_size: no slide)."""
+        self._step(start, n)
+        for i in range(1, steps):
+            self._step(n + i - 1, n + i)
+
+    def _capture(self, start: int, n: int, steps: int) -> None:
+        """Record the steps as a CUDA graph. Capturing runs nothing, so no state changes."""
         # A generator the graph does not know about cannot be used inside it; registered, every replay
         # draws fresh numbers from it exactly as an eager step would.
-        graph = capture(lambda: self._step(start, n), self._stream, pool=self._pool, generators=self.generators())
+        graph = capture(
+            lambda: self._steps(start, n, steps), self._stream, pool=self._pool, generators=self.generators()
+        )
         if self._pool is None:
             self._pool = graph.pool()  # every step shares one memory pool: they never run concurrently
-        self.graphs[(start, n)] = graph
+        self.graphs[(start, n, steps)] = graph
 
-    def _run(self, start: int, n: int) -> None:
-        graph = self.graphs.get((start, n))
+    def _run(self, start: int, n: int, steps: int) -> None:
+        graph = self.graphs.get((start, n, steps))
         if graph is not None:
             graph.replay()
             return
         if not self.use_graph:
-            self._step(start, n)
+            self._steps(start, n, steps)
             return
-        # First time at this step: run it eagerly on the capture stream (the warm-up capturing needs:
-        # kernels compiled, cuBLAS / cuDNN / SDPA set up for that stream), then record it for next time.
+        # First time at these steps: run them eagerly on the capture stream (the warm-up capturing needs:
+        # kernels compiled, cuBLAS / cuDNN / SDPA set up for that stream), then record them for next time.
         with on_stream(self._stream):
-            self._step(start, n)
+            self._steps(start, n, steps)
         try:
-            self._capture(start, n)
+            self._capture(start, n, steps)
         except Exception as e:  # noqa: BLE001 - any failure to capture is reported, decoding goes on
             self.use_graph = False
             self.graph_error = f"CUDA graph capture failed at step ({start}, {n}): {type(e).__name__}: {e}"
             self.graphs.clear()
+
+    def _chunk(self, remaining: int) -> int:
+        """How many steps the next run takes: 1, or with the cache past the prompt, up to the next multiple of
+        tokens_per_graph (so graphs are shared by every prompt length), within the block and the tokens asked."""
+        if self.cache is None or self.cached == 0 or self.tokens_per_graph == 1 or self.n >= self.block:
+            return 1
+        to_boundary = self.tokens_per_graph - self.n % self.tokens_per_graph
+        return max(1, min(to_boundary, remaining, self.block - self.n))
 
     # ---- generation -------------------------------------------------------------------------------------
     def stream(self, idx: torch.Tensor, max_new_tokens: int) -> Iterator[torch.Tensor]:
@@ -207,15 +246,19 @@ class Decoder:
         self.n = context.size(1)
         self.cached = 0
         self.window[:, : self.n].copy_(context)
-        for _ in range(max_new_tokens):
-            with torch.no_grad():  # around the step only: the caller's code between tokens keeps its grad mode
-                self._run(self.cached, self.n)
-            if self.n < self.block:  # the token went to window[:, n]; everything before it is cached
-                self.cached = self.n if self.cache is not None else 0
-                self.n += 1
-            else:  # the window slid: the cached keys are at the wrong positions now
-                self.cached = 0
-            yield self.window[:, self.n - 1 : self.n].clone()
+        produced = 0
+        while produced < max_new_tokens:
+            steps = self._chunk(max_new_tokens - produced)
+            with torch.no_grad():  # around the steps only: the caller's code between tokens keeps its grad mode
+                self._run(self.cached, self.n, steps)
+            for _ in range(steps):
+                if self.n < self.block:  # the token went to window[:, n]; everything before it is cached
+                    self.cached = self.n if self.cache is not None else 0
+                    self.n += 1
+                else:  # the window slid: the cached keys are at the wrong positions now
+                    self.cached = 0
+                yield self.window[:, self.n - 1 : self.n].clone()
+            produced += steps
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """`idx` (batch, T) followed by `max_new_tokens` sampled tokens (nanoGPT's `generate`)."""

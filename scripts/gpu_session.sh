@@ -8,6 +8,12 @@
 #   fused    the fused forward's GPU tests and the custom operators' (tests/test_fused_gpu.py, test_ops_gpu.py)
 #   steps    the training step per backend and mode, and each backend's profile (python -m gptcore.bench.steps):
 #            PRESET's dims, vocabulary and micro-batches per step; STEPS_ARGS adds arguments (e.g. --modes graph)
+#   decode   prefill and decoding per backend, batch size and mode on both GPU presets' dims, random weights
+#            (python -m gptcore.bench.decode); DECODE_ARGS adds arguments (e.g. --tokens-per-graph 1 8)
+#   decode-tests  the decode step's GPU tests (tests/test_decode_gpu.py)
+#   l4       PRESET trained briefly (1500 iterations, one CUDA graph a step), then verified without the compile gate
+#            and with L1 cut to one dtype and length: L4 decodes the cuTile model through its KV cache (the decode
+#            step) against the reference, 5 prompts x the preset's verify.decode_tokens
 #   lm_head  the LM head + cross-entropy per implementation at GPT-2 small's batch (python -m gptcore.bench.lm_head)
 #   tune     the tile sweeps of TUNE_KERNEL (default all; python -m gptcore.bench.tune)
 #   kernels  the kernel tables: eager, graph replay, host time (python -m gptcore.bench.kernels)
@@ -80,6 +86,18 @@ for phase in "${phases[@]}"; do
       # shellcheck disable=SC2086  # STEPS_ARGS: words to split
       python3 -m gptcore.bench.steps --preset "$preset" --profile ${STEPS_ARGS:-} \
         --json "$logs/steps-$preset.json" --csv "$logs/steps.csv" 2>&1 | tee "$logs/steps-$preset.log" ;;
+    decode)
+      # shellcheck disable=SC2086  # DECODE_ARGS: words to split
+      python3 -m gptcore.bench.decode --preset shakespeare_char gpt2_small ${DECODE_ARGS:-} \
+        --json "$logs/decode.json" --csv "$logs/decode.csv" 2>&1 | tee "$logs/decode.log" ;;
+    decode-tests)
+      python3 -m pytest -q -p no:cacheprovider tests/test_decode_gpu.py 2>&1 | tee "$logs/decode-tests.log" ;;
+    l4)
+      prepare
+      run "l4-$preset" train --set train.max_iters=1500 --set train.eval_interval=500 --set train.eval_iters=20 \
+        --set train.cuda_graph=true
+      run "l4-$preset" verify --checkpoint out/ckpt.pt --out verify-l4 --set "verify.compile_archs=[]" \
+        --set "verify.dtypes=[bfloat16]" --set "verify.seq_lens=[13]" --set "verify.dropouts=[0.0]" ;;
     lm_head)
       python3 -m gptcore.bench.lm_head --json "$logs/lm-head.json" --csv "$logs/lm-head.csv" 2>&1 \
         | tee "$logs/lm-head.log" ;;

@@ -17,12 +17,19 @@ import torch.nn.functional as F
 from gptcore.kernels import attention as A
 from gptcore.kernels import bias_gelu as G
 from gptcore.kernels import cross_entropy as CE
+from gptcore.kernels import decode_attention as DA
+from gptcore.kernels import decode_linear as DL
 from gptcore.kernels import layernorm as L
 from gptcore.kernels import linear_cross_entropy as LCE
 from gptcore.kernels import residual_layernorm as R
 from gptcore.kernels.dropout import dropout_keep_mask, rows_keep_mask
 from gptcore.model import causal_attention_reference, causal_scores
-from gptcore.verify.common import bias_gelu_reference, residual_layer_norm_reference
+from gptcore.verify.common import (
+    bias_gelu_reference,
+    decode_attention_reference,
+    decode_linear_reference,
+    residual_layer_norm_reference,
+)
 
 
 def attention_forward(q, k, v, rng, scale, dropout_p):
@@ -171,6 +178,14 @@ def register() -> None:
         # the op's own host code (chunks, matmuls, fp32 gradients) around the stand-in of its kernel
         return LCE._forward(h, weight_half, targets, ignore_index, rows, grad_rows=loss_and_grad_rows)
 
+    @DL.decode_linear_op.register_kernel("cpu")
+    def _(x, weight, bias, ln_weight, ln_bias, residual, eps, gelu):
+        return decode_linear_reference(x, weight, bias, ln_weight, ln_bias, residual, eps, gelu)
+
+    @DA.decode_attention_op.register_kernel("cpu")
+    def _(qkv, k_cache, v_cache, pos, n_head):
+        return decode_attention_reference(qkv, k_cache, v_cache, pos, n_head)
+
 
 def allow_cpu(monkeypatch) -> None:
     """The wrappers refuse CPU tensors (the kernels need a GPU); with `register()`'s kernels they may take them."""
@@ -180,3 +195,15 @@ def allow_cpu(monkeypatch) -> None:
     monkeypatch.setattr(G, "_check", lambda u, bias: None)
     monkeypatch.setattr(CE, "_check", lambda logits, targets: None)
     monkeypatch.setattr(LCE, "_check", lambda *args: None)
+    real_linear_check, real_attention_check = DL._check, DA._check
+    monkeypatch.setattr(DL, "_check", lambda *args: _on_cpu(real_linear_check, *args))
+    monkeypatch.setattr(DA, "_check", lambda *args: _on_cpu(real_attention_check, *args))
+
+
+def _on_cpu(check, *args) -> None:
+    """A wrapper's argument checks, less its refusal of CPU tensors."""
+    try:
+        check(*args)
+    except RuntimeError as e:
+        if "needs CUDA tensors" not in str(e):
+            raise

@@ -55,6 +55,9 @@ def test_compile_gate_sm90_sm100():
         "cross_entropy.bwd",
         "linear_cross_entropy.grad",
         "column_sums",
+        "decode_linear",
+        "decode_attention",
+        "decode_attention.combine",
     }
     # sm_90's forward takes another block order from Tq = 2048 on: that variant is compiled too.
     assert any(job.arch == "sm_90" and job.label == "bfloat16 D=64 long" for job in expected)

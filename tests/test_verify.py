@@ -83,6 +83,10 @@ def test_clean_double_passes_every_level(trained):
     # 2 shapes x (4 lengths + 2 extremes), and dropout 0.1 and 0.2 at the model's shape x 4 lengths
     assert l1["attention.cases"] == 2 * 6 + 2 * 4 and l1["layer_norm.failed"] == 0
     assert l1["attention.fwd_err_max"] < 1e-2 and l1["layer_norm.grad_err_max"] < 5e-2
+    # the decode step's kernels: 5 linear chains + GPT-2's head at 1 and 64 rows; attention at 3 positions x 2
+    # batches in the model's cache and GPT-2's
+    assert l1["decode_linear.cases"] == 12 and l1["decode_attention.cases"] == 12
+    assert l1["decode_linear.failed"] == l1["decode_attention.failed"] == 0
     assert levels["L2"].figures["stack_max_err"] < 1e-4
     assert levels["L3"].figures["top1_agreement"] == 1.0 and levels["L3"].figures["kl_mean"] < 1e-6
     assert levels["L4"].figures == {
@@ -328,15 +332,22 @@ def test_verify_stage_on_any_checkpoint_writes_its_report_where_told(trained, tm
 
 class ScriptedLM(torch.nn.Module):
     """A stand-in language model over 4 tokens whose next-token logits depend only on the context length:
-    `script[t]` is the logit row after t tokens. Enough for L4's lockstep decoding and arbitration."""
+    `script[t]` is the logit row after t tokens, with or without a KV cache (which only counts positions). Enough
+    for L4's lockstep decoding and arbitration."""
 
     def __init__(self, script):
         super().__init__()
         self.config = type("Config", (), {"block_size": 64})()
         self.script = torch.tensor(script, dtype=torch.float32)
 
-    def forward(self, idx):
-        rows = self.script[idx.size(1) - 1].expand(idx.size(0), idx.size(1), -1)
+    def new_kv_cache(self, batch):
+        return [type("Cache", (), {"length": 0})()]
+
+    def forward(self, idx, kv_cache=None):
+        length = idx.size(1) + (kv_cache[0].length if kv_cache else 0)
+        if kv_cache:
+            kv_cache[0].length = length
+        rows = self.script[length - 1].expand(idx.size(0), idx.size(1), -1)
         return rows, None
 
 

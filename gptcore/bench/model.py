@@ -181,14 +181,16 @@ def inference_rows(
     prompt_tokens: int,
     cuda_graph: bool,
     uncached_tokens: int = 32,
+    decode_tokens: int | None = None,
+    tokens_per_graph: int = 1,
 ) -> None:
-    """Prefill ms for a full block, and decode tokens/s from `prompt_tokens` tokens to the end of the block:
-    with the KV cache (eager; replayed as CUDA graphs) and uncached (on `uncached_tokens` of them), per
-    backend and batch size."""
+    """Prefill ms for a full block, and decode tokens/s from `prompt_tokens` tokens on, `decode_tokens` of them
+    (None: to the end of the block): with the KV cache (eager; replayed as CUDA graphs of `tokens_per_graph`
+    steps) and uncached (on `uncached_tokens` of them), per backend and batch size."""
     device = rec.device
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
     block = config.block_size
-    new_tokens = block - prompt_tokens
+    new_tokens = block - prompt_tokens if decode_tokens is None else min(decode_tokens, block - prompt_tokens)
     for backend in ["torch", "cutile"]:
         if backend not in backends:
             continue
@@ -228,8 +230,9 @@ def inference_rows(
             )
 
             decode_rows(
-                rec, model, load_error, backend, batch, prompt_tokens, new_tokens, dtype, cuda_graph, uncached_tokens
-            )
+                rec, model, load_error, backend, batch, prompt_tokens, new_tokens, dtype, cuda_graph, uncached_tokens,
+                tokens_per_graph,
+            )  # fmt: skip
 
 
 def decode_rows(
@@ -243,10 +246,11 @@ def decode_rows(
     dtype: torch.dtype,
     cuda_graph: bool,
     uncached_tokens: int,
+    tokens_per_graph: int = 1,
 ) -> None:
-    """Decoding from `prompt_tokens` to the end of the block with the KV cache (eager; replayed as CUDA
-    graphs), and uncached regeneration timed on `uncached_tokens` tokens from the middle of that run: its
-    cost per token grows with the context, and the middle tokens cost the run's average. Each row reports
+    """Decoding `new_tokens` after `prompt_tokens` with the KV cache (eager; replayed as CUDA graphs of
+    `tokens_per_graph` steps), and uncached regeneration timed on `uncached_tokens` tokens from the middle of
+    that run: its cost per token grows with the context, and the middle tokens cost the run's average. Each row reports
     ms per token; the uncached row continues the eager row's tokens with its generator's state, so the
     two can be checked to sample the same tokens."""
     device = rec.device
@@ -280,7 +284,8 @@ def decode_rows(
             if graph and not cuda_graph:
                 raise Skip("off by bench.cuda_graph: false")
             idx = prompt(prompt_tokens)
-            decoder = Decoder(model, batch, generator=generator(), cuda_graph=graph, **SAMPLING)
+            steps = tokens_per_graph if graph else 1
+            decoder = Decoder(model, batch, generator=generator(), cuda_graph=graph, tokens_per_graph=steps, **SAMPLING)
             # First run: eager steps (each captured as a graph after it); the eager one also keeps the
             # generator's state where the uncached row starts.
             tokens, drawn = [idx], start - prompt_tokens  # tokens drawn before the uncached row's start
@@ -343,6 +348,7 @@ def decode_rows(
             backend=backend,
             variant=variant,
             batch=batch,
+            tokens_per_graph=tokens_per_graph if variant == "kv_cache+cuda_graph" else 1,
         )
     base = records["uncached"]
     for variant in ("kv_cache", "kv_cache+cuda_graph"):
@@ -362,6 +368,8 @@ HEADLINE = (
     ("cutile_step_ms", "train_step", "cutile", None, "ms"),
     ("torch_decode_ms", "decode", "torch kv_cache", 1, "ms_per_token"),
     ("cutile_decode_ms", "decode", "cutile kv_cache", 1, "ms_per_token"),
+    ("torch_decode_graph_ms", "decode", "torch kv_cache+cuda_graph", 1, "ms_per_token"),
+    ("cutile_decode_graph_ms", "decode", "cutile kv_cache+cuda_graph", 1, "ms_per_token"),
 )
 
 

@@ -4,7 +4,9 @@ tile sweeps (gptcore.bench.tune).
 A figure is the median over `repeats` timed repeats after `warmup` untimed calls (compilation, autotuning
 and the allocator settle there), with the spread (min, max) beside it. On a GPU a repeat is timed with
 CUDA events on the stream; on a CPU with perf_counter. A call much shorter than `min_repeat_ms` is looped
-inside a repeat, so the timer's own resolution does not dominate a 30 us kernel. `Timer.graph` times
+inside a repeat, so the timer's own resolution does not dominate a 30 us kernel. With `row_seconds`, a row
+stops early when its warm-up and repeats have taken that long (at least one of each): a slow row (an eager
+decode of a whole block) costs seconds, not minutes, and the record says how many repeats it got. `Timer.graph` times
 replays of the call captured as a CUDA graph: GPU time, without the host's launch cost.
 
 A record is a dict: case, implementation, shape, dtype, status (`ok` | `skipped` | `failed`), the reason
@@ -50,8 +52,9 @@ def require_cuda_graphs(device: torch.device) -> None:
 class Timer:
     device: torch.device
     warmup: int = 2
-    repeats: int = 5
+    repeats: int = 5  # at most, with row_seconds
     min_repeat_ms: float = 10.0
+    row_seconds: float | None = None  # a row's time budget: warm-up and repeats stop once it is spent
 
     def _once(self, fn: Callable[[], object], calls: int) -> float:
         """Milliseconds per call over `calls` back-to-back calls."""
@@ -70,15 +73,24 @@ class Timer:
 
     def __call__(self, fn: Callable[[], object]) -> dict:
         synchronize(self.device)
+        t0 = time.perf_counter()
+
+        def spent(fraction: float) -> bool:
+            return self.row_seconds is not None and time.perf_counter() - t0 >= fraction * self.row_seconds
+
         for _ in range(self.warmup):
             estimate = self._once(fn, 1)
+            if spent(0.5):  # at most half of the budget warms up
+                break
         calls = max(1, math.ceil(self.min_repeat_ms / max(estimate, 1e-3)))
-        times = [self._once(fn, calls) for _ in range(self.repeats)]
+        times = []
+        while len(times) < self.repeats and not (times and spent(1.0)):
+            times.append(self._once(fn, calls))
         return {
             "ms": statistics.median(times),
             "ms_min": min(times),
             "ms_max": max(times),
-            "repeats": self.repeats,
+            "repeats": len(times),
             "calls_per_repeat": calls,
         }
 

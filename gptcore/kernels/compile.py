@@ -48,6 +48,12 @@ LCE_VOCAB = 50304  # the fused LM head + cross-entropy runs on large vocabularie
 FUSED_FP16 = 384  # float16 (train.dtype float16) is checked at this width, dropout on
 ALIGNED = "16B"  # the label word of the aligned signatures
 FUSED_KERNEL_FILES = ("residual_layernorm", "bias_gelu", "cross_entropy", "linear_cross_entropy", "column_sums")
+# The decode step's kernels (gptcore/decode_forward.py): each sublayer's linear chain at the presets' widths, with
+# the LM head over the character vocabulary (384) and GPT-2's (768), at one row (TILE_M 16) and 64 (TILE_M 64), bf16
+# in a cast model; float16 with the fp32 residual stream of autocast (verify's L4) at one width and row count.
+DECODE_LINEAR_VARIANTS = ("qkv", "proj", "fc", "mproj", "head")
+DECODE_HEAD_VOCAB = {384: 65, 768: 50304}
+DECODE_ROWS = (1, 64)
 EXAMPLE_SMS = 132  # the SM count the example launches assume (an H100 / H200): it sizes grids only
 
 
@@ -63,7 +69,8 @@ class CompileJob:
     long: bool = False  # attention forward: a sequence long enough for the long-sequence block order
     affine: bool = True  # LayerNorm: with weight and bias (False: neither)
     aligned: bool = False  # shapes and strides multiples of 16 bytes, as training-shaped tensors are (see _array)
-    variant: str = ""  # residual LayerNorm: "block", "embedding" or "final" (see ADL_FWD_VARIANTS)
+    variant: str = ""  # residual LayerNorm: "block", "embedding" or "final" (see ADL_FWD_VARIANTS); decode_linear's
+    rows: int = 0  # decode kernels: the batch's rows
 
     @property
     def label(self) -> str:
@@ -77,6 +84,10 @@ class CompileJob:
             words = [f"F={self.size}"]
         elif self.kernel.startswith(("cross_entropy.", "linear_cross_entropy.")):
             words = [f"V={self.size}"]
+        elif self.kernel == "decode_linear":
+            words = [self.variant, f"C={self.size}", f"M={self.rows}"]
+        elif self.kernel.startswith("decode_attention"):
+            words = [f"D={self.size}", f"M={self.rows}", self.variant]
         elif self.kernel == "column_sums":
             words = ["N=any"]
         else:
@@ -138,6 +149,21 @@ def jobs(archs, full: bool = False) -> list[CompileJob]:
         for kernel in ("layernorm.fwd", "layernorm.bwd"):
             out.append(CompileJob(kernel, arch, "bfloat16", 384, affine=False))
         out += fused_jobs(arch)
+        out += decode_jobs(arch)
+    return out
+
+
+def decode_jobs(arch: str) -> list[CompileJob]:
+    """The decode step's kernels: every linear chain at each width and row count, attention with one split and
+    with several (and their combine); float16 (autocast) at one width."""
+    out = []
+    for dt, widths, rows_list in (("bfloat16", FUSED_WIDTHS, DECODE_ROWS), ("float16", (FUSED_FP16,), (1,))):
+        for n in widths:
+            for rows in rows_list:
+                out += [CompileJob("decode_linear", arch, dt, n, variant=v, rows=rows) for v in DECODE_LINEAR_VARIANTS]
+        out.append(CompileJob("decode_attention", arch, dt, 64, variant="one split", rows=1))
+    out.append(CompileJob("decode_attention", arch, "bfloat16", 64, variant="splits", rows=1))
+    out.append(CompileJob("decode_attention.combine", arch, "bfloat16", 64, variant="splits", rows=1))
     return out
 
 
@@ -184,6 +210,8 @@ def example_spec(job: CompileJob):
     dtype = getattr(torch, job.dtype)
     if job.kernel.split(".")[0] in FUSED_KERNEL_FILES:
         return fused_example_spec(job, dtype)
+    if job.kernel.startswith("decode_"):
+        return decode_example_spec(job, dtype)
     if job.kernel.startswith("attention."):
         tiles = A.tiles_for(job.arch, job.size)
         b, h, d = 1, 2, job.size
@@ -260,6 +288,43 @@ def fused_example_spec(job: CompileJob, dtype):
     dx_out = torch.empty_like(x_out) if third else None  # third: the residual's gradient
     dx = torch.empty_like(x_out) if has_x else None
     return R.bwd_spec(x_out, params, stats, rng, y, dx_out, dx, branch, parts, p=p, tiles=tiles)
+
+
+def decode_example_spec(job: CompileJob, dtype):
+    """The decode kernels' example launches: `job.rows` rows of width job.size; the residual stream and LayerNorm
+    parameters in fp32 under float16 (autocast), in the half dtype otherwise (a cast model)."""
+    import torch
+
+    from gptcore.kernels import decode_attention, decode_linear
+
+    rows, c = job.rows, job.size
+    stream = torch.float32 if dtype == torch.float16 else dtype
+    if job.kernel == "decode_linear":
+        k, n = {"qkv": (c, 3 * c), "proj": (c, c), "fc": (c, 4 * c), "mproj": (4 * c, c)}.get(
+            job.variant, (c, DECODE_HEAD_VOCAB[c])
+        )
+        x = torch.empty(rows, k, dtype=stream if job.variant in ("qkv", "fc", "head") else dtype)
+        weight, bias, ln = torch.empty(n, k, dtype=dtype), torch.empty(n, dtype=stream), torch.empty(k, dtype=stream)
+        residual = torch.empty(rows, n, dtype=stream) if job.variant in ("proj", "mproj") else None
+        has_ln = job.variant in ("qkv", "fc", "head")
+        tiles = decode_linear.tiles_for(job.arch)
+        return decode_linear.spec(
+            x, weight, None if job.variant == "head" else bias, ln if has_ln else None, ln if has_ln else None,
+            residual, decode_linear.output(x, weight, residual), eps=1e-5, gelu=job.variant == "fc", tiles=tiles,
+            sms=EXAMPLE_SMS,
+        )  # fmt: skip
+    n_head, hd, length = 12, job.size, 1024
+    qkv = torch.empty(rows, 3 * n_head * hd, dtype=dtype)
+    cache = torch.empty(rows, n_head, length, hd, dtype=dtype)
+    splits = 4 if job.variant == "splits" else 1
+    o, part_o, part_ml = decode_attention.outputs(qkv, n_head, splits)
+    if job.kernel == "decode_attention.combine":
+        return decode_attention.combine_spec(part_o, part_ml, o)
+    tiles = decode_attention.tiles_for(job.arch)
+    return decode_attention.spec(
+        decode_attention.heads_view(qkv, n_head), cache, cache, o, part_o, part_ml, pos=length - 1,
+        per_split=length // tiles.tile_n // splits, tiles=tiles,
+    )  # fmt: skip
 
 
 def _array(tensor, aligned: bool):

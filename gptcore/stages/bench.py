@@ -75,6 +75,8 @@ def run_cases(rec: Recorder, p: BenchParams, checkpoint: dict, config: GPTConfig
             p.prompt_tokens,
             p.cuda_graph,
             p.uncached_tokens,
+            p.decode_tokens,
+            p.tokens_per_graph,
         )
     profiles = {}
     if "profile" in p.cases:
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     checkpoint = load_checkpoint(ckpt_path)  # checked against its manifest (out/ckpt.json) when it has one
     ckpt_tags = checkpoint_tags(ckpt_path)
     config = GPTConfig.from_dict(dict(checkpoint["model_args"]))
-    rec = Recorder(device, Timer(device, p.warmup, p.repeats, p.min_repeat_ms), watch=neighbours.Watch())
+    rec = Recorder(device, Timer(device, p.warmup, p.repeats, p.min_repeat_ms, p.row_seconds), watch=neighbours.Watch())
     print(
         f"bench on {rec.env['device']} (torch {rec.env['torch']}, cuda-tile {rec.env['cuda_tile']}); model "
         f"{config.n_layer}L {config.n_head}H {config.n_embd}d block {config.block_size} from {p.checkpoint}"

@@ -24,7 +24,7 @@ from gptcore.files import atomic_write_text
 from gptcore.manifest import checkpoint_tags
 from gptcore.model import GPT
 from gptcore.params import OFF, SampleParams
-from gptcore.sampling import Decoder, load_for_inference, stream_text
+from gptcore.sampling import Decoder, decoding_mode, load_for_inference, resolve_backend, stream_text
 from gptcore.tokenizer import Tokenizer, for_checkpoint
 
 SECTION = "sample"
@@ -60,7 +60,7 @@ def add_sampling_options(ap: argparse.ArgumentParser) -> None:
     """The options `python -m gptcore sample` and `python -m gptcore.chat` share (SHARED_FLAGS); each
     overrides the sample param it names."""
     ap.add_argument("--checkpoint", help="sample.checkpoint")
-    ap.add_argument("--backend", choices=["torch", "cutile"], help="sample.backend")
+    ap.add_argument("--backend", choices=["auto", "torch", "cutile"], help="sample.backend")
     ap.add_argument("--device", help="sample.device: auto | cpu | cuda | cuda:N")
     ap.add_argument("--dtype", help="sample.dtype: auto | float32 | bfloat16 | float16")
     for name, (parse, text) in SAMPLING_OPTIONS.items():
@@ -85,7 +85,22 @@ def open_checkpoint(path: Path, data_dir: Path) -> tuple[dict, Tokenizer]:
 
 
 def decoder_for(model: GPT, s: SampleParams, generator: torch.Generator) -> Decoder:
-    return Decoder(model, 1, s.temperature, s.top_k, s.top_p, generator, cuda_graph=s.cuda_graph)
+    return Decoder(
+        model,
+        1,
+        s.temperature,
+        s.top_k,
+        s.top_p,
+        generator,
+        cuda_graph=s.cuda_graph,
+        tokens_per_graph=s.tokens_per_graph,
+    )
+
+
+def decode_path(backend: str, device: torch.device, dtype: torch.dtype, decoder: Decoder) -> str:
+    """The decode path in words, for the first line a user sees: backend, device, dtype, graphs or eager."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    return f"{backend} on {name}, {dtype_name(dtype)}, {decoding_mode(decoder)}"
 
 
 # ---- the stage ---------------------------------------------------------------------------------------------
@@ -152,7 +167,7 @@ def speed_metrics(s: SampleParams, seconds: list[float], decoder: Decoder) -> di
         "ms_per_token": 1000 * sum(seconds) / total,
         "steady_tokens_per_sec": len(steady) * s.max_new_tokens / sum(steady),
         "first_sample_sec": seconds[0],
-        "cuda_graph_steps": len(decoder.graphs),  # decode steps replayed as CUDA graphs (0: eager)
+        "cuda_graph_steps": len(decoder.graphs),  # CUDA graphs of decode steps replayed (0: eager)
     }
 
 
@@ -166,9 +181,11 @@ def main(argv=None) -> int:
     ckpt_path = root / s.checkpoint
     checkpoint, tokenizer = open_checkpoint(ckpt_path, root / params.data.out_dir)
     prompt_ids = encode_prompt(tokenizer, s.prompt)
-    model = load_for_inference(checkpoint, s.backend, device, dtype)
+    backend = resolve_backend(s.backend, device, dtype)
+    model = load_for_inference(checkpoint, backend, device, dtype)
     decoder = decoder_for(model, s, torch.Generator(device=device).manual_seed(s.seed))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"sample: {decode_path(backend, device, dtype, decoder)}")
 
     samples_path = root / (args.out or SAMPLES)
     with stage.tracked("sample", params, SECTIONS) as run:
@@ -181,7 +198,7 @@ def main(argv=None) -> int:
         run.log_metrics(metrics)
         run.set_tags(
             {
-                "sample.backend": s.backend,
+                "sample.backend": backend,
                 "sample.device": device_name,
                 "sample.dtype": dtype_name(dtype),
                 "sample.file": str(args.out or SAMPLES),
@@ -193,8 +210,7 @@ def main(argv=None) -> int:
     print(
         f"sample: {s.num_samples} samples of {s.max_new_tokens} tokens -> {args.out or SAMPLES}, "
         f"metrics {metrics_path.relative_to(root) if metrics_path.is_relative_to(root) else metrics_path}; "
-        f"{metrics['steady_tokens_per_sec']:,.0f} tokens/s ({s.backend} on {device_name}"
-        f"{', CUDA graphs' if decoder.use_graph else ''})"
+        f"{metrics['steady_tokens_per_sec']:,.0f} tokens/s ({decode_path(backend, device, dtype, decoder)})"
     )
     if decoder.graph_error and device.type == "cuda":
         print(f"note: decoding ran without CUDA graphs: {decoder.graph_error}", file=sys.stderr)

@@ -46,6 +46,40 @@ def cross_entropy_reference(logits, targets, ignore_index=-1):
     return F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index)
 
 
+def decode_linear_reference(x, weight, bias=None, ln_weight=None, ln_bias=None, residual=None, eps=1e-5, gelu=False):
+    """gptcore.kernels.decode_linear's function: [residual +] act(LayerNorm(x) @ weight^T + bias), rounded as the
+    model rounds (the LayerNorm's and the matmul's outputs to the weight's dtype), in fp32 math (float64 for float64
+    inputs)."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    h = x.to(dt)
+    if ln_weight is not None:
+        h = F.layer_norm(h, (x.shape[-1],), ln_weight.to(dt), None if ln_bias is None else ln_bias.to(dt), eps)
+    h = h.to(weight.dtype).to(dt) @ weight.to(dt).t()
+    if bias is not None:
+        h = h + bias.to(dt)
+    h = h.to(weight.dtype).to(dt)
+    if gelu:
+        h = F.gelu(h).to(weight.dtype).to(dt)
+    if residual is None:
+        return h.to(weight.dtype)
+    return (residual.to(dt) + h).to(residual.dtype)
+
+
+def decode_attention_reference(qkv, k_cache, v_cache, pos: int, n_head: int):
+    """gptcore.kernels.decode_attention's function: the new token's k and v (from the packed qkv (B, 3C)) written
+    into the caches (B, H, L, hd) at `pos`, and its attention output (B, C) over positions 0..pos, in fp32 math
+    (float64 for float64 inputs), in qkv's dtype."""
+    b, c3 = qkv.shape
+    dt = torch.promote_types(qkv.dtype, torch.float32)
+    q, k, v = qkv.view(b, 3, n_head, c3 // (3 * n_head)).unbind(1)  # (B, H, hd) each
+    k_cache[:, :, pos] = k
+    v_cache[:, :, pos] = v
+    keys, values = k_cache[:, :, : pos + 1].to(dt), v_cache[:, :, : pos + 1].to(dt)
+    scores = (keys @ q.to(dt)[..., None])[..., 0] / q.shape[-1] ** 0.5  # (B, H, pos + 1)
+    out = (torch.softmax(scores, dim=-1)[..., None, :] @ values)[..., 0, :]
+    return out.reshape(b, c3 // 3).to(qkv.dtype)
+
+
 def linear_cross_entropy_reference(h, weight, targets, ignore_index=-1, rows=None):
     """The model's head and loss: F.linear in h's dtype (the weight cast to it, as autocast does), then
     cross_entropy_reference; over every row at once (`rows`, the kernels' chunking, is not used)."""
@@ -60,9 +94,11 @@ class Candidate:
     """The ops under test: `layer_norm(x, weight, bias, eps)` and causal `attention(q, k, v, dropout_p, rng)` on
     (B, H, T, D) tensors, and the fused forward's ops: `residual_layer_norm(x, branch, branch_bias, weight, bias,
     p=, eps=, out_dtype=, rng=)` (x + dropout(branch + branch_bias), then LayerNorm), `bias_gelu(u, bias)` and
-    `cross_entropy(logits, targets)`, and the fused LM head `linear_cross_entropy(h, weight, targets)`; the last
-    four default to their PyTorch references (a test double replaces only what it tests). Embeddings and matmuls
-    are PyTorch's in both models, so any difference the levels find comes from these ops."""
+    `cross_entropy(logits, targets)`, the fused LM head `linear_cross_entropy(h, weight, targets)`, and the decode
+    step's `decode_linear(x, weight, bias, ln_weight, ln_bias, residual, eps, gelu)` and `decode_attention(qkv,
+    k_cache, v_cache, pos, n_head)`; the last six default to their PyTorch references (a test double replaces only
+    what it tests). Embeddings and matmuls are PyTorch's in both models (the decode step's matmuls are its
+    kernels'), so any difference the levels find comes from these ops."""
 
     name: str
     layer_norm: Callable
@@ -73,6 +109,8 @@ class Candidate:
     bias_gelu: Callable = bias_gelu_reference
     cross_entropy: Callable = cross_entropy_reference
     linear_cross_entropy: Callable = linear_cross_entropy_reference
+    decode_linear: Callable = decode_linear_reference
+    decode_attention: Callable = decode_attention_reference
 
     def model_class(self) -> type[GPT]:
         if self.model_cls is not None:
@@ -105,6 +143,8 @@ def cutile_candidate(device: torch.device) -> Candidate:
         return Candidate("cutile", kernels.layer_norm, kernels.causal_attention, CuTileGPT, reason)
     from gptcore.kernels.bias_gelu import bias_gelu
     from gptcore.kernels.cross_entropy import cross_entropy
+    from gptcore.kernels.decode_attention import decode_attention
+    from gptcore.kernels.decode_linear import decode_linear
     from gptcore.kernels.linear_cross_entropy import linear_cross_entropy
     from gptcore.kernels.residual_layernorm import add_dropout_layer_norm
 
@@ -118,6 +158,8 @@ def cutile_candidate(device: torch.device) -> Candidate:
         bias_gelu=bias_gelu,
         cross_entropy=cross_entropy,
         linear_cross_entropy=linear_cross_entropy,
+        decode_linear=decode_linear,
+        decode_attention=decode_attention,
     )
 
 

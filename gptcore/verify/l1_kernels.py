@@ -9,6 +9,9 @@ candidate's own. Cases, per dtype of `verify.dtypes`:
 - LayerNorm: the same lengths at each width with random weights (not 1) and biases (not 0); the
   checkpoint's own LayerNorm weights; inputs with a mean of 20 (variance cancellation). Also in float32:
   under autocast the model's LayerNorms see the fp32 residual stream.
+- the decode step's kernels (`decode_cases`, forward only): each sublayer's linear chain at the model's width and
+  GPT-2's LM head, at 1 and 64 rows; attention of one new token over caches of the model's block and GPT-2's (one
+  split and several), at the first, a middle and the last position, its k and v written into the cache.
 - the fused forward's kernels (`fused_cases`): residual add + dropout + LayerNorm (a block's at each width and
   length with every dropout p, the embeddings' and the final one's), bias + GELU, cross-entropy over the model's
   vocabulary and GPT-2's, the fused LM head + cross-entropy (GPT-2's and the character vocabulary, several
@@ -256,7 +259,21 @@ def run(cand: Candidate, config: GPTConfig, state_dict: dict, vp, device: torch.
         for d in ["float32"] + list(vp.dtypes)
         for k in ("kernel_fwd", "kernel_grad")
     }
-    for kernel in ("attention", "layer_norm", *FUSED_KERNELS):
+    for dname in vp.dtypes:
+        dtype, tol = DTYPES[dname], getattr(vp.tolerances, dname)
+        for kernel, shape, t, case, make in decode_cases(config):
+            inputs, cand_fn, ref_fn = make(cand, dtype, randn)
+            row = {"kernel": kernel, "dtype": dname, "shape": shape, "T": t, "case": case}
+            result.rows.append(
+                measure(
+                    row,
+                    lambda: compare(ref_fn, cand_fn, inputs, backward=False),
+                    lambda: compare(ref_fn, ref_fn, inputs, backward=False),
+                    tol,
+                )
+            )
+
+    for kernel in ("attention", "layer_norm", *FUSED_KERNELS, *DECODE_KERNELS):
         rows = [r for r in result.rows if r["kernel"] == kernel]
         failed = [r for r in rows if r["status"] != PASS]
         result.figures.update(
@@ -372,6 +389,89 @@ def fused_case(cand: Candidate, kernel: str, size: int, t: int, case: str, p: fl
         lambda x: _reference(kernel)(x["logits"], x["targets"]),
         ["logits"],
     )
+
+
+# ---- the decode step's kernels ------------------------------------------------------------------------------
+
+DECODE_KERNELS = ("decode_linear", "decode_attention")
+DECODE_LINEAR_SHAPES = {"qkv": (1, 3), "proj": (1, 1), "fc": (1, 4), "mproj": (4, 1)}  # (K, N) in widths
+
+
+def decode_cases(config: GPTConfig):
+    """(kernel, shape, rows or cache, case, make) of the decode step's kernels; make(cand, dtype, randn) gives
+    (inputs, candidate fn, reference fn). Every tensor in the case's dtype, as in a cast model."""
+    cases = []
+    c = config.n_embd
+    linear_shapes = [(c, v) for v in DECODE_LINEAR_SHAPES] + [(c, "head"), (768, "head")]
+    for width, variant in dict.fromkeys(linear_shapes):
+        k_mult, n_mult = DECODE_LINEAR_SHAPES.get(variant, (1, None))
+        k = k_mult * width
+        n = n_mult * width if n_mult else (config.vocab_size if width == c else GPT2_VOCAB)
+        for rows in (1, 64):
+            case = {"qkv": "LayerNorm, bias", "fc": "LayerNorm, bias, GELU", "head": "LayerNorm, no bias"}.get(
+                variant, "bias, residual"
+            )
+            cases.append(
+                ("decode_linear", f"K={k} N={n}", rows, f"{variant}: {case}", _linear_case(variant, rows, k, n))
+            )
+    hd = c // config.n_head
+    for heads, head_dim, length in dict.fromkeys([(config.n_head, hd, config.block_size), (12, 64, 1024)]):
+        for pos in dict.fromkeys([0, length // 2 - 3, length - 1]):
+            for batch in (1, BATCH):
+                shape = f"H={heads} D={head_dim} L={length}"
+                case = f"new token at {pos}"
+                cases.append(
+                    (
+                        "decode_attention",
+                        shape,
+                        f"B={batch}",
+                        case,
+                        _attention_case(batch, heads, head_dim, length, pos),
+                    )
+                )
+    return cases
+
+
+def _linear_case(variant: str, rows: int, k: int, n: int):
+    def make(cand, dtype, randn):
+        inputs = {"x": randn(rows, k, scale=2.0, mean=0.5).to(dtype), "weight": randn(n, k, scale=k**-0.5).to(dtype)}
+        if variant != "head":
+            inputs["bias"] = randn(n, scale=0.5).to(dtype)
+        if variant in ("qkv", "fc", "head"):
+            inputs.update(ln_weight=randn(k, scale=0.5, mean=1.0).to(dtype), ln_bias=randn(k, scale=0.5).to(dtype))
+        if variant in ("proj", "mproj"):
+            inputs["residual"] = randn(rows, n, scale=2.0).to(dtype)
+
+        def run(fn):
+            return lambda x: fn(
+                x["x"], x["weight"], x.get("bias"), x.get("ln_weight"), x.get("ln_bias"), x.get("residual"),
+                EPS, variant == "fc",
+            )  # fmt: skip
+
+        return inputs, run(cand.decode_linear), run(_reference("decode_linear"))
+
+    return make
+
+
+def _attention_case(batch: int, heads: int, head_dim: int, length: int, pos: int):
+    def make(cand, dtype, randn):
+        inputs = {
+            "qkv": randn(batch, 3 * heads * head_dim).to(dtype),
+            "k_cache": randn(batch, heads, length, head_dim).to(dtype),
+            "v_cache": randn(batch, heads, length, head_dim).to(dtype),
+        }
+
+        def run(fn):
+            def call(x):
+                k_cache, v_cache = x["k_cache"].clone(), x["v_cache"].clone()  # written at pos: the outputs too
+                out = fn(x["qkv"], k_cache, v_cache, pos, heads)
+                return out, k_cache[:, :, pos], v_cache[:, :, pos]
+
+            return call
+
+        return inputs, run(cand.decode_attention), run(_reference("decode_attention"))
+
+    return make
 
 
 def _reference(kernel: str):

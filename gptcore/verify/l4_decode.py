@@ -3,8 +3,10 @@
 Both models decode under the same autocast dtype (`verify.decode_dtype`): comparing a low-precision
 candidate with an fp32 reference would measure rounding, not the kernels. float16 by default: it rounds
 8x finer than bfloat16, so rounding flips a near-tie between two tokens less often, while a kernel error
-stands out more. Decoding follows nanoGPT's generate (no KV cache; the context cropped to the block
-size), so streams longer than the block slide their window.
+stands out more. The reference decodes as nanoGPT's generate does (no KV cache; the context cropped to the
+block size, so streams longer than the block slide their window); the candidate decodes as the sampler and
+the bot do, through its KV cache (`CachedGreedy`: the prompt into an empty cache, then one token per step, and
+once the window slides the whole window again), so its decode-step kernels are what this level checks.
 
 The two models decode in lockstep. Where their tokens differ, the float32 reference arbitrates on the
 common prefix: which token it picks and its logit gap between the two. A gap within
@@ -22,7 +24,7 @@ from gptcore.devices import autocast
 from gptcore.model import GPT
 from gptcore.verify.common import Result
 
-TITLE = "greedy decoding: identical token streams"
+TITLE = "greedy decoding (the candidate through its KV cache): identical token streams"
 COLUMNS = [
     "prompt",
     "tokens",
@@ -44,6 +46,32 @@ def next_tokens(model: GPT, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return logits[:, -1, :].float().argmax(-1)
 
 
+class CachedGreedy:
+    """A model's greedy next tokens through its KV cache, as gptcore.sampling.Decoder feeds it: a context that
+    continues the cached one by a token runs that token alone; any other (the first, or a window that slid past
+    block_size) runs its last block_size tokens into the emptied cache."""
+
+    def __init__(self, model: GPT, batch: int):
+        self.model = model
+        self.cache = model.new_kv_cache(batch)
+        self.fed = 0  # context tokens in the cache
+
+    @torch.no_grad()
+    def __call__(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        block = self.model.config.block_size
+        if 0 < self.fed < block and idx.size(1) == self.fed + 1:
+            new = idx[:, self.fed :]
+        else:
+            new = idx[:, -block:]
+            for layer in self.cache:
+                layer.length = 0
+            self.fed = 0
+        with autocast(idx.device, dtype):
+            logits, _ = self.model(new, kv_cache=self.cache)
+        self.fed += new.size(1)
+        return logits[:, -1, :].float().argmax(-1)
+
+
 @torch.no_grad()
 def arbitrate(ref: GPT, prefix: torch.Tensor, a: int, b: int) -> tuple[int, float]:
     """The float32 reference on `prefix` (T,): its pick and its logit gap between tokens a and b."""
@@ -55,12 +83,14 @@ def arbitrate(ref: GPT, prefix: torch.Tensor, a: int, b: int) -> tuple[int, floa
 @torch.no_grad()
 def lockstep(ref: GPT, cand: GPT, prompts: torch.Tensor, steps: int, dtype: torch.dtype, tie_gap: float):
     """Greedy streams of both models, (B, steps) each, and per row the ties [(pos, a, b, gap, pick)] and the
-    first divergence (pos, a, b, gap, pick) or None. After a divergence a row's candidate decodes on its own."""
+    first divergence (pos, a, b, gap, pick) or None. After a divergence a row's candidate decodes on its own. The
+    candidate decodes through its KV cache (CachedGreedy)."""
     ref_idx, cand_idx = prompts, prompts
+    cand_next = CachedGreedy(cand, prompts.size(0))
     ties: list[list[tuple]] = [[] for _ in range(prompts.size(0))]
     diverged: list[tuple | None] = [None] * prompts.size(0)
     for pos in range(steps):
-        a, b = next_tokens(ref, ref_idx, dtype), next_tokens(cand, cand_idx, dtype)
+        a, b = next_tokens(ref, ref_idx, dtype), cand_next(cand_idx, dtype)
         for row in (a != b).nonzero().flatten().tolist():
             if diverged[row] is not None:
                 continue
