@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         device = resolve_device(settings.device, "sample.device")
         dtype = resolve_dtype(settings.dtype, device)
         checkpoint, tokenizer = open_checkpoint(Path(settings.checkpoint), Path(args.data or params.data.out_dir))
-        backend = resolve_backend(settings.backend, device, dtype)
+        backend = resolve_backend(settings.backend, device, dtype, settings.cuda_graph)
         model = load_for_inference(checkpoint, backend, device, dtype)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

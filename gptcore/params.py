@@ -278,7 +278,9 @@ class SampleParams(Section):
     top_k: int | None = 200  # null (off): no top-k cut
     top_p: float | None = Field(None, gt=0.0, le=1.0)  # null (off): no nucleus cut
     seed: int = 1337
-    backend: Literal["auto", "torch", "cutile"] = "auto"  # auto: cutile where its kernels run, else torch
+    backend: Literal["auto", "torch", "cutile"] = (
+        "auto"  # auto: the faster decode here (gptcore.sampling.resolve_backend)
+    )
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the model is cast to it
     cuda_graph: bool = True  # replay the decode steps as CUDA graphs (CUDA only)

@@ -52,12 +52,15 @@ __all__ = [
 Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per row
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend a sample param names; "auto" is cutile where its kernels run (a CUDA GPU, a half dtype: its
-    decode step is the faster one there, results/ has the figures), else torch."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, cuda_graph: bool) -> str:
+    """The backend a sample param names; "auto" is the one that decodes faster here, as measured
+    (results/h100/decode.csv): cutile where its kernels run (a CUDA GPU, a half dtype) and steps run eagerly,
+    torch's KV cache replayed as CUDA graphs when graphs are on, and torch where cuTile cannot run."""
     if backend != "auto":
         return backend
-    return "torch" if cutile_unavailable(device) or attention_dtype_unsupported(dtype) else "cutile"
+    if cuda_graph or cutile_unavailable(device) or attention_dtype_unsupported(dtype):
+        return "torch"
+    return "cutile"
 
 
 def decoding_mode(decoder: Decoder) -> str:

@@ -41,6 +41,7 @@ def test_a_scripted_conversation(tmp_path, monkeypatch, capsys):
     out = talk(monkeypatch, capsys, tmp_path / "ckpt.pt", script, "--max-new-tokens", "20")
     lines = out.splitlines()
     assert lines[0].startswith("gptcore chat: ") and "/help" in lines[0]
+    assert "(torch on cpu, float32, eager)" in lines[0]  # the decode path: backend auto on a CPU, no graphs
     assert "ok: temperature 0.0, top-k 200, top-p off, max-new-tokens 20" in out
     assert "ok: temperature 0.0, top-k 200, top-p off, max-new-tokens 12" in out
     assert "error: characters not in the vocabulary: 'Q', '¿', 'é'" in out  # reported; the bot goes on

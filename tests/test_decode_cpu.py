@@ -160,3 +160,33 @@ def test_the_decode_step_compiles_with_no_graph_break_and_the_eager_logits():
     torch.testing.assert_close(graphed, eager)
     for a, b in zip(caches[1], caches[0]):
         assert a.length == b.length == 6 and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 6, 20])
+def test_decoding_in_chunks_of_steps_gives_the_tokens_of_single_steps(prompt_len):
+    """tokens_per_graph > 1 runs the steps in chunks that end on its multiples (eagerly here; one graph each on a
+    GPU): the same sampled tokens as one step at a time, through the block's end and the window's slides."""
+    model = tiny_gpt("torch", **SIZES).eval()
+    prompt = torch.randint(SIZES["vocab_size"], (2, prompt_len), generator=torch.Generator().manual_seed(8))
+    single = Decoder(model, 2, 0.8, 10, generator=torch.Generator().manual_seed(9)).generate(prompt, 40)
+    chunked = Decoder(model, 2, 0.8, 10, generator=torch.Generator().manual_seed(9), tokens_per_graph=8)
+    runs = []
+    real_run = chunked._run
+    chunked._run = lambda start, n, steps: (runs.append((n, steps)), real_run(start, n, steps))
+    assert torch.equal(chunked.generate(prompt, 40), single)
+    multi = [(n, steps) for n, steps in runs if steps > 1]
+    assert multi and all((n + steps) % 8 == 0 or n + steps == SIZES["block_size"] for n, steps in multi)
+    with pytest.raises(ValueError, match="tokens_per_graph must be a positive integer"):
+        Decoder(model, 1, tokens_per_graph=0)
+
+
+def test_auto_backend_is_the_faster_decode_measured(monkeypatch):
+    import gptcore.sampling as S
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert S.resolve_backend("auto", cpu, torch.float32, cuda_graph=False) == "torch"  # cuTile cannot run here
+    assert S.resolve_backend("cutile", cpu, torch.bfloat16, cuda_graph=True) == "cutile"  # named: as named
+    monkeypatch.setattr(S, "cutile_unavailable", lambda device: None)  # as on a GPU with cuTile
+    assert S.resolve_backend("auto", cuda, torch.bfloat16, cuda_graph=False) == "cutile"
+    assert S.resolve_backend("auto", cuda, torch.bfloat16, cuda_graph=True) == "torch"
+    assert S.resolve_backend("auto", cuda, torch.float32, cuda_graph=False) == "torch"  # fp32: no cuTile attention

@@ -49,7 +49,7 @@ FUSED_FP16 = 384  # float16 (train.dtype float16) is checked at this width, drop
 ALIGNED = "16B"  # the label word of the aligned signatures
 FUSED_KERNEL_FILES = ("residual_layernorm", "bias_gelu", "cross_entropy", "linear_cross_entropy", "column_sums")
 # The decode step's kernels (gptcore/decode_forward.py): each sublayer's linear chain at the presets' widths, with
-# the LM head over the character vocabulary (384) and GPT-2's (768), at one row (TILE_M 16) and 64 (TILE_M 64), bf16
+# the LM head over the character vocabulary (384) and GPT-2's (768), at one row and 64 (the tile table's TILE_M), bf16
 # in a cast model; float16 with the fp32 residual stream of autocast (verify's L4) at one width and row count.
 DECODE_LINEAR_VARIANTS = ("qkv", "proj", "fc", "mproj", "head")
 DECODE_HEAD_VOCAB = {384: 65, 768: 50304}

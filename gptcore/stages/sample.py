@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     ckpt_path = root / s.checkpoint
     checkpoint, tokenizer = open_checkpoint(ckpt_path, root / params.data.out_dir)
     prompt_ids = encode_prompt(tokenizer, s.prompt)
-    backend = resolve_backend(s.backend, device, dtype)
+    backend = resolve_backend(s.backend, device, dtype, s.cuda_graph)
     model = load_for_inference(checkpoint, backend, device, dtype)
     decoder = decoder_for(model, s, torch.Generator(device=device).manual_seed(s.seed))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
