@@ -18,10 +18,10 @@ preallocated buffers; the step reads and writes fixed slices of them), so the fi
 reached its step runs eagerly (which also compiles kernels and picks algorithms) and is then captured as
 a CUDA graph; later generations replay it: one launch per token. The step includes the sampling and the
 write of the new token into the window, so a replay needs nothing from the host. With `tokens_per_graph` N > 1
-a graph holds N consecutive steps (positions n .. n + N - 1, with n a multiple of N so that prompts of any
-length share them): one replay per N tokens, and the host's time per token goes to ~0; a stream then shows
-its tokens N at a time. If capture fails (for example a kernel launcher that the CUDA runtime refuses to
-record), decoding goes on eagerly and `Decoder.graph_error` says why.
+a graph holds the steps from one multiple of N to the next (so prompts of any length share them): one replay
+per N tokens, and the host's time per token goes to ~0; a stream then shows its tokens N at a time. If capture
+fails (for example a kernel launcher that the CUDA runtime refuses to record), decoding goes on eagerly and
+`Decoder.graph_error` says why.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def filtered_probs(
     Slices, not index lists, so nothing is copied from the host and a CUDA graph can capture it."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):  # a cut at k >= V keeps every logit
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        v, _ = torch.topk(logits, top_k)
         logits = logits.masked_fill(logits < v[:, -1:], -float("inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
