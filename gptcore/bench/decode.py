@@ -39,7 +39,7 @@ def csv_rows(model: str, env: dict, records: list[dict]) -> list[dict]:
     for r in records:
         if r["status"] == OK:
             figures = {k: round(r[k], 5) for k in ("ms", "ms_per_token", "tokens_per_sec") if k in r}
-            rows.append({**base, **{k: r.get(k, "") for k in CSV_FIELDS if k in r and k not in base}, **figures})
+            rows.append({**base, **{k: r[k] for k in CSV_FIELDS if k in r and k not in base}, **figures})
     return rows
 
 

@@ -23,6 +23,7 @@ import cuda.tile as ct
 import torch
 
 from gptcore.kernels.attention import LOG2E, padded_head_dim
+from gptcore.kernels.layernorm import next_pow2
 from gptcore.kernels.runtime import ATTENTION_DTYPES, arch_of, launches_directly, sm_count
 from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, cdiv, launch
 from gptcore.model import MASK_FLOOR
@@ -84,7 +85,7 @@ def decode_attention_kernel_body(
 ):
     """Grid (B * H, splits). QKV (B, 3, H, hd); KC, VC (B, H, L, hd); O (B, H, hd). With SPLIT, PART_O (B * H,
     splits, hd) fp32 gets the unnormalised outputs and PART_ML (2, B * H, splits) fp32 the maxima (raw score units)
-    and sums; without, O gets the output."""
+    and sums; without, O gets the output (and PART_O, PART_ML are unread)."""
     bh, s = ct.bid(0), ct.bid(1)
     b, h = bh // N_HEAD, bh % N_HEAD
     q = ct.load(QKV, (b, 0, h, 0), (1, 1, 1, D), padding_mode=ZERO).reshape((1, D)).astype(ct.float32)
@@ -152,24 +153,31 @@ def heads_view(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     return qkv.view(b, 3, n_head, c3 // (3 * n_head))
 
 
-def outputs(qkv: torch.Tensor, n_head: int, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """o (B, H, hd) in qkv's dtype, and the splits' parts (B * H, splits, hd) and (2, B * H, splits), fp32."""
+def outputs(
+    qkv: torch.Tensor, n_head: int, splits: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """o (B, H, hd) in qkv's dtype, and with several splits their parts (B * H, splits, hd) and (2, B * H, splits),
+    fp32 (None with one split: the kernel writes o itself)."""
     b, c3 = qkv.shape
     hd = c3 // (3 * n_head)
     o = qkv.new_empty((b, n_head, hd))
+    if splits == 1:
+        return o, None, None
     part_o = qkv.new_empty((b * n_head, splits, hd), dtype=torch.float32)
     part_ml = qkv.new_empty((2, b * n_head, splits), dtype=torch.float32)
     return o, part_o, part_ml
 
 
 def spec(qkv4, k_cache, v_cache, o, part_o, part_ml, *, pos: int, per_split: int, tiles) -> LaunchSpec:
-    """qkv4 (B, 3, H, hd) (heads_view); part_o's second dim is the number of splits."""
+    """qkv4 (B, 3, H, hd) (heads_view); part_o's second dim is the number of splits; without parts (one split) o
+    takes their places, unread."""
     b, _, n_head, hd = qkv4.shape
-    splits = part_o.shape[1]
+    splits = 1 if part_o is None else part_o.shape[1]
     args = dict(
-        QKV=qkv4, KC=k_cache, VC=v_cache, O=o, PART_O=part_o, PART_ML=part_ml, pos=pos, per_split=per_split,
+        QKV=qkv4, KC=k_cache, VC=v_cache, O=o, PART_O=o if part_o is None else part_o,
+        PART_ML=o if part_ml is None else part_ml, pos=pos, per_split=per_split,
         qk_scale_log2=LOG2E / math.sqrt(hd), N_HEAD=n_head, D=padded_head_dim(hd), TILE_N=tiles.tile_n,
-        SPLIT=splits > 1,
+        SPLIT=part_o is not None,
     )  # fmt: skip
     return LaunchSpec(decode_attention_kernel_body, kernel(tiles.occupancy), (b * n_head, splits, 1), args)
 
@@ -179,7 +187,7 @@ def combine_spec(part_o, part_ml, o) -> LaunchSpec:
     splits = part_o.shape[1]
     args = dict(
         PART_O=part_o, PART_ML=part_ml, O=o, qk_scale_log2=LOG2E / math.sqrt(hd), N_HEAD=n_head,
-        D=padded_head_dim(hd), SPLITS=1 << max(0, splits - 1).bit_length(),
+        D=padded_head_dim(hd), SPLITS=next_pow2(splits),
     )  # fmt: skip
     return LaunchSpec(decode_attention_combine_kernel_body, combine_kernel(), (b * n_head, 1, 1), args)
 

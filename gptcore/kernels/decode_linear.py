@@ -23,6 +23,7 @@ import cuda.tile as ct
 import torch
 
 from gptcore.kernels.bias_gelu import _phi_cdf
+from gptcore.kernels.layernorm import next_pow2
 from gptcore.kernels.runtime import ATTENTION_DTYPES, arch_of, launches_directly, sm_count
 from gptcore.kernels.spec import ConstBool, ConstInt, LaunchSpec, cdiv, launch
 
@@ -51,12 +52,8 @@ def tiles_for(arch: str) -> DecodeLinearTiles:
     return DECODE_LINEAR_TILES.get(arch, DECODE_LINEAR_TILES["default"])
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def tile_rows(m: int, tiles: DecodeLinearTiles) -> int:
-    return min(MAX_ROWS, max(tiles.min_rows, _pow2_at_least(m)))
+    return min(MAX_ROWS, max(tiles.min_rows, next_pow2(m)))
 
 
 def tile_cols(n: int, m: int, tiles: DecodeLinearTiles, sms: int) -> int:
